@@ -1,0 +1,111 @@
+"""Shared helpers for the Triton kernels: can Triton run here, tile sizes, dtype handling."""
+
+import functools
+import os
+import warnings
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``import triton`` works."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def can_run_triton(t: torch.Tensor) -> bool:
+    """Triton can launch on ``t``: a CUDA tensor with Triton installed, or any tensor under the interpreter."""
+    if not triton_available():
+        return False
+    return t.is_cuda or interpreter_enabled()
+
+
+_warned: set = set()
+
+
+def warn_fallback_once(op: str) -> None:
+    """Warn once per op that the eager reference runs instead of the Triton kernel."""
+    if op in _warned:
+        return
+    _warned.add(op)
+    warnings.warn(
+        f"reglue.kernels.{op}: Triton cannot run here (no CUDA device and TRITON_INTERPRET is not 1); "
+        "using the eager PyTorch reference instead.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+# Kernels compute in fp32 and accept these storage dtypes.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Largest hidden size a row kernel holds in registers at once (one row = one tile).
+MAX_ROW_SIZE = 65536
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def check_dtypes(op: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"reglue.kernels.{op}: dtype {t.dtype} is not supported (use fp32, bf16 or fp16)")
+
+
+def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Type promotion as eager PyTorch applies it to ``x + a * b``."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def row_tile(row_size: int, n_rows: int) -> tuple:
+    """(BLOCK_M rows, BLOCK_D columns, num_warps) for kernels that hold whole rows in registers.
+
+    A program covers at least one full row (statistics need the whole row). Small rows are
+    stacked so a tile holds ~4K elements on a GPU (8 per thread at 16 warps); the interpreter
+    prefers big tiles because its cost is per program and per op, not per element.
+    """
+    if row_size > MAX_ROW_SIZE:
+        raise ValueError(f"row size {row_size} exceeds the supported maximum {MAX_ROW_SIZE}")
+    block_d = max(next_power_of_2(row_size), 16)
+    tile = 32768 if interpreter_enabled() else 4096
+    block_m = max(1, min(tile // block_d, next_power_of_2(n_rows)))
+    num_warps = max(1, min((block_m * block_d) // 256, 16))
+    return block_m, block_d, num_warps
+
+
+def reduction_programs(device: torch.device) -> int:
+    """How many programs a grid-stride reduction should launch: a few waves of SMs on a GPU,
+    one on the interpreter (each program there is a Python loop)."""
+    if device.type == "cuda" and not interpreter_enabled():
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# Tests set this so every buffer a kernel should fully write starts as NaN: an element the
+# kernel forgets stays NaN and fails the comparison instead of passing on leftover memory.
+poison_outputs = False
+
+
+def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty for kernel outputs (NaN-filled when ``poison_outputs`` is set)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poison_outputs:
+        out.fill_(float("nan"))
+    return out

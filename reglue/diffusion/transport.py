@@ -1,0 +1,147 @@
+"""Interpolants, time sampling and the training loss.
+
+Convention (as SiT/REPA): t = 0 is data, t = 1 is noise, x_t = alpha_t * x_0 + sigma_t * eps,
+and the network predicts the velocity dx_t/dt = d_alpha_t * x_0 + d_sigma_t * eps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+PATHS = ("linear", "cosine")
+T_SAMPLINGS = ("uniform", "lognormal")
+
+
+def interpolant(t: torch.Tensor, path: str = "linear"):
+    """(alpha_t, sigma_t, d_alpha_t, d_sigma_t) for times ``t`` (any shape)."""
+    if path == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    if path == "cosine":
+        half_pi = math.pi / 2
+        return (
+            torch.cos(half_pi * t),
+            torch.sin(half_pi * t),
+            -half_pi * torch.sin(half_pi * t),
+            half_pi * torch.cos(half_pi * t),
+        )
+    raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+
+
+def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, path: str = "linear") -> torch.Tensor:
+    """Score grad log p_t(x) implied by the velocity ``v`` at ``(x, t)``; ``t`` broadcasts against ``x``.
+
+    From v = d_alpha x0 + d_sigma eps and x = alpha x0 + sigma eps:
+    eps = (alpha v - d_alpha x) / (alpha d_sigma - d_alpha sigma), score = -eps / sigma.
+    """
+    alpha, sigma, d_alpha, d_sigma = interpolant(t, path)
+    eps = (alpha * v - d_alpha * x) / (alpha * d_sigma - d_alpha * sigma)
+    return -eps / sigma
+
+
+def sample_t(n: int, sampling: str = "uniform", generator=None, device=None, mean: float = 0.0, std: float = 1.0):
+    """Training times in (0, 1): uniform, or log-normal (sigmoid of a Gaussian, as in SD3)."""
+    if sampling == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    if sampling == "lognormal":
+        return torch.sigmoid(torch.randn(n, generator=generator, device=device) * std + mean)
+    raise ValueError(f"t sampling must be one of {T_SAMPLINGS}, got {sampling!r}")
+
+
+@dataclass
+class Noise:
+    """All the randomness of one training step for a batch, drawn up front so it is a pure
+    function of (seed, step, sample index) and independent of world size and micro-batching.
+
+    t: (N,); eps: like x0; cls_eps: (N, cls_dim) or None; drop: (N,) bool label-dropout mask.
+    """
+
+    t: torch.Tensor
+    eps: torch.Tensor
+    cls_eps: Optional[torch.Tensor]
+    drop: Optional[torch.Tensor]
+
+    def slice(self, start: int, stop: int) -> "Noise":
+        pick = lambda v: None if v is None else v[start:stop]  # noqa: E731
+        return Noise(self.t[start:stop], self.eps[start:stop], pick(self.cls_eps), pick(self.drop))
+
+
+def draw_noise(n: int, x_shape, cls_dim: int, dropout_prob: float, generator: torch.Generator, device,
+               t_sampling: str = "uniform", t_mean: float = 0.0, t_std: float = 1.0) -> Noise:
+    """Draw the step's randomness for ``n`` samples (x_shape excludes the batch dimension)."""
+    t = sample_t(n, t_sampling, generator=generator, device=device, mean=t_mean, std=t_std)
+    eps = torch.randn((n, *x_shape), generator=generator, device=device)
+    cls_eps = torch.randn((n, cls_dim), generator=generator, device=device) if cls_dim else None
+    drop = torch.rand(n, generator=generator, device=device) < dropout_prob if dropout_prob > 0 else None
+    return Noise(t, eps, cls_eps, drop)
+
+
+def alignment_loss(zs_pred, zs_target) -> torch.Tensor:
+    """Negative cosine similarity per token, averaged over tokens, samples and projectors (fp32)."""
+    if len(zs_pred) != len(zs_target):
+        raise ValueError(f"{len(zs_pred)} projector outputs but {len(zs_target)} alignment targets")
+    total = 0.0
+    for pred, target in zip(zs_pred, zs_target):
+        if pred.shape != target.shape:
+            raise ValueError(f"projector output {tuple(pred.shape)} does not match alignment target {tuple(target.shape)}")
+        pred = F.normalize(pred.float(), dim=-1)
+        target = F.normalize(target.float(), dim=-1)
+        total = total + (-(pred * target).sum(dim=-1)).mean()
+    return total / len(zs_pred)
+
+
+def training_losses(
+    model,
+    latents: torch.Tensor,
+    y: torch.Tensor,
+    noise: Noise,
+    *,
+    semantic: Optional[torch.Tensor] = None,
+    cls: Optional[torch.Tensor] = None,
+    align_targets: Sequence[torch.Tensor] = (),
+    path: str = "linear",
+    semantic_weight: float = 1.0,
+    cls_weight: float = 0.03,
+    align_weight: float = 0.5,
+) -> Dict[str, torch.Tensor]:
+    """The joint REGLUE loss; methods without a component simply pass ``None``/empty for it.
+
+    latents: (N, 4, h, w) scaled VAE latents; semantic: (N, k, h, w) or None; cls: (N, C) global
+    token or None; align_targets: list of (N, T, C) frozen encoder tokens (empty: no alignment).
+    Returns ``latent``, ``semantic``, ``cls``, ``align`` (zero when unused) and ``total``.
+    """
+    x0 = latents if semantic is None else torch.cat([latents, semantic.to(latents.dtype)], dim=1)
+    if noise.eps.shape != x0.shape:
+        raise ValueError(f"noise {tuple(noise.eps.shape)} does not match the model input {tuple(x0.shape)}")
+    t = noise.t.to(x0.dtype)
+    alpha, sigma, d_alpha, d_sigma = (v.view(-1, 1, 1, 1) for v in interpolant(t, path))
+    eps = noise.eps.to(x0.dtype)
+    xt = alpha * x0 + sigma * eps
+    target = d_alpha * x0 + d_sigma * eps
+    cls_t = cls_target = None
+    if cls is not None:
+        ca, cs, cda, cds = (v.view(-1, 1) for v in interpolant(t, path))
+        cls_eps = noise.cls_eps.to(cls.dtype)
+        cls_t = ca * cls + cs * cls_eps
+        cls_target = cda * cls + cds * cls_eps
+    out, zs, cls_out = model(xt, t, y, cls_token=cls_t, force_drop=noise.drop)
+    err = (out.float() - target.float()) ** 2
+    zero = err.new_zeros(())
+    n_latent = latents.shape[1]
+    losses = {
+        "latent": err[:, :n_latent].mean(),
+        "semantic": err[:, n_latent:].mean() if semantic is not None else zero,
+        "cls": ((cls_out.float() - cls_target.float()) ** 2).mean() if cls is not None else zero,
+        "align": alignment_loss(zs, align_targets) if len(align_targets) else zero,
+    }
+    losses["total"] = (
+        losses["latent"]
+        + semantic_weight * losses["semantic"]
+        + cls_weight * losses["cls"]
+        + align_weight * losses["align"]
+    )
+    return losses

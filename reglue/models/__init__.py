@@ -1,0 +1,27 @@
+"""Model construction from a run config."""
+
+from __future__ import annotations
+
+
+def build_model(config, kernels: str | None = None):
+    """The SiT of ``config`` (``reglue.config.Config``): input channels, [CLS] and projectors follow the method."""
+    from reglue.models.sit import SiT
+
+    sizes = config.model.sizes()
+    method = config.method
+    enc_dim = config.encoders.embed_dim
+    return SiT(
+        input_size=config.data.latent_size,
+        in_channels=config.in_channels,
+        mlp_ratio=config.model.mlp_ratio,
+        class_dropout_prob=config.model.class_dropout_prob,
+        num_classes=config.model.num_classes,
+        z_dims=(enc_dim,) if method.use_align else (),
+        encoder_depth=config.model.encoder_depth,
+        projector_dim=config.model.projector_dim,
+        cls_token_dim=enc_dim if method.use_cls else 0,
+        qk_norm=config.model.qk_norm,
+        kernels=kernels or config.model.kernels,
+        attention=config.model.attention,
+        **sizes,
+    )

@@ -1,0 +1,475 @@
+"""SiT backbone for REGLUE, REG, ReDi, REPA and plain SiT.
+
+One readable file: embedders, the adaLN-Zero block, the final layer and the model. Parameter
+names and shapes equal the published REGLUE checkpoints, so their ``ema`` state dict loads with
+``strict=True``.
+
+Tokens: the latent (plus semantic channels) is patchified into T = (H/p)·(W/p) tokens; with a
+[CLS] token (REG/REGLUE) one more token is prepended, so blocks see T + 1 tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reglue.models.attention import attention
+
+KERNELS = ("eager", "triton")
+
+
+def param_generator(seed: int, name: str) -> torch.Generator:
+    """CPU generator for one parameter's initialisation, seeded by (seed, name)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x: (N, T, D); shift, scale: (N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def _check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Embedders
+# --------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D) with a p×p stride-p convolution (``proj``)."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Continuous t in [0, 1] -> (N, D): sinusoidal features (cos first, then sin) and an MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (N, D). Row ``num_classes`` is the null label used for CFG and label dropout."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``force_drop`` (N,) bool replaces the random draw (the trainer draws it per sample so
+        that runs do not depend on world size); it is honoured in training mode only."""
+        if train and self.dropout_prob > 0:
+            if force_drop is None:
+                force_drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(force_drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2 (names as timm's Mlp, which the checkpoints use)."""
+
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; qkv splits as (3, heads, head_dim); optional RMSNorm on q and k."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, kernels: str = "eager", backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        if qk_norm:
+            from reglue.kernels.rmsnorm import RMSNorm
+
+            self.q_norm = RMSNorm(self.head_dim, eps=1e-6, kernels=kernels)
+            self.k_norm = RMSNorm(self.head_dim, eps=1e-6, kernels=kernels)
+        else:
+            self.q_norm = nn.Identity()
+            self.k_norm = nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = attention(q, k, v, backend=self.backend)  # (N, H, T, hd)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class SiTBlock(nn.Module):
+    """adaLN-Zero transformer block; ``kernels="triton"`` runs the norm/modulate/gate/residual fused."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        kernels: str = "eager",
+        attention_backend: str = "auto",
+    ):
+        super().__init__()
+        _check_kernels(kernels)
+        self.kernels = kernels
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, kernels=kernels, backend=attention_backend)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (N, T, D) tokens; c: (N, D) conditioning."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        if self.kernels == "triton":
+            from reglue.kernels import adaln_modulate, gated_residual, gated_residual_adaln
+
+            h = adaln_modulate(x, shift_msa, scale_msa, eps=1e-6)
+            x, h = gated_residual_adaln(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, eps=1e-6)
+            return gated_residual(x, self.mlp(h), gate_mlp)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """Final adaLN modulation, then ``linear`` for patch tokens and ``linear_cls`` for the [CLS] token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, cls_token_dim: int = 0, kernels: str = "eager"):
+        super().__init__()
+        _check_kernels(kernels)
+        self.kernels = kernels
+        self.has_cls = bool(cls_token_dim)
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        if self.has_cls:
+            self.linear_cls = nn.Linear(hidden_size, cls_token_dim, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor):
+        """x: (N, T[+1], D) -> (patch outputs (N, T, p·p·C), cls output (N, cls_dim) or None)."""
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        if self.kernels == "triton":
+            from reglue.kernels import adaln_modulate
+
+            x = adaln_modulate(x, shift, scale, eps=1e-6)
+        else:
+            x = modulate(self.norm_final(x), shift, scale)
+        if self.has_cls:
+            return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
+        return self.linear(x), None
+
+
+def build_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
+    """REPA projector: Linear -> SiLU -> Linear -> SiLU -> Linear (keys 0, 2, 4)."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, z_dim),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Positional embedding
+# --------------------------------------------------------------------------------------------
+
+
+def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, extra_tokens: int = 0) -> np.ndarray:
+    """(extra_tokens + grid_size², embed_dim): 2-D sin-cos table (MAE/DiT layout), zero rows for extra tokens."""
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos positional embedding needs hidden size divisible by 4, got {embed_dim}")
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0)  # w goes first, as in MAE/DiT
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
+    pos_embed = np.concatenate([emb_h, emb_w], axis=1)
+    if extra_tokens:
+        pos_embed = np.concatenate([np.zeros([extra_tokens, embed_dim]), pos_embed], axis=0)
+    return pos_embed
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+class SiT(nn.Module):
+    """SiT with REPA projectors and an optional REG [CLS] token.
+
+    forward(x, t, y, cls_token=None) -> (out, zs, cls_out):
+      x: (N, in_channels, H, W) noisy latents (+ semantic channels); t: (N,) in [0, 1];
+      y: (N,) int64 labels, ``num_classes`` = null label; cls_token: (N, cls_token_dim) noisy [CLS]
+      (required when the model has a [CLS] token); force_drop: optional (N,) bool label-dropout
+      mask used in training mode instead of a random draw.
+      out: (N, in_channels, H, W) velocity; zs: list of (N, T[+1], z_dim) projector outputs read
+      after block ``encoder_depth``; cls_out: (N, cls_token_dim) or None.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        z_dims: Sequence[int] = (768,),
+        encoder_depth: int = 8,
+        projector_dim: int = 2048,
+        cls_token_dim: Optional[int] = 768,
+        qk_norm: bool = False,
+        kernels: str = "eager",
+        attention: str = "auto",
+    ):
+        super().__init__()
+        _check_kernels(kernels)
+        z_dims = tuple(z_dims or ())
+        if z_dims and not 1 <= encoder_depth <= depth:
+            raise ValueError(f"encoder_depth must be in [1, depth={depth}] when projectors are used, got {encoder_depth}")
+        self.in_channels = in_channels
+        self.out_channels = in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.z_dims = z_dims
+        self.encoder_depth = encoder_depth
+        self.cls_token_dim = int(cls_token_dim or 0)
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_extra = 1 if self.cls_token_dim else 0
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, self.x_embedder.num_patches + num_extra, hidden_size), requires_grad=False
+        )
+        self.blocks = nn.ModuleList(
+            [
+                SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, kernels=kernels, attention_backend=attention)
+                for _ in range(depth)
+            ]
+        )
+        self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z) for z in z_dims])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, self.cls_token_dim, kernels=kernels)
+        if self.cls_token_dim:
+            self.cls_projectors2 = nn.Linear(self.cls_token_dim, hidden_size, bias=True)
+            self.wg_norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
+        if not any(p.is_meta for p in self.parameters()):
+            self.initialize_weights()
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the blocks see (patches, plus the [CLS] token when present)."""
+        return self.pos_embed.shape[1]
+
+    def init_tensor(self, name: str, shape, generator: torch.Generator) -> torch.Tensor:
+        """Initial value of parameter ``name`` (SiT/DiT scheme: xavier linears, fixed sin-cos
+        positions, N(0, 0.02) label table and timestep MLP, zero adaLN and output layers).
+
+        A pure function of (name, shape, generator): the trainer materialises sharded models one
+        parameter at a time with it, so every world size starts from identical weights.
+        """
+        out = torch.empty(shape)
+        if name == "pos_embed":
+            pos = get_2d_sincos_pos_embed(shape[-1], self.x_embedder.grid_size, int(bool(self.cls_token_dim)))
+            return torch.from_numpy(pos).float().reshape(shape)
+        zero_layers = ("adaLN_modulation.", "final_layer.linear.", "final_layer.linear_cls.")
+        if name.endswith("bias") or any(z in name for z in zero_layers):
+            return out.zero_()
+        if name.endswith("norm.weight"):  # wg_norm, q_norm, k_norm
+            return out.fill_(1.0)
+        if name == "y_embedder.embedding_table.weight" or name.startswith("t_embedder.mlp."):
+            return out.normal_(0.0, 0.02, generator=generator)
+        if name == "x_embedder.proj.weight":
+            nn.init.xavier_uniform_(out.view(shape[0], -1), generator=generator)
+            return out
+        if len(shape) == 2:
+            return nn.init.xavier_uniform_(out, generator=generator)
+        raise KeyError(f"no initialisation rule for parameter {name} {tuple(shape)}")
+
+    @torch.no_grad()
+    def initialize_weights(self, seed: int = 0) -> None:
+        for name, param in self.named_parameters():
+            param.copy_(self.init_tensor(name, param.shape, param_generator(seed, name)))
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p·p·C) with each patch laid out (p, q, c) -> (N, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cls_token: Optional[torch.Tensor],
+              force_drop: Optional[torch.Tensor] = None):
+        """Tokens (N, T[+1], D) with positions added, and the conditioning vector c (N, D)."""
+        x = self.x_embedder(x)
+        if self.cls_token_dim:
+            if cls_token is None:
+                raise ValueError("this model has a [CLS] token (cls_token_dim > 0): pass cls_token=(N, cls_token_dim)")
+            cls = self.wg_norm(self.cls_projectors2(cls_token.to(x.dtype)))
+            x = torch.cat([cls.unsqueeze(1), x], dim=1)
+        elif cls_token is not None:
+            raise ValueError("cls_token was given but this model has no [CLS] token (cls_token_dim = 0)")
+        x = x + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop)
+        return x, c
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cls_token: Optional[torch.Tensor] = None,
+                force_drop: Optional[torch.Tensor] = None):
+        n = x.shape[0]
+        x, c = self.embed(x, t, y, cls_token, force_drop)
+        zs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, c)
+            if i + 1 == self.encoder_depth:
+                zs = [proj(x.reshape(-1, x.shape[-1])).reshape(n, x.shape[1], -1) for proj in self.projectors]
+        out, cls_out = self.final_layer(x, c)
+        return self.unpatchify(out), zs, cls_out
+
+
+# --------------------------------------------------------------------------------------------
+# Registry and checkpoint loading
+# --------------------------------------------------------------------------------------------
+
+# depth, hidden size, heads per size (as in SiT/DiT)
+SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def _make(depth: int, hidden_size: int, num_heads: int, patch_size: int):
+    def build(**kwargs) -> SiT:
+        return SiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
+
+    return build
+
+
+SiT_models = {
+    f"SiT-{size}/{patch}": _make(depth, hidden, heads, patch)
+    for size, (depth, hidden, heads) in SIT_SIZES.items()
+    for patch in (2, 4, 8)
+}
+
+
+def _strip_prefix(state_dict: dict, prefixes=("module.", "_orig_mod.")) -> dict:
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key = key[len(prefix) :]
+                    changed = True
+        out[key] = value
+    return out
+
+
+def load_sit_checkpoint(model: SiT, path_or_state, key: str = "ema", strict: bool = True) -> SiT:
+    """Load a published REGLUE/REG/REPA checkpoint (``{"ema": state_dict, ...}``) into ``model``.
+
+    ``path_or_state`` is a file (torch.save, loaded with ``weights_only=True``; or .safetensors)
+    or an already loaded dict. ``key`` picks the entry ("ema" or "model"); a bare state dict is
+    accepted too. Errors name the missing/unexpected keys and mismatched shapes.
+    """
+    if isinstance(path_or_state, dict):
+        ckpt = path_or_state
+    elif str(path_or_state).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        ckpt = load_file(str(path_or_state))
+    else:
+        ckpt = torch.load(path_or_state, map_location="cpu", weights_only=True)
+    if key in ckpt and isinstance(ckpt[key], dict):
+        state = ckpt[key]
+    elif all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state = ckpt
+    else:
+        raise KeyError(f"checkpoint has no {key!r} entry (found {sorted(ckpt)[:10]})")
+    state = _strip_prefix(state)
+    expected = model.state_dict()
+    problems = []
+    if strict:
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing:
+            problems.append(f"missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            problems.append(f"unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if shapes:
+        problems.append("shape mismatches: " + "; ".join(shapes[:8]))
+    if problems:
+        raise ValueError("checkpoint does not match the model (check --model/--method settings): " + " | ".join(problems))
+    model.load_state_dict(state, strict=strict)
+    return model

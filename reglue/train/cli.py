@@ -1,0 +1,80 @@
+"""Command-line flags of ``train.py`` (and ``reglue train``) -> a validated Config."""
+
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+from reglue.config import Config, ConfigError, apply_overrides
+from reglue.presets import PRESETS, get_preset
+
+
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Train SiT / REPA / ReDi / REG / REGLUE. With no arguments: the `tiny` preset on the built-in "
+        "synthetic dataset (CPU, a few minutes). Multi-GPU: torchrun --nproc_per_node=8 train.py --preset ...",
+    )
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named run (default: tiny)")
+    p.add_argument("--config", help="a config.json (e.g. a run's) to start from instead of a preset")
+    p.add_argument("--data", help="prepared dataset directory (`reglue prepare`) or the published layout")
+    p.add_argument("--data-backend", choices=("auto", "dali", "torch"))
+    p.add_argument("--out", help="output root; the run writes into OUT/NAME (default: runs)")
+    p.add_argument("--name", help="run name (default: the preset's)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--micro-batch-size", type=int, help="per-rank batch per forward (gradient accumulation fills the rest)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--kernels", choices=("eager", "triton"))
+    p.add_argument("--attention", choices=("auto", "fa3", "fa2", "xformers", "sdpa", "math"))
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each SiT block")
+    p.add_argument("--activation-checkpointing", choices=("off", "full", "selective"))
+    p.add_argument("--resume", help="auto (latest checkpoint of the run, default), none, or a checkpoint directory")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config field, e.g. --set model.qk_norm=true (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+_FLAG_FIELDS = {
+    "data": "data.path", "data_backend": "data.backend", "out": "train.out_dir", "name": "train.name",
+    "max_steps": "train.max_steps", "global_batch_size": "train.global_batch_size",
+    "micro_batch_size": "train.micro_batch_size", "seed": "train.seed", "lr": "optim.lr", "kernels": "model.kernels",
+    "attention": "model.attention", "compile": "parallel.compile",
+    "activation_checkpointing": "parallel.activation_checkpointing", "resume": "train.resume",
+}
+
+
+def config_from_args(argv: Optional[List[str]] = None, prog: str = "train.py") -> tuple[Config, argparse.Namespace]:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        if args.config:
+            import json
+
+            with open(args.config) as f:
+                config = Config.from_dict(json.load(f))
+        else:
+            config = get_preset(args.preset)
+        overrides = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+            overrides[key.strip()] = value
+        config = apply_overrides(config, overrides)
+    except (ConfigError, KeyError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    return config, args
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
+    config, args = config_from_args(argv, prog)
+    if args.print_config:
+        print(config.to_json())
+        return 0
+    from reglue.train.trainer import run
+
+    run(config)
+    return 0

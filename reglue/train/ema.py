@@ -1,0 +1,65 @@
+"""Exponential moving average of the parameters, kept in fp32 beside them.
+
+With FSDP2 the parameters are DTensors; the EMA copies have the same sharding and are updated
+on the local shards only, so an update costs no communication. The full EMA weights are
+gathered only for export and sampling.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn as nn
+
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """Parameter name without activation-checkpoint/compile wrapper segments (checkpoint FQN)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class EMA:
+    """``shadow[name]`` follows ``param`` as ``shadow += (1 - decay) * (param - shadow)``."""
+
+    def __init__(self, model: nn.Module):
+        self.names = []
+        self.shadow: Dict[str, torch.Tensor] = {}
+        self._params = []
+        for name, param in model.named_parameters():
+            key = clean_name(name)
+            self.names.append(key)
+            self.shadow[key] = param.detach().clone().float()
+            self._params.append(param)
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        shadows = [_local(self.shadow[n]) for n in self.names]
+        params = [_local(p.detach()).float() for p in self._params]
+        torch._foreach_lerp_(shadows, params, 1.0 - decay)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise KeyError(f"EMA state is missing {sorted(missing)[:5]}")
+        for name in self.names:
+            _local(self.shadow[name]).copy_(_local(state[name]))
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Unsharded fp32 EMA weights on CPU (collective under FSDP2: call on every rank)."""
+        out = {}
+        for name in self.names:
+            t = self.shadow[name]
+            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+        return out

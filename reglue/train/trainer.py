@@ -1,0 +1,335 @@
+"""The training loop: one code path for one CPU process, one GPU, or many nodes under torchrun.
+
+Per step: the global batch's indices come from the step counter; all randomness (t, noise,
+label dropout, latent sampling) is drawn for the whole global batch from a generator seeded by
+(seed, step) and each rank takes its slice, so results do not depend on the world size or on
+interruptions. Frozen encoders produce the targets once per micro-batch; gradients accumulate
+over micro-batches; a non-finite loss or gradient norm skips the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from tqdm import tqdm
+
+from reglue.config import Config
+from reglue.diffusion.transport import draw_noise, training_losses
+from reglue.models import build_model
+from reglue.train import checkpoint as ckpt
+from reglue.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from reglue.train.ema import EMA
+from reglue.train.metrics import MetricsWriter, count_flops, device_peak_flops, plot_losses, read_metrics, save_grid
+from reglue.train.parallelize import materialize, parallelize, use_fsdp
+from reglue.train.targets import FrozenEncoders
+
+log = logging.getLogger("reglue.train")
+
+# Sections that must match when resuming: they change what the weights mean.
+_RESUME_LOCKED = ("model", "method", "encoders")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7919 + 17) % (2**63))
+
+
+def build_dataset(config: Config):
+    """The training set of ``config``: prepared data at ``data.path`` or the synthetic demo set."""
+    data = config.data
+    if data.path is None:
+        from reglue.data.synthetic import SyntheticShapes
+
+        if data.synthetic_classes > config.model.num_classes:
+            raise ValueError(f"data.synthetic_classes {data.synthetic_classes} exceeds model.num_classes {config.model.num_classes}")
+        return SyntheticShapes(data.synthetic_size, data.synthetic_classes, data.image_size, seed=config.train.seed)
+    from reglue.data import open_dataset
+
+    return open_dataset(data.path, image_size=data.image_size)
+
+
+class _Batches:
+    """Batches for steps start..end-1 from a DataLoader whose sampler follows the step counter."""
+
+    def __init__(self, dataset, order, dist_info: DistInfo, start: int, end: int, num_workers: int):
+        steps = [order.rank_batch(s, dist_info.rank, dist_info.world_size) for s in range(start, end)]
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=steps, num_workers=num_workers, collate_fn=lambda items: items,
+            persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        )
+
+    def __iter__(self):
+        for items in self.loader:
+            yield _collate_items(items)
+
+
+def _collate_items(items) -> Dict[str, torch.Tensor]:
+    batch = {"image": torch.stack([it[0] for it in items]), "label": torch.tensor([int(it[1]) for it in items], dtype=torch.long)}
+    if len(items[0]) > 2 and items[0][2] is not None:
+        batch["moments"] = torch.stack([it[2] for it in items])
+    return batch
+
+
+def _check_resume_config(saved: Dict, config: Config, path) -> None:
+    current = config.to_dict()
+    diffs = [
+        f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs now {v!r}"
+        for section in _RESUME_LOCKED
+        for k, v in current[section].items()
+        if section in saved and json.loads(json.dumps(saved[section].get(k))) != json.loads(json.dumps(v))
+        and k not in ("kernels", "attention", "dtype")
+    ]
+    if diffs:
+        raise ckpt.CheckpointError(f"cannot resume from {path}: the run's settings changed: " + "; ".join(diffs))
+
+
+def _lr_at(config: Config, step: int) -> float:
+    warmup = config.optim.warmup_steps
+    return config.optim.lr * min(1.0, (step + 1) / warmup) if warmup else config.optim.lr
+
+
+def _setup_logging(dist_info: DistInfo) -> None:
+    level = logging.INFO if dist_info.is_main else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank{dist_info.rank}] %(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+class Trainer:
+    def __init__(self, config: Config, dist_info: Optional[DistInfo] = None):
+        self.config = config
+        self.dist = dist_info or init_distributed()
+        _setup_logging(self.dist)
+        cfg, d = config, self.dist
+        self.run_dir = Path(cfg.train.out_dir) / cfg.train.name
+        if cfg.train.global_batch_size % d.world_size:
+            raise ValueError(f"train.global_batch_size {cfg.train.global_batch_size} is not divisible by the world size {d.world_size}")
+        self.per_rank = cfg.train.global_batch_size // d.world_size
+        self.micro = cfg.train.micro_batch_size or self.per_rank
+        if self.per_rank % self.micro:
+            raise ValueError(f"train.micro_batch_size {self.micro} does not divide the per-rank batch {self.per_rank}")
+        self.accum = self.per_rank // self.micro
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        self.dataset = build_dataset(cfg)
+        from reglue.data.sampler import GlobalBatchOrder
+
+        self.order = GlobalBatchOrder(len(self.dataset), cfg.train.global_batch_size, seed=cfg.train.seed)
+        calib = lambda n: torch.stack([self.dataset[i][0] for i in range(min(n, len(self.dataset)))])  # noqa: E731
+        self.frozen = FrozenEncoders(cfg, d.device, self.run_dir, calib, is_main=d.is_main)
+
+        with torch.device("meta"):
+            model = build_model(cfg)
+        self.model = materialize(parallelize(model, cfg.parallel, d), d.device, cfg.train.seed)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema = EMA(self.model)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay, fused=d.device.type == "cuda",
+        )
+        self.step = 0
+        self.nonfinite_in_row = 0
+        self.skipped_steps = 0
+        resume = ckpt.resolve_resume(cfg.train.resume, self.run_dir, d)
+        if resume is not None:
+            meta = ckpt.read_meta(resume)
+            _check_resume_config(meta.get("config", {}), cfg, resume)
+            ckpt.load_checkpoint(resume, self.model, self.optimizer, self.ema)
+            self.step = int(meta["step"])
+            self.skipped_steps = int(meta.get("skipped_steps", 0))
+            log.info("resumed from %s at step %d (saved with world size %s)", resume, self.step, meta.get("world_size"))
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(cfg.to_json())
+            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step)
+        self.x_shape = (cfg.in_channels, cfg.data.latent_size, cfg.data.latent_size)
+        self.flops_per_image = None
+        self.peak_flops = device_peak_flops(d.device)
+
+    # ---------------------------------------------------------------------------------------
+    def _step_randomness(self, step: int):
+        cfg = self.config
+        g = step_generator(cfg.train.seed, step, self.dist.device)
+        n = cfg.train.global_batch_size
+        noise = draw_noise(
+            n, self.x_shape, self.config.encoders.embed_dim if cfg.method.use_cls else 0,
+            cfg.model.class_dropout_prob, g, self.dist.device, cfg.method.t_sampling,
+            cfg.method.t_lognormal_mean, cfg.method.t_lognormal_std,
+        )
+        latent_eps = torch.randn((n, 4, *self.x_shape[1:]), generator=g, device=self.dist.device)
+        return noise, latent_eps
+
+    def _micro_losses(self, batch, noise, latent_eps, step: int) -> Dict[str, torch.Tensor]:
+        cfg = self.config
+        targets = self.frozen.targets(batch, latent_eps)
+        return training_losses(
+            self.model, targets["latents"], batch["label"].to(self.dist.device), noise,
+            semantic=targets["semantic"], cls=targets["cls"], align_targets=targets["align"],
+            path=cfg.method.path, semantic_weight=cfg.method.semantic_weight(step),
+            cls_weight=cfg.method.lambda_cls, align_weight=cfg.method.lambda_align,
+        )
+
+    def _count_flops(self, batch, noise, latent_eps) -> float:
+        """Training FLOPs per image: frozen encoders forward + SiT forward and backward."""
+        one = {k: v[:1] for k, v in batch.items()}
+
+        def fwd_bwd():
+            losses = self._micro_losses(one, noise.slice(0, 1), latent_eps[:1], self.step)
+            losses["total"].backward()
+
+        flops = count_flops(fwd_bwd)
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(flops)
+
+    def train_step(self, step: int, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One optimizer step over this rank's share of global batch ``step``."""
+        cfg, d = self.config, self.dist
+        for group in self.optimizer.param_groups:
+            group["lr"] = _lr_at(cfg, step)
+        noise, latent_eps = self._step_randomness(step)
+        offset = d.rank * self.per_rank
+        sums: Dict[str, torch.Tensor] = {}
+        fsdp = use_fsdp(d)
+        for m in range(self.accum):
+            lo, hi = m * self.micro, (m + 1) * self.micro
+            micro_batch = {k: v[lo:hi] for k, v in batch.items()}
+            if fsdp:
+                self.model.set_requires_gradient_sync(m == self.accum - 1)
+            losses = self._micro_losses(micro_batch, noise.slice(offset + lo, offset + hi), latent_eps[offset + lo : offset + hi], step)
+            if step in cfg.train.inject_nonfinite_steps:
+                losses["total"] = losses["total"] * float("nan")
+            (losses["total"] / self.accum).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + v.detach() / self.accum
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        sums = {k: all_reduce_mean(v) for k, v in sums.items()}
+        finite = bool(torch.isfinite(grad_norm) and torch.isfinite(sums["total"]))
+        if finite:
+            self.optimizer.step()
+            self.ema.update(cfg.train.ema_decay)
+            self.nonfinite_in_row = 0
+        else:
+            self.nonfinite_in_row += 1
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss %.4g or grad norm %.4g; step skipped (%d in a row)",
+                        step, float(sums["total"]), float(grad_norm), self.nonfinite_in_row)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.nonfinite_in_row} consecutive steps (up to step {step}) had a non-finite loss or gradient norm; "
+                "aborting. The last good checkpoint is intact: lower optim.lr, check the data, or resume with --resume auto."
+            )
+        sums["grad_norm"] = grad_norm.detach()
+        sums["skipped"] = torch.tensor(0.0 if finite else 1.0)
+        return sums
+
+    # ---------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        meta = {"config": self.config.to_dict(), "data_position": {"step": self.step, "samples_seen": self.step * self.config.train.global_batch_size},
+                "skipped_steps": self.skipped_steps}
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.ema, meta, self.dist, self.config.train.keep_last)
+
+    def sample_images(self, num: int, seed: int) -> Optional[torch.Tensor]:
+        """EMA samples as uint8 (num, 3, H, W) on rank 0 (None elsewhere); collective."""
+        from reglue.train.sampling import sample_from_state
+
+        state = self.ema.full_state_dict()
+        if not self.dist.is_main:
+            return None
+        return sample_from_state(self.config, state, self.frozen.vae, self.dist.device, num, seed)
+
+    def _write_samples(self, tag: str) -> None:
+        images = self.sample_images(self.config.train.num_sample_images, self.config.train.seed)
+        if images is not None:
+            save_grid(images, self.run_dir / f"samples-{tag}.png", nrow=int(math.sqrt(len(images))) or 1)
+
+    def fit(self) -> Path:
+        cfg, d = self.config, self.dist
+        end = cfg.train.max_steps
+        if self.step >= end:
+            log.info("nothing to do: the run is at step %d of %d", self.step, end)
+            return self.run_dir
+        batches = _Batches(self.dataset, self.order, d, self.step, end, cfg.data.num_workers)
+        bar = tqdm(total=end, initial=self.step, disable=not d.is_main, desc=cfg.train.name, dynamic_ncols=True)
+        window: Dict[str, torch.Tensor] = {}
+        window_steps, t0 = 0, time.perf_counter()
+        last_saved = self.step
+        for batch in batches:
+            step = self.step
+            if self.flops_per_image is None:
+                noise, latent_eps = self._step_randomness(step)
+                self.flops_per_image = self._count_flops(batch, noise.slice(d.rank * self.per_rank, d.rank * self.per_rank + 1),
+                                                         latent_eps[d.rank * self.per_rank :])
+                t0 = time.perf_counter()
+            out = self.train_step(step, batch)
+            self.step = step + 1
+            for k, v in out.items():
+                window[k] = window.get(k, 0) + v
+            window_steps += 1
+            bar.update(1)
+            if self.step % cfg.train.log_every == 0 or self.step == end:
+                elapsed = time.perf_counter() - t0
+                record = self._record(window, window_steps, elapsed)
+                if d.is_main:
+                    self.metrics.write(record)
+                    bar.set_postfix(loss=f"{record['loss/total']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+                window, window_steps, t0 = {}, 0, time.perf_counter()
+            if self.step % cfg.train.ckpt_every == 0 or self.step == end:
+                self.save()
+                last_saved = self.step
+            if cfg.train.sample_every and self.step % cfg.train.sample_every == 0 and self.step != end:
+                self._write_samples(f"{self.step:08d}")
+        bar.close()
+        if last_saved != self.step:
+            self.save()
+        self._write_samples("final")
+        if d.is_main:
+            plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
+            log.info("done: %s", self.run_dir)
+        barrier()
+        return self.run_dir
+
+    def _record(self, window, steps: int, elapsed: float) -> Dict:
+        cfg, d = self.config, self.dist
+        images = steps * cfg.train.global_batch_size
+        img_s = images / max(elapsed, 1e-9)
+        record = {"step": self.step, "lr": _lr_at(cfg, self.step - 1), "img_per_s": img_s, "img_per_s_per_device": img_s / d.world_size,
+                  "skipped_steps": self.skipped_steps}
+        for k, v in window.items():
+            value = float(v) / steps
+            record["grad_norm" if k == "grad_norm" else ("skipped_in_window" if k == "skipped" else f"loss/{k}")] = value
+        record["skipped_in_window"] = int(round(record.get("skipped_in_window", 0) * steps))
+        if self.flops_per_image:
+            record["tflops_per_device"] = self.flops_per_image * img_s / d.world_size / 1e12
+            if self.peak_flops:
+                record["mfu"] = self.flops_per_image * img_s / d.world_size / self.peak_flops
+        if d.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+        else:
+            import resource
+
+            record["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        if cfg.parallel.compile:
+            from torch._dynamo.utils import counters
+
+            record["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+        return record
+
+
+def run(config: Config) -> Path:
+    """Train ``config`` to ``train.max_steps`` (resuming per ``train.resume``); returns the run dir."""
+    trainer = Trainer(config)
+    return trainer.fit()
