@@ -1,20 +1,26 @@
 """Shared helpers for the Triton kernels: can Triton run here, tile sizes, dtype handling."""
 
-import functools
 import os
 import warnings
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """True when ``import triton`` works."""
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:
         return False
     return True
+
+
+# Probed once at import: a cached probe function would be re-traced by torch.compile.
+_TRITON_AVAILABLE = _import_triton()
+
+
+def triton_available() -> bool:
+    """True when ``import triton`` works."""
+    return _TRITON_AVAILABLE
 
 
 def interpreter_enabled() -> bool:

@@ -18,7 +18,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._utils import can_run_triton, cdiv, check_dtypes, empty_output, interpreter_enabled, next_power_of_2, triton_available, warn_fallback_once
+from ._utils import (
+    can_run_triton,
+    cdiv,
+    check_dtypes,
+    empty_output,
+    interpreter_enabled,
+    next_power_of_2,
+    triton_available,
+    warn_fallback_once,
+)
 
 if triton_available():
     import triton

@@ -11,7 +11,16 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
-from ._utils import can_run_triton, cdiv, check_dtypes, empty_output, reduction_programs, row_tile, triton_available, warn_fallback_once
+from ._utils import (
+    can_run_triton,
+    cdiv,
+    check_dtypes,
+    empty_output,
+    reduction_programs,
+    row_tile,
+    triton_available,
+    warn_fallback_once,
+)
 
 if triton_available():
     import triton

@@ -7,6 +7,7 @@ section.field=value`` override fields. Every error names the field and why it is
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import typing
@@ -370,8 +371,13 @@ def _coerce(value: str, annotation, name: str):
         if annotation in (int, float, str):
             return annotation(value)
         if origin in (tuple, dict, list) or annotation in (tuple, dict, list):
-            return json.loads(value.replace("(", "[").replace(")", "]")) if origin is not dict else json.loads(value)
-    except (ValueError, json.JSONDecodeError) as exc:
+            parsed = ast.literal_eval(value)
+            if isinstance(parsed, (int, float)) and origin is tuple:
+                parsed = (parsed,)
+            if not isinstance(parsed, (tuple, list, dict)):
+                raise ValueError(f"expected a {origin.__name__ if origin else annotation.__name__}")
+            return parsed
+    except (ValueError, SyntaxError) as exc:
         raise ConfigError(f"{name}: cannot parse {value!r} as {annotation}: {exc}") from None
     raise ConfigError(f"{name}: unsupported field type {annotation}")
 

@@ -30,7 +30,8 @@ def _paper(size: str, method: str) -> Config:
     return Config(
         model=ModelConfig(arch=f"SiT-{size}/2", encoder_depth=8 if xl else 4),
         method=MethodConfig(name=method, semantic_channels=semantic_channels, semantic_milestones=milestones),
-        encoders=EncoderConfig(dinov2_weights=DINOV2_HUB_WEIGHTS),
+        # ReDi reduces the last block's tokens only; REGLUE compresses blocks 8-11.
+        encoders=EncoderConfig(dinov2_weights=DINOV2_HUB_WEIGHTS, feature_layers=(11,) if method == "redi" else (8, 9, 10, 11)),
         data=DataConfig(image_size=256),
         train=TrainConfig(name=slug),
     )

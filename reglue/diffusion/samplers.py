@@ -61,7 +61,7 @@ def _resolve_guidance(model, x, cfg_scale, guidance_interval, cls_cfg_scale, gui
     elif cls_cfg_scale >= 1:
         cls_scale = cls_cfg_scale
     else:
-        raise ValueError(f"cls_cfg_scale must be None (= cfg_scale), 0 (conditional only) or >= 1; got {cls_cfg_scale}")
+        raise ValueError(f"cls_cfg_scale must be None (= cfg_scale), 0 (conditional) or >= 1; got {cls_cfg_scale}")
     channels = x.shape[1]
     if guide_channels is not None and not 1 <= guide_channels <= channels:
         raise ValueError(f"guide_channels must be None or in [1, {channels}] (channels of x), got {guide_channels}")

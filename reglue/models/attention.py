@@ -146,7 +146,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     # Under autocast, or with an fp32 QK-norm weight, q/k/v may disagree; kernels need one dtype.
-    if torch.is_autocast_enabled(q.device.type):
+    if q.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
     else:
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)

@@ -510,10 +510,13 @@ class VAE(nn.Module):
         return torch.cat([dist.mean, dist.std], dim=1)
 
     @staticmethod
-    def sample_latents(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_latents(moments: torch.Tensor, generator: torch.Generator | None = None,
+                       eps: torch.Tensor | None = None) -> torch.Tensor:
+        """(mean + std * eps) * 0.18215 from (N, 8, h, w) moments; ``eps`` drawn unless given."""
         mean, std = moments.chunk(2, dim=1)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return (mean + std * eps) * LATENT_SCALE
+        if eps is None:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * eps.to(mean.dtype)) * LATENT_SCALE
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

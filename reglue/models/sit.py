@@ -384,13 +384,12 @@ class SiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cls_token: Optional[torch.Tensor] = None,
                 force_drop: Optional[torch.Tensor] = None):
-        n = x.shape[0]
         x, c = self.embed(x, t, y, cls_token, force_drop)
         zs = []
         for i, block in enumerate(self.blocks):
             x = block(x, c)
             if i + 1 == self.encoder_depth:
-                zs = [proj(x.reshape(-1, x.shape[-1])).reshape(n, x.shape[1], -1) for proj in self.projectors]
+                zs = [proj(x) for proj in self.projectors]
         out, cls_out = self.final_layer(x, c)
         return self.unpatchify(out), zs, cls_out
 
@@ -435,8 +434,8 @@ def load_sit_checkpoint(model: SiT, path_or_state, key: str = "ema", strict: boo
     """Load a published REGLUE/REG/REPA checkpoint (``{"ema": state_dict, ...}``) into ``model``.
 
     ``path_or_state`` is a file (torch.save, loaded with ``weights_only=True``; or .safetensors)
-    or an already loaded dict. ``key`` picks the entry ("ema" or "model"); a bare state dict is
-    accepted too. Errors name the missing/unexpected keys and mismatched shapes.
+    or an already loaded dict. ``key`` picks the entry ("ema" or "model"), or the keys prefixed
+    ``key.``; a bare state dict is accepted too. Errors name the missing/unexpected keys and mismatched shapes.
     """
     if isinstance(path_or_state, dict):
         ckpt = path_or_state
@@ -448,6 +447,8 @@ def load_sit_checkpoint(model: SiT, path_or_state, key: str = "ema", strict: boo
         ckpt = torch.load(path_or_state, map_location="cpu", weights_only=True)
     if key in ckpt and isinstance(ckpt[key], dict):
         state = ckpt[key]
+    elif any(k.startswith(f"{key}.") for k in ckpt):  # `reglue export --weights both`
+        state = {k[len(key) + 1:]: v for k, v in ckpt.items() if k.startswith(f"{key}.")}
     elif all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state = ckpt
     else:

@@ -11,10 +11,12 @@ All randomness of a step is drawn from generators seeded by (seed, step), so the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -36,6 +38,14 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group; a single process is a supported mode here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -84,7 +94,8 @@ def save_checkpoint(run_dir, step: int, model, optimizer, ema, meta: Dict[str, A
         "optim": get_optimizer_state_dict(model, optimizer),
         "ema": ema.state_dict(),
     }
-    dcp.save(state, checkpoint_id=str(tmp))
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp))
     barrier()
     if dist_info.is_main:
         meta = dict(meta, step=step, world_size=dist_info.world_size, format_version=FORMAT_VERSION)
@@ -107,7 +118,8 @@ def load_checkpoint(path: str | Path, model, optimizer, ema) -> Dict[str, Any]:
         "ema": ema.state_dict(),
     }
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
     except Exception as exc:  # DCP raises several types; name the checkpoint and keep the cause
         raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
     set_model_state_dict(model, state["model"])
@@ -121,8 +133,9 @@ def load_weights(path: str | Path, model, which: str = "ema") -> Dict[str, Any]:
     meta = read_meta(path)
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
-    state = {which: {k: v for k, v in model.state_dict().items()}}
-    dcp.load(state, checkpoint_id=str(path))
+    state = {which: dict(model.state_dict())}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state[which], strict=True)
     return meta
 

@@ -17,7 +17,6 @@ import torch
 
 from reglue.config import Config
 from reglue.models.encoders import (
-    LATENT_SCALE,
     PCA,
     FeatureStats,
     build_dinov2,
@@ -133,8 +132,7 @@ class FrozenEncoders:
         images = batch["image"].to(self.device, non_blocking=True)
         moments = batch.get("moments")
         moments = self.vae.encode_moments(images) if moments is None else moments.to(self.device, non_blocking=True)
-        mean, std = moments.float().chunk(2, dim=1)
-        latents = (mean + std * latent_eps) * LATENT_SCALE
+        latents = self.vae.sample_latents(moments.float(), eps=latent_eps)
         out: Dict[str, object] = {"latents": latents, "semantic": None, "cls": None, "align": []}
         if self.dinov2 is not None:
             enc = self.dinov2(images)

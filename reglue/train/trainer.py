@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from reglue.config import Config
+from reglue.data import build_loader, open_dataset
 from reglue.diffusion.transport import draw_noise, training_losses
 from reglue.models import build_model
 from reglue.train import checkpoint as ckpt
@@ -42,42 +43,6 @@ class NonFiniteError(RuntimeError):
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7919 + 17) % (2**63))
-
-
-def build_dataset(config: Config):
-    """The training set of ``config``: prepared data at ``data.path`` or the synthetic demo set."""
-    data = config.data
-    if data.path is None:
-        from reglue.data.synthetic import SyntheticShapes
-
-        if data.synthetic_classes > config.model.num_classes:
-            raise ValueError(f"data.synthetic_classes {data.synthetic_classes} exceeds model.num_classes {config.model.num_classes}")
-        return SyntheticShapes(data.synthetic_size, data.synthetic_classes, data.image_size, seed=config.train.seed)
-    from reglue.data import open_dataset
-
-    return open_dataset(data.path, image_size=data.image_size)
-
-
-class _Batches:
-    """Batches for steps start..end-1 from a DataLoader whose sampler follows the step counter."""
-
-    def __init__(self, dataset, order, dist_info: DistInfo, start: int, end: int, num_workers: int):
-        steps = [order.rank_batch(s, dist_info.rank, dist_info.world_size) for s in range(start, end)]
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=steps, num_workers=num_workers, collate_fn=lambda items: items,
-            persistent_workers=False, prefetch_factor=4 if num_workers else None,
-        )
-
-    def __iter__(self):
-        for items in self.loader:
-            yield _collate_items(items)
-
-
-def _collate_items(items) -> Dict[str, torch.Tensor]:
-    batch = {"image": torch.stack([it[0] for it in items]), "label": torch.tensor([int(it[1]) for it in items], dtype=torch.long)}
-    if len(items[0]) > 2 and items[0][2] is not None:
-        batch["moments"] = torch.stack([it[2] for it in items])
-    return batch
 
 
 def _check_resume_config(saved: Dict, config: Config, path) -> None:
@@ -120,7 +85,7 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
-        self.dataset = build_dataset(cfg)
+        self.dataset = open_dataset(cfg)
         from reglue.data.sampler import GlobalBatchOrder
 
         self.order = GlobalBatchOrder(len(self.dataset), cfg.train.global_batch_size, seed=cfg.train.seed)
@@ -262,7 +227,7 @@ class Trainer:
         if self.step >= end:
             log.info("nothing to do: the run is at step %d of %d", self.step, end)
             return self.run_dir
-        batches = _Batches(self.dataset, self.order, d, self.step, end, cfg.data.num_workers)
+        batches = build_loader(cfg, self.dataset, self.order, d.rank, d.world_size, self.step, end, d.device)
         bar = tqdm(total=end, initial=self.step, disable=not d.is_main, desc=cfg.train.name, dynamic_ncols=True)
         window: Dict[str, torch.Tensor] = {}
         window_steps, t0 = 0, time.perf_counter()

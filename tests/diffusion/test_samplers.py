@@ -138,8 +138,10 @@ def exact_tables(scheme, num_steps, path, cfg=1.0, interval=(0.0, 1.0), guide_ch
                 out[:, y, j] = torch.tensor(law, dtype=torch.float64)
         return out
 
-    x_scale = lambda j: cfg if guide_channels is None or j < guide_channels else 1.0  # noqa: E731
-    return table(MU, S, x_scale), table(CLS_MU, CLS_S, lambda j: cls_scale)
+    def x_scale(channel):
+        return cfg if guide_channels is None or channel < guide_channels else 1.0
+
+    return table(MU, S, x_scale), table(CLS_MU, CLS_S, lambda _: cls_scale)
 
 
 def expand(table, y, like):
@@ -160,7 +162,7 @@ def assert_moments(samples, mean, var, name, bias_mean=0.0, bias_var=0.0):
 
 
 def groups(x, cls, y):
-    """(name, samples, label, index, table) for every (label, channel) of x and (label, dim) of cls."""
+    """(name, samples, label, index, which) per (label, channel) of x (which 0) and (label, dim) of cls (1)."""
     for label in LABELS:
         for j in range(x.shape[1]):
             yield f"x label {label} channel {j}", x[y == label][:, j], label, j, 0
@@ -347,10 +349,11 @@ def test_cls_only_guidance_batches_when_image_guidance_is_off():
 
 def test_seeded_generator_is_deterministic():
     x1, y, cls1 = make_inputs(8)
-    runs = [
-        euler_maruyama(make_model(), x1, y, cls1, num_steps=10, cfg_scale=2.0, generator=torch.Generator().manual_seed(s))
-        for s in (7, 7, 8)
-    ]
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return euler_maruyama(make_model(), x1, y, cls1, num_steps=10, cfg_scale=2.0, generator=gen)
+
+    runs = [run(7), run(7), run(8)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert not torch.equal(runs[0][0], runs[2][0]) and not torch.equal(runs[0][1], runs[2][1])
 

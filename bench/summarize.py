@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Turn a ``pytest bench/ --benchmark-json`` file into the markdown summary of ../shared/GPU.md.
+
+    python bench/summarize.py bench.json [--ceilings ceilings.json] [--versions versions.txt]
+                              [--log pytest-output.txt ...] [--out summary.md]
+
+Per benchmark group (op, shape, mode): every provider's median, GB/s and TFLOP/s, their % of the
+measured ceilings (copy bandwidth, bf16 matmul), and speed-ups against ``eager`` and ``compile``
+(baseline time / this time; > 1 is faster). Then the issue's performance targets, checked where
+the numbers exist, and the skip reasons found in the pytest logs (missing flash-attn, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+from collections import OrderedDict
+
+# (op, mode, what, threshold): checked against the triton provider of every matching group.
+TARGETS = [
+    ("adaln_modulate", "fwd", "pct_copy", 90.0, "LN+modulate forward >= 90% of copy bandwidth"),
+    ("adaln_modulate", "fwd", "vs_compile", 1.1, "LN+modulate forward >= 1.1x Inductor"),
+    ("adaln_modulate", "fwd+bwd", "vs_compile", 1.2, "LN+modulate fwd+bwd >= 1.2x Inductor"),
+    ("compressor_encode", "fwd", "vs_eager", 1.5, "fused compressor >= 1.5x cuDNN conv + eager BN/ReLU"),
+]
+
+
+def _fmt(value, digits=2, suffix=""):
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def load_rows(bench_json: dict, ceilings: dict) -> "OrderedDict[str, list]":
+    """group name -> rows (dicts) with derived % of ceiling and ratios, groups in file order."""
+    copy_gbps = ceilings.get("copy_gbps")
+    mma_tflops = ceilings.get("matmul_bf16_tflops")
+    groups: "OrderedDict[str, list]" = OrderedDict()
+    for bench in bench_json.get("benchmarks", []):
+        info = dict(bench.get("extra_info") or {})
+        median_ms = info.get("median_ms")
+        if median_ms is None:  # a benchmark without our extra_info: fall back to pytest-benchmark's stats
+            median_ms = bench["stats"]["median"] * 1e3
+        row = {
+            "group": bench.get("group") or bench["name"],
+            "provider": info.get("provider") or bench.get("params", {}).get("provider", bench["name"]),
+            "op": info.get("op"),
+            "mode": info.get("mode"),
+            "median_ms": median_ms,
+            "gbps": info.get("gbps"),
+            "tflops": info.get("tflops"),
+        }
+        row["pct_copy"] = 100 * row["gbps"] / copy_gbps if row["gbps"] and copy_gbps else None
+        row["pct_mma"] = 100 * row["tflops"] / mma_tflops if row["tflops"] and mma_tflops else None
+        groups.setdefault(row["group"], []).append(row)
+    for rows in groups.values():
+        by_provider = {r["provider"]: r["median_ms"] for r in rows}
+        for r in rows:
+            for base in ("eager", "compile"):
+                t = by_provider.get(base)
+                r[f"vs_{base}"] = t / r["median_ms"] if t and r["median_ms"] else None
+    return groups
+
+
+def table(groups) -> list:
+    lines = [
+        "| benchmark | provider | median ms | GB/s | % copy BW | TFLOP/s | % bf16 MMA | vs eager | vs compile |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in groups.items():
+        for r in rows:
+            lines.append(
+                f"| {name} | {r['provider']} | {_fmt(r['median_ms'], 4)} | {_fmt(r['gbps'], 1)} | "
+                f"{_fmt(r['pct_copy'], 1, '%')} | {_fmt(r['tflops'], 2)} | {_fmt(r['pct_mma'], 1, '%')} | "
+                f"{_fmt(r['vs_eager'], 2, 'x')} | {_fmt(r['vs_compile'], 2, 'x')} |"
+            )
+    return lines
+
+
+def targets(groups) -> list:
+    lines = []
+    for op, mode, key, threshold, text in TARGETS:
+        found = False
+        for name, rows in groups.items():
+            for r in rows:
+                if r["op"] == op and r["mode"] == mode and r["provider"] == "triton":
+                    found = True
+                    value = r.get(key)
+                    if value is None:
+                        verdict = "not measured (baseline missing)"
+                    else:
+                        unit = "%" if key.startswith("pct") else "x"
+                        verdict = f"{'met' if value >= threshold else 'MISSED'}: {value:.2f}{unit}"
+                    lines.append(f"- {text} — {name}: {verdict}")
+        if not found:
+            lines.append(f"- {text} — not measured in this run")
+    return lines
+
+
+def skip_reasons(log_texts) -> list:
+    """Unique 'SKIPPED [n] file:line: reason' lines from pytest -rs output."""
+    seen = OrderedDict()
+    for text in log_texts:
+        for match in re.finditer(r"^SKIPPED \[(\d+)\] ([^\n]+)$", text, flags=re.MULTILINE):
+            seen[match.group(2)] = seen.get(match.group(2), 0) + int(match.group(1))
+    return [f"- {count}× {reason}" for reason, count in seen.items()]
+
+
+def summarize(bench_json: dict, ceilings: dict, versions: str = "", logs=()) -> str:
+    groups = load_rows(bench_json, ceilings)
+    machine = bench_json.get("machine_info", {})
+    device = ceilings.get("device") or next(
+        (r.get("extra_info", {}).get("device") for r in bench_json.get("benchmarks", []) if r.get("extra_info")), "?"
+    )
+    out = [
+        f"# reglue benchmarks — {device}",
+        "",
+        f"Date: {bench_json.get('datetime', datetime.datetime.now().isoformat())}; "
+        f"host: {machine.get('node', '?')}, python {machine.get('python_version', '?')}.",
+        "",
+    ]
+    if versions.strip():
+        out += ["## Versions", "", "```", versions.strip(), "```", ""]
+    out += ["## Ceilings (measured)", ""]
+    if ceilings:
+        out.append(
+            f"- copy bandwidth (read + write): {_fmt(ceilings.get('copy_gbps'), 1)} GB/s; "
+            f"bf16 matmul: {_fmt(ceilings.get('matmul_bf16_tflops'), 1)} TFLOP/s"
+        )
+    else:
+        out.append("- not measured (no --ceilings file): % columns are empty")
+    out += ["", "## Results", "", "Speed-ups are baseline median / this median (> 1: faster than the baseline).", ""]
+    out += table(groups)
+    out += ["", "## Targets (issue 3)", ""] + targets(groups)
+    skips = skip_reasons(logs)
+    if skips:
+        out += ["", "## Skipped", ""] + skips
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bench_json")
+    parser.add_argument("--ceilings", help="JSON from `python bench/_roofline.py --out ...`")
+    parser.add_argument("--versions", help="text file with the device/driver/library versions")
+    parser.add_argument("--log", action="append", default=[], help="pytest output (with -rs) to collect skip reasons from")
+    parser.add_argument("--out", help="write the markdown here (it is printed either way)")
+    args = parser.parse_args(argv)
+    with open(args.bench_json) as f:
+        bench_json = json.load(f)
+    ceilings = {}
+    if args.ceilings:
+        try:
+            with open(args.ceilings) as f:
+                ceilings = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"(ceilings unreadable: {e})")
+    versions = open(args.versions).read() if args.versions else ""
+    logs = []
+    for path in args.log:
+        try:
+            with open(path) as f:
+                logs.append(f.read())
+        except OSError:
+            pass
+    text = summarize(bench_json, ceilings, versions, logs)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""Per-step batch iterators. The batch of step s on a rank is fixed by
+``GlobalBatchOrder.rank_batch(s, rank, world_size)``, so a loader starting at any step resumes
+exactly where an uninterrupted run would be."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List
+
+import torch
+
+from reglue.data.sampler import GlobalBatchOrder
+
+
+def collate(items: List[tuple]) -> Dict[str, torch.Tensor]:
+    """[(image uint8 (3,H,W), label, moments (8,h,w) or absent)] -> batch dict."""
+    batch = {
+        "image": torch.stack([it[0] for it in items]),
+        "label": torch.tensor([int(it[1]) for it in items], dtype=torch.long),
+    }
+    if len(items[0]) > 2 and items[0][2] is not None:
+        batch["moments"] = torch.stack([torch.as_tensor(it[2]) for it in items]).float()
+    return batch
+
+
+class TorchLoader:
+    """DataLoader over a map-style dataset, batch sampler = the rank's share of each step's global batch."""
+
+    def __init__(self, dataset, order: GlobalBatchOrder, rank: int, world_size: int, start_step: int, end_step: int,
+                 num_workers: int = 2):
+        self.steps = [order.rank_batch(s, rank, world_size) for s in range(start_step, end_step)]
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.steps, num_workers=num_workers, collate_fn=collate,
+            prefetch_factor=4 if num_workers else None, pin_memory=torch.cuda.is_available(),
+        )
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        return iter(self.loader)

@@ -1,0 +1,140 @@
+"""Interpolants, score conversion, and the named loss components."""
+
+import pytest
+import torch
+
+from reglue.config import MethodConfig
+from reglue.diffusion.transport import (
+    alignment_loss,
+    draw_noise,
+    interpolant,
+    sample_t,
+    score_from_velocity,
+    training_losses,
+)
+from tests.conftest import assert_close
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_interpolant_endpoints_and_derivatives(path):
+    t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
+    alpha, sigma, d_alpha, d_sigma = interpolant(t, path)
+    h = 1e-6
+    a_p, s_p, _, _ = interpolant(t + h, path)
+    a_m, s_m, _, _ = interpolant(t - h, path)
+    assert_close(d_alpha, (a_p - a_m) / (2 * h), atol=1e-6)
+    assert_close(d_sigma, (s_p - s_m) / (2 * h), atol=1e-6)
+    a0, s0, _, _ = interpolant(torch.tensor([0.0, 1.0], dtype=torch.float64), path)
+    assert_close(a0, torch.tensor([1.0, 0.0]), atol=1e-12)
+    assert_close(s0, torch.tensor([0.0, 1.0]), atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_score_from_velocity_matches_gaussian_score(path):
+    # x0 ~ N(0, s^2): p_t = N(0, alpha^2 s^2 + sigma^2), exact velocity from E[x0|x], E[eps|x]
+    s2 = 0.25
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)[:, None]
+    x = torch.randn(3, 7, dtype=torch.float64)
+    alpha, sigma, d_alpha, d_sigma = interpolant(t, path)
+    var = alpha**2 * s2 + sigma**2
+    v = d_alpha * alpha * s2 / var * x + d_sigma * sigma / var * x
+    assert_close(score_from_velocity(v, x, t, path), -x / var, atol=1e-9)
+
+
+def test_sample_t_ranges():
+    g = torch.Generator().manual_seed(0)
+    for kind in ("uniform", "lognormal"):
+        t = sample_t(1000, kind, generator=g)
+        assert t.min() > 0 and t.max() < 1
+    with pytest.raises(ValueError, match="t sampling"):
+        sample_t(3, "beta")
+
+
+class Oracle(torch.nn.Module):
+    """Returns exactly the velocity target and the alignment targets: all regression losses are 0."""
+
+    def __init__(self, x0, eps, cls, cls_eps, align, path):
+        super().__init__()
+        self.x0, self.eps, self.cls, self.cls_eps, self.align, self.path = x0, eps, cls, cls_eps, align, path
+
+    def forward(self, xt, t, y, cls_token=None, force_drop=None):
+        _, _, da, ds = (v.view(-1, 1, 1, 1) for v in interpolant(t, self.path))
+        out = da * self.x0 + ds * self.eps
+        cls_out = None
+        if self.cls is not None:
+            cda, cds = da.view(-1, 1), ds.view(-1, 1)
+            cls_out = cda * self.cls + cds * self.cls_eps
+        return out, [a * 3.0 for a in self.align], cls_out
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_loss_components_zero_for_oracle(path):
+    n = 4
+    g = torch.Generator().manual_seed(1)
+    noise = draw_noise(n, (6, 4, 4), 5, 0.1, g, "cpu")
+    latents, semantic, cls = torch.randn(n, 4, 4, 4), torch.randn(n, 2, 4, 4), torch.randn(n, 5)
+    align = [torch.randn(n, 9, 7)]
+    model = Oracle(torch.cat([latents, semantic], 1), noise.eps, cls, noise.cls_eps, align, path)
+    losses = training_losses(model, latents, torch.zeros(n, dtype=torch.long), noise, semantic=semantic, cls=cls,
+                             align_targets=align, path=path)
+    for k in ("latent", "semantic", "cls"):
+        assert losses[k].item() == pytest.approx(0.0, abs=1e-10), k
+    assert losses["align"].item() == pytest.approx(-1.0, abs=1e-6)
+    assert losses["total"].item() == pytest.approx(-0.5, abs=1e-6)
+
+
+def test_loss_weights_and_split_by_channels():
+    n = 3
+    g = torch.Generator().manual_seed(2)
+    noise = draw_noise(n, (6, 2, 2), 5, 0.0, g, "cpu")
+
+    class Zero(torch.nn.Module):
+        def forward(self, xt, t, y, cls_token=None, force_drop=None):
+            return torch.zeros_like(xt), [torch.ones(n, 4, 3)], torch.zeros(n, 5)
+
+    latents, semantic, cls = torch.randn(n, 4, 2, 2), torch.randn(n, 2, 2, 2), torch.randn(n, 5)
+    target_align = [torch.randn(n, 4, 3)]
+    losses = training_losses(Zero(), latents, torch.zeros(n, dtype=torch.long), noise, semantic=semantic, cls=cls,
+                             align_targets=target_align, semantic_weight=0.7, cls_weight=0.03, align_weight=0.5)
+    t = noise.t.view(-1, 1, 1, 1)
+    x0 = torch.cat([latents, semantic], 1)
+    target = noise.eps - x0  # linear path velocity
+    assert_close(losses["latent"], (target[:, :4] ** 2).mean())
+    assert_close(losses["semantic"], (target[:, 4:] ** 2).mean())
+    assert_close(losses["cls"], ((noise.cls_eps - cls) ** 2).mean())
+    cos = torch.nn.functional.cosine_similarity(torch.ones(n, 4, 3), target_align[0], dim=-1)
+    assert_close(losses["align"], -cos.mean())
+    want = losses["latent"] + 0.7 * losses["semantic"] + 0.03 * losses["cls"] + 0.5 * losses["align"]
+    assert_close(losses["total"], want)
+    assert t.shape[0] == n
+
+
+def test_missing_components_are_zero_and_no_cls_noise_needed():
+    n = 2
+    noise = draw_noise(n, (4, 2, 2), 0, 0.0, torch.Generator().manual_seed(0), "cpu")
+    assert noise.cls_eps is None and noise.drop is None
+
+    class M(torch.nn.Module):
+        def forward(self, xt, t, y, cls_token=None, force_drop=None):
+            assert cls_token is None
+            return xt * 0, [], None
+
+    losses = training_losses(M(), torch.randn(n, 4, 2, 2), torch.zeros(n, dtype=torch.long), noise)
+    assert losses["semantic"] == 0 and losses["cls"] == 0 and losses["align"] == 0
+    assert losses["total"] == losses["latent"]
+
+
+def test_alignment_loss_shape_mismatch_is_clear():
+    with pytest.raises(ValueError, match="does not match alignment target"):
+        alignment_loss([torch.randn(2, 5, 3)], [torch.randn(2, 4, 3)])
+
+
+def test_noise_slices_compose():
+    noise = draw_noise(8, (3, 2, 2), 4, 0.5, torch.Generator().manual_seed(3), "cpu")
+    part = noise.slice(2, 6)
+    assert torch.equal(part.eps, noise.eps[2:6]) and torch.equal(part.drop, noise.drop[2:6])
+
+
+def test_semantic_weight_milestones():
+    m = MethodConfig(name="reglue", semantic_milestones=((250_000, 0.5), (500_000, 0.25)))
+    assert [m.semantic_weight(s) for s in (0, 249_999, 250_000, 499_999, 500_000, 900_000)] == [1, 1, 0.5, 0.5, 0.25, 0.25]

@@ -1,0 +1,92 @@
+"""rms_norm and RMSNorm: Triton (interpreter on CPU) vs eager."""
+
+import warnings
+
+import pytest
+import torch
+
+from reglue.kernels import _utils
+from reglue.kernels.rmsnorm import RMSNorm, _rms_norm_bwd, _rms_norm_fwd, rms_norm, rms_norm_ref
+from tests.kernels._compare import check_op
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# QK-norm: (N, heads, tokens, head_dim) with head dims 64 (SiT-B/L) and 72 (SiT-XL); odd sizes; wide rows.
+SHAPES = [(2, 6, 257, 64), (2, 3, 65, 72), (3, 5, 72), (7, 100), (1, 256, 100), (3, 1152), (2, 4096)]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(shape):
+    x = torch.randn(shape, device=DEVICE) * 3
+    weight = 1 + 0.2 * torch.randn(shape[-1], device=DEVICE)
+    return x, weight
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rms_norm(shape, dtype):
+    x, weight = _inputs(shape)
+    check_op(rms_norm, rms_norm_ref, [x, weight], [torch.randn(shape, device=DEVICE)], dtype, ["x", "weight"], ["out"])
+
+
+def test_non_contiguous_heads():
+    """q/k arrive as permuted views of the qkv projection."""
+    qkv = torch.randn(2, 9, 3, 4, 72, device=DEVICE)
+    q = qkv.permute(2, 0, 3, 1, 4)[0]  # (N, H, T, hd), not contiguous
+    weight = torch.rand(72, device=DEVICE) + 0.5
+    torch.testing.assert_close(rms_norm(q, weight), rms_norm_ref(q, weight), atol=1e-5, rtol=1e-5)
+
+
+def test_module_state_dict_and_dispatch():
+    eager, fused = RMSNorm(72, kernels="eager").to(DEVICE), RMSNorm(72, kernels="triton").to(DEVICE)
+    assert list(eager.state_dict()) == list(fused.state_dict()) == ["weight"]
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5)
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 4, 17, 72, device=DEVICE)
+    torch.testing.assert_close(fused(x), eager(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="kernels"):
+        RMSNorm(72, kernels="cuda")
+
+
+def test_opcheck():
+    x, weight = _inputs((3, 5, 72))
+    x2 = x.reshape(-1, 72)
+    torch.library.opcheck(_rms_norm_fwd, (x2.clone().requires_grad_(), weight.clone().requires_grad_(), 1e-6))
+    torch.library.opcheck(_rms_norm_bwd, (torch.randn_like(x2), x2, weight, 1e-6))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    x, weight = (t.requires_grad_() for t in _inputs((2, 3, 5, 72)))
+
+    def fn(x, weight):
+        return rms_norm(x * 2, weight).sum(dim=-1)
+
+    out = torch.compile(fn, fullgraph=True)(x, weight)
+    grads = torch.autograd.grad(out.square().sum(), (x, weight))
+    out_ref = fn(x, weight)
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), (x, weight))
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fallback_warns_once_and_matches_reference(monkeypatch):
+    monkeypatch.setattr(_utils, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(_utils, "_warned", set())
+    x, weight = (t.cpu() for t in _inputs((3, 5, 72)))
+    with pytest.warns(RuntimeWarning, match="rms_norm"):
+        out = rms_norm(x, weight)
+    assert torch.equal(out, rms_norm_ref(x, weight))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rms_norm(x, weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(256, 16, 257, 72), (256, 12, 256, 64)], ids=str)
+def test_sit_shapes_gpu(shape, dtype):
+    """Real compilation at SiT-XL/2 (16 heads x 72) and SiT-B/2 (12 heads x 64) QK-norm sizes."""
+    x, weight = _inputs(shape)
+    check_op(rms_norm, rms_norm_ref, [x, weight], [torch.randn(shape, device=DEVICE)], dtype, ["x", "weight"], ["out"])

@@ -1,0 +1,79 @@
+"""Config validation, presets, overrides and the train.py flags."""
+
+import pytest
+
+from reglue.config import Config, ConfigError, ModelConfig, TrainConfig, apply_overrides
+from reglue.presets import PRESETS, get_preset
+from reglue.train.cli import config_from_args
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid_and_round_trip(name):
+    cfg = get_preset(name)
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("method,in_ch,cls,align", [
+    ("sit", 4, False, False), ("repa", 4, False, True), ("redi", 12, False, False),
+    ("reg", 4, True, True), ("reglue", 20, True, True),
+])
+@pytest.mark.parametrize("size,depth", [("b", 4), ("xl", 8)])
+def test_method_presets(method, in_ch, cls, align, size, depth):
+    cfg = get_preset(f"{method}-sit-{size}-2" if method != "sit" else f"sit-{size}-2")
+    assert cfg.in_channels == in_ch
+    assert cfg.method.use_cls is cls and cfg.method.use_align is align
+    assert cfg.model.encoder_depth == depth
+    assert cfg.model.arch == f"SiT-{size.upper()}/2"
+    if method == "reglue" and size == "xl":
+        assert cfg.method.semantic_weight(600_000) == 0.25
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"model.kernels": "cuda"}, "model.kernels"),
+    ({"model.encoder_depth": "0"}, "model.encoder_depth"),
+    ({"model.arch": "SiT-XXL/2"}, "model.arch"),
+    ({"train.global_batch_size": "0"}, "train.global_batch_size"),
+    ({"train.ema_decay": "1.5"}, "train.ema_decay"),
+    ({"method.name": "dit"}, "method.name"),
+    ({"optim.lr": "-1"}, "optim.lr"),
+    ({"model.patch_size": "4"}, "model.patch_size"),  # alignment needs the 2x2 patch grid
+    ({"train.sample_guidance_interval": "(0.8, 0.2)"}, "train.sample_guidance_interval"),
+    ({"model.nonexistent": "1"}, "model.nonexistent"),
+    ({"train.max_steps": "ten"}, "train.max_steps"),
+])
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        apply_overrides(get_preset("tiny"), overrides)
+
+
+def test_custom_arch_requires_sizes():
+    with pytest.raises(ConfigError, match="model.depth"):
+        ModelConfig(arch="custom")
+
+
+def test_overrides_parse_types():
+    cfg = apply_overrides(get_preset("tiny"), {"model.qk_norm": "true",
+                                               "optim.lr": "3e-4", "encoders.feature_layers": "(0, 3)",
+                                               "train.micro_batch_size": "none"})
+    assert cfg.model.qk_norm is True and cfg.optim.lr == 3e-4 and cfg.encoders.feature_layers == (0, 3)
+    assert cfg.train.micro_batch_size is None
+
+
+def test_train_flags():
+    cfg, _ = config_from_args(["--max-steps", "7", "--kernels", "triton", "--no-compile", "--seed", "3",
+                               "--set", "model.qk_norm=1", "--resume", "none", "--out", "/tmp/x"])
+    assert (cfg.train.max_steps, cfg.model.kernels, cfg.parallel.compile, cfg.train.seed) == (7, "triton", False, 3)
+    assert cfg.model.qk_norm and cfg.train.resume == "none" and cfg.train.out_dir == "/tmp/x"
+
+
+def test_bad_flag_exits_with_field_name(capsys):
+    with pytest.raises(SystemExit):
+        config_from_args(["--set", "train.keep_last=0"])
+    assert "train.keep_last" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        config_from_args(["--set", "nonsense"])
+
+
+def test_train_config_defaults_match_paper():
+    t = TrainConfig()
+    assert t.ema_decay == 0.9999 and t.sample_steps == 250
