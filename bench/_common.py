@@ -37,7 +37,15 @@ _compiled: dict = {}
 
 
 def compiled(fn):
-    """torch.compile(fn), one compiled function per fn for the whole session (modes share graphs)."""
+    """torch.compile(fn), one compiled function per fn for the whole session (modes share graphs).
+
+    The bwd mode replays one forward graph's backward (retain_graph=True), which AOTAutograd
+    refuses when it donated the saved buffers to the backward; donation saves memory, not time,
+    so the benchmark process turns it off.
+    """
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn)
     return _compiled[fn]
@@ -46,7 +54,10 @@ def compiled(fn):
 def measure(benchmark, fn, *, group: str, bytes_: int = 0, flops: int = 0, **info) -> None:
     """Time ``fn`` (median) and record ms, GB/s, TFLOP/s and ``info`` in the benchmark's extra_info."""
     benchmark.group = group
+    for _ in range(3):  # compile (forward, and the lazily compiled backward) before any timing
+        fn()
     if ON_GPU:
+        torch.cuda.synchronize()
         import triton.testing
 
         median_ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")

@@ -262,10 +262,6 @@ def _launch_bwd(dh, dr, xn, y, gate, scale, eps: float, x_dtype: torch.dtype):
 # --------------------------------------------------------------------------------------------
 
 
-def _rows_like(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], x.shape[-1]), dtype=mod.dtype)
-
-
 @torch.library.custom_op("reglue::adaln_modulate_fwd", mutates_args=())
 def _adaln_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return _launch_fwd(x, None, None, shift, scale, eps)[1]
@@ -287,7 +283,7 @@ def _adaln_modulate_bwd(
 @_adaln_modulate_bwd.register_fake
 def _(dh, x, scale, eps):
     f32 = x.new_empty((x.shape[0], x.shape[-1]), dtype=torch.float32)
-    return torch.empty_like(x), f32, torch.empty_like(f32)
+    return x.new_empty(x.shape), f32, torch.empty_like(f32)
 
 
 def _adaln_modulate_setup(ctx, inputs, output):
@@ -332,7 +328,7 @@ def _gated_residual_adaln_bwd(
 @_gated_residual_adaln_bwd.register_fake
 def _(dr, dh, r, y, gate, scale, eps):
     f32 = r.new_empty((r.shape[0], r.shape[-1]), dtype=torch.float32)
-    return torch.empty_like(r), torch.empty_like(y), f32, torch.empty_like(f32), torch.empty_like(f32)
+    return r.new_empty(r.shape), y.new_empty(y.shape), f32, torch.empty_like(f32), torch.empty_like(f32)
 
 
 def _gated_residual_adaln_setup(ctx, inputs, output):
@@ -376,7 +372,7 @@ def _gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor)
 
 @_gated_residual_bwd.register_fake
 def _(dout, y, gate):
-    return torch.empty_like(y), y.new_empty((y.shape[0], y.shape[-1]), dtype=torch.float32)
+    return y.new_empty(y.shape), y.new_empty((y.shape[0], y.shape[-1]), dtype=torch.float32)
 
 
 def _gated_residual_setup(ctx, inputs, output):

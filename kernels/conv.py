@@ -6,7 +6,7 @@ x: (N, C_in, H, W), weight: (C_out, C_in, 3, 3), bias: (C_out,) or None, residua
 An implicit GEMM: a program owns BLOCK_P pixels of one image × BLOCK_CO output channels and
 accumulates nine shifted (pixels × C_in) @ (C_in × C_out) products in fp32; zero padding is a
 load mask. Input and output stay NCHW (loads are contiguous along pixels); the weight is read
-as (3, 3, C_in, C_out) so its tiles are contiguous along output channels.
+as (3, 3, C_in, C_out) so its tiles are contiguous along output channels (``pack_conv_weight``).
 
 ``compressor_encode_fused`` runs a SemanticCompressor encoder with BatchNorm folded: one launch
 per convolution, every bias/BN/residual/ReLU in the epilogues, no other kernels.
@@ -54,49 +54,52 @@ if triton is not None:
     def _conv3x3_kernel(
         X, Wt, B, RES, OUT,
         C_in, C_out, H, W,
-        sxn, sxc, sxh, sxw,
-        swo, swi, swh, sww,
-        srn, src, srh, srw,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
     ):  # fmt: skip
-        tiles_per_image = tl.cdiv(H * W, BLOCK_P)
+        """X, RES, OUT contiguous NCHW; Wt contiguous (3, 3, C_in, C_out).
+
+        A tap's input pixel is p + (dh * W + dw) in the flattened image: addresses stay
+        contiguous along the pixel axis (coalesced loads); the mask zeroes what falls outside.
+        """
+        hw = H * W
+        tiles_per_image = tl.cdiv(hw, BLOCK_P)
         pid = tl.program_id(0)
         n = (pid // tiles_per_image).to(tl.int64)
         p = (pid % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = p < H * W
+        p = tl.max_contiguous(tl.multiple_of(p, BLOCK_P), BLOCK_P)
+        pmask = p < hw
         ph = p // W
         pw = p % W
         co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
         comask = co < C_out
         ci_range = tl.arange(0, BLOCK_CI)
-        x_image = X + n * sxn
+        x_image = X + n * C_in * hw
         acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
         for tap in tl.static_range(9):
-            hh = ph + (tap // 3 - 1)
-            ww = pw + (tap % 3 - 1)
-            inside = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            x_tap = x_image + (hh * sxh + ww * sxw)[:, None]
-            w_tap = Wt + (tap // 3) * swh + (tap % 3) * sww + co[None, :] * swo
+            dh = tap // 3 - 1
+            dw = tap % 3 - 1
+            inside = pmask & (ph + dh >= 0) & (ph + dh < H) & (pw + dw >= 0) & (pw + dw < W)
+            x_tap = x_image + (p + (dh * W + dw))[:, None]
+            w_tap = Wt + tap * C_in * C_out + co[None, :]
             for ci0 in range(0, C_in, BLOCK_CI):
                 ci = ci0 + ci_range
                 cimask = ci < C_in
-                a = tl.load(x_tap + ci[None, :] * sxc, mask=inside[:, None] & cimask[None, :], other=0.0)
-                b = tl.load(w_tap + ci[:, None] * swi, mask=cimask[:, None] & comask[None, :], other=0.0)
+                a = tl.load(x_tap + ci[None, :] * hw, mask=inside[:, None] & cimask[None, :], other=0.0)
+                b = tl.load(w_tap + ci[:, None] * C_out, mask=cimask[:, None] & comask[None, :], other=0.0)
                 if UPCAST_DOT:
                     a, b = a.to(tl.float32), b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(B + co, mask=comask, other=0.0).to(tl.float32)[None, :]
         mask = pmask[:, None] & comask[None, :]
+        offs = n * C_out * hw + co[None, :] * hw + p[:, None]
         if HAS_RESIDUAL:
-            res = RES + n * srn + co[None, :] * src + (ph * srh + pw * srw)[:, None]
-            acc += tl.load(res, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
         if RELU:
             acc = tl.maximum(acc, 0.0)
-        out = OUT + n * C_out * H * W + co[None, :] * (H * W) + p[:, None]
-        tl.store(out, acc.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _conv_blocks(c_in: int, c_out: int, hw: int, dtype: torch.dtype):
@@ -116,7 +119,7 @@ def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
 
     ``fused_conv2d`` packs on every call unless given a packed weight; pack once for repeated use.
     """
-    if weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]:
+    if weight.permute(2, 3, 1, 0).is_contiguous():
         return weight
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
@@ -127,18 +130,18 @@ def _fused_conv2d_fwd(
 ) -> torch.Tensor:
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
-    weight = pack_conv_weight(weight.to(x.dtype))
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    packed = pack_conv_weight(weight.to(x.dtype)).permute(2, 3, 1, 0)  # (3, 3, C_in, C_out), contiguous
     out = empty_output((n, c_out, h, w), x.dtype, x.device)
     if out.numel() == 0:
         return out
     block_p, block_co, block_ci, num_warps, num_stages = _conv_blocks(c_in, c_out, h * w, x.dtype)
     grid = (n * cdiv(h * w, block_p), cdiv(c_out, block_co))
     has_bias, has_residual = bias is not None, residual is not None
-    res_strides = residual.stride() if has_residual else (0, 0, 0, 0)
     _conv3x3_kernel[grid](
-        x, weight, bias if has_bias else x, residual if has_residual else x, out,
+        x, packed, bias if has_bias else x, residual if has_residual else x, out,
         c_in, c_out, h, w,
-        *x.stride(), *weight.stride(), *res_strides,
         HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, RELU=relu,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         # The interpreter multiplies bf16 operands as their raw uint16 bits: upcast there (exact).

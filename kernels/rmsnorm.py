@@ -101,7 +101,7 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 
 @_rms_norm_fwd.register_fake
 def _(x, weight, eps):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("reglue::rms_norm_bwd", mutates_args=())
@@ -124,7 +124,7 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: 
 
 @_rms_norm_bwd.register_fake
 def _(dy, x, weight, eps):
-    return torch.empty_like(x), weight.new_empty(weight.shape, dtype=torch.float32)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape, dtype=torch.float32)
 
 
 def _rms_norm_setup(ctx, inputs, output):

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="override the run's VAE (hub name or folder)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_sample)
+
+    from reglue.data import prepare, stats, train_compressor
+
+    for data_command in (prepare, stats, train_compressor):
+        data_command.add_parser(sub)
     return parser
 
 

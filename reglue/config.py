@@ -245,6 +245,9 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     param_dtype: str = "bf16"
     """Mixed precision of the sharded parameters on CUDA (fp32 on CPU)."""
+    reference: bool = False
+    """Reproduce the published recipe's execution for comparison: eager PyTorch, no fused kernels,
+    no compile, fp16 autocast with a grad scaler on CUDA, DDP, a host sync every step for logging."""
 
     def __post_init__(self):
         _choice(self.activation_checkpointing, "parallel.activation_checkpointing", ("off", "full", "selective"))
@@ -274,6 +277,10 @@ class TrainConfig:
     num_sample_images: int = 16
     resume: str = "auto"
     """auto (latest checkpoint in the run dir if any), none, or a checkpoint path."""
+    tensorboard: bool = True
+    """Also log to TensorBoard (``<run>/tb``) when the tensorboard package is installed."""
+    wandb_project: Optional[str] = None
+    """Also log to Weights & Biases under this project (needs the wandb package)."""
     max_nonfinite_steps: int = 10
     """Abort after this many consecutive steps with a non-finite loss or gradient norm."""
     inject_nonfinite_steps: Tuple[int, ...] = ()

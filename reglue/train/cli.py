@@ -30,6 +30,9 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=("auto", "fa3", "fa2", "xformers", "sdpa", "math"))
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each SiT block")
     p.add_argument("--activation-checkpointing", choices=("off", "full", "selective"))
+    p.add_argument("--reference", action="store_true", default=None,
+                   help="run the published recipe's execution (eager, fp16 autocast, DDP, per-step syncs) for comparison")
+    p.add_argument("--wandb-project", help="also log to Weights & Biases")
     p.add_argument("--resume", help="auto (latest checkpoint of the run, default), none, or a checkpoint directory")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set model.qk_norm=true (repeatable)")
@@ -43,6 +46,7 @@ _FLAG_FIELDS = {
     "micro_batch_size": "train.micro_batch_size", "seed": "train.seed", "lr": "optim.lr", "kernels": "model.kernels",
     "attention": "model.attention", "compile": "parallel.compile",
     "activation_checkpointing": "parallel.activation_checkpointing", "resume": "train.resume",
+    "reference": "parallel.reference", "wandb_project": "train.wandb_project",
 }
 
 

@@ -19,7 +19,7 @@ def clean_name(name: str) -> str:
     """Parameter name without activation-checkpoint/compile wrapper segments (checkpoint FQN)."""
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
-    return name
+    return name.removeprefix("module.")  # DDP
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

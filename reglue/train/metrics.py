@@ -39,12 +39,28 @@ class MetricsWriter:
     """Appends one JSON object per line; on resume, lines past the resumed step are dropped so the
     file reads as one uninterrupted run."""
 
-    def __init__(self, path: Path, resume_step: int = 0):
+    def __init__(self, path: Path, resume_step: int = 0, tensorboard_dir: Optional[Path] = None,
+                 wandb_project: Optional[str] = None, run_name: str = "run", config: Optional[Dict] = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if line.strip() and self._step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1)
+            except ImportError:
+                pass  # optional: TensorBoard is used when installed
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError(f"train.wandb_project={wandb_project!r} needs the wandb package (pip install wandb)") from None
+            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
 
     @staticmethod
     def _step(line: str) -> int:
@@ -56,6 +72,13 @@ class MetricsWriter:
     def write(self, record: Dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
 
 def read_metrics(path: Path) -> List[Dict]:

@@ -51,15 +51,42 @@ def use_fsdp(dist_info: DistInfo) -> bool:
     return dist_info.distributed or dist_info.device.type == "cuda"
 
 
+def build_parallel_model(config, dist_info: DistInfo) -> nn.Module:
+    """The run's SiT, built on the meta device, parallelised, and materialised on the device.
+
+    ``parallel.reference`` instead reproduces the published execution: an eager model wrapped in
+    DDP when several ranks train (fp16 autocast is applied by the trainer).
+    """
+    from reglue.models import build_model
+
+    cfg = config.parallel
+    with torch.device("meta"):
+        model = build_model(config, kernels="eager" if cfg.reference else None)
+    if cfg.reference:
+        materialize(model, dist_info.device, config.train.seed)
+        if dist_info.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[dist_info.device] if dist_info.device.type == "cuda" else None)
+        return model
+    return materialize(parallelize(model, cfg, dist_info), dist_info.device, config.train.seed)
+
+
 def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo) -> nn.Module:
-    """Returns the model ready for training on ``dist_info.device`` (parameters materialised)."""
+    """AC -> compile -> FSDP2 on a (meta-device) SiT; parameters are materialised afterwards."""
     for i, block in enumerate(model.blocks):
         block = apply_activation_checkpointing(block, cfg.activation_checkpointing)
         if cfg.compile:
             block.compile(fullgraph=True, dynamic=False)
         model.blocks[i] = block
     if use_fsdp(dist_info):
+        import warnings
+
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # nn.Linear on (N, T, D) returns a view, so the projector outputs are views; nothing
+        # modifies them in place, which is what this FSDP2 warning is about.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
         if not torch.distributed.is_initialized():
             _init_single_process_group(dist_info)

@@ -9,6 +9,7 @@ over micro-batches; a non-finite loss or gradient norm skips the step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,12 +24,11 @@ from tqdm import tqdm
 from reglue.config import Config
 from reglue.data import build_loader, open_dataset
 from reglue.diffusion.transport import draw_noise, training_losses
-from reglue.models import build_model
 from reglue.train import checkpoint as ckpt
 from reglue.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from reglue.train.ema import EMA
 from reglue.train.metrics import MetricsWriter, count_flops, device_peak_flops, plot_losses, read_metrics, save_grid
-from reglue.train.parallelize import materialize, parallelize, use_fsdp
+from reglue.train.parallelize import build_parallel_model, use_fsdp
 from reglue.train.targets import FrozenEncoders
 
 log = logging.getLogger("reglue.train")
@@ -92,10 +92,13 @@ class Trainer:
         calib = lambda n: torch.stack([self.dataset[i][0] for i in range(min(n, len(self.dataset)))])  # noqa: E731
         self.frozen = FrozenEncoders(cfg, d.device, self.run_dir, calib, is_main=d.is_main)
 
-        with torch.device("meta"):
-            model = build_model(cfg)
-        self.model = materialize(parallelize(model, cfg.parallel, d), d.device, cfg.train.seed)
+        self.reference = cfg.parallel.reference
+        self.fsdp = use_fsdp(d) and not self.reference
+        self.ddp = self.reference and d.distributed
+        self.model = build_parallel_model(cfg, d)
         self.model.train()
+        # The published recipe trains in fp16 autocast with a loss scaler (CUDA only).
+        self.scaler = torch.amp.GradScaler("cuda") if (self.reference and d.device.type == "cuda") else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = EMA(self.model)
         self.optimizer = torch.optim.AdamW(
@@ -116,7 +119,9 @@ class Trainer:
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(cfg.to_json())
-            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step)
+            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step,
+                                         tensorboard_dir=self.run_dir / "tb" if cfg.train.tensorboard else None,
+                                         wandb_project=cfg.train.wandb_project, run_name=cfg.train.name, config=cfg.to_dict())
         self.x_shape = (cfg.in_channels, cfg.data.latent_size, cfg.data.latent_size)
         self.flops_per_image = None
         self.peak_flops = device_peak_flops(d.device)
@@ -144,17 +149,27 @@ class Trainer:
             cls_weight=cfg.method.lambda_cls, align_weight=cfg.method.lambda_align,
         )
 
-    def _count_flops(self, batch, noise, latent_eps) -> float:
-        """Training FLOPs per image: frozen encoders forward + SiT forward and backward."""
+    def _count_flops(self, batch, latent_eps) -> float:
+        """Training FLOPs per image: frozen encoders forward + SiT forward and backward.
+
+        The SiT part is counted on a meta-device copy (shapes only), so compiled, sharded or
+        wrapped training models are never touched by the counter."""
+        from reglue.models import build_model
+
         one = {k: v[:1] for k, v in batch.items()}
+        encoders = count_flops(lambda: self.frozen.targets(one, latent_eps[:1]))
+        with torch.device("meta"):
+            model = build_model(self.config, kernels="eager")
+            x = torch.zeros(1, *self.x_shape)
+            cls = torch.zeros(1, model.cls_token_dim) if model.cls_token_dim else None
+            t, y = torch.zeros(1), torch.zeros(1, dtype=torch.long)
 
         def fwd_bwd():
-            losses = self._micro_losses(one, noise.slice(0, 1), latent_eps[:1], self.step)
-            losses["total"].backward()
+            out, zs, cls_out = model(x, t, y, cls)
+            loss = out.sum() + sum(z.sum() for z in zs) + (cls_out.sum() if cls_out is not None else 0)
+            loss.backward()
 
-        flops = count_flops(fwd_bwd)
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(flops)
+        return float(encoders + count_flops(fwd_bwd))
 
     def train_step(self, step: int, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """One optimizer step over this rank's share of global batch ``step``."""
@@ -164,26 +179,40 @@ class Trainer:
         noise, latent_eps = self._step_randomness(step)
         offset = d.rank * self.per_rank
         sums: Dict[str, torch.Tensor] = {}
-        fsdp = use_fsdp(d)
         for m in range(self.accum):
             lo, hi = m * self.micro, (m + 1) * self.micro
+            last = m == self.accum - 1
             micro_batch = {k: v[lo:hi] for k, v in batch.items()}
-            if fsdp:
-                self.model.set_requires_gradient_sync(m == self.accum - 1)
-            losses = self._micro_losses(micro_batch, noise.slice(offset + lo, offset + hi), latent_eps[offset + lo : offset + hi], step)
-            if step in cfg.train.inject_nonfinite_steps:
-                losses["total"] = losses["total"] * float("nan")
-            (losses["total"] / self.accum).backward()
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            with (self.model.no_sync() if (self.ddp and not last) else contextlib.nullcontext()):
+                with torch.autocast(d.device.type, dtype=torch.float16, enabled=self.scaler is not None):
+                    losses = self._micro_losses(micro_batch, noise.slice(offset + lo, offset + hi),
+                                                latent_eps[offset + lo : offset + hi], step)
+                if step in cfg.train.inject_nonfinite_steps:
+                    losses["total"] = losses["total"] * float("nan")
+                loss = losses["total"] / self.accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v.detach() / self.accum
+            if self.reference:  # the published loop reads every loss on the host each step
+                _ = {k: v.item() for k, v in losses.items()}
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         sums = {k: all_reduce_mean(v) for k, v in sums.items()}
         finite = bool(torch.isfinite(grad_norm) and torch.isfinite(sums["total"]))
+        if self.scaler:  # fp16 overflow is the scaler's business: it skips the step and lowers the scale
+            finite = bool(torch.isfinite(sums["total"]))
         if finite:
-            self.optimizer.step()
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.ema.update(cfg.train.ema_decay)
             self.nonfinite_in_row = 0
         else:
@@ -235,9 +264,8 @@ class Trainer:
         for batch in batches:
             step = self.step
             if self.flops_per_image is None:
-                noise, latent_eps = self._step_randomness(step)
-                self.flops_per_image = self._count_flops(batch, noise.slice(d.rank * self.per_rank, d.rank * self.per_rank + 1),
-                                                         latent_eps[d.rank * self.per_rank :])
+                _, latent_eps = self._step_randomness(step)
+                self.flops_per_image = self._count_flops(batch, latent_eps[d.rank * self.per_rank :])
                 t0 = time.perf_counter()
             out = self.train_step(step, batch)
             self.step = step + 1

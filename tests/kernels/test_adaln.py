@@ -1,5 +1,7 @@
 """adaln_modulate, gated_residual_adaln, gated_residual: Triton (interpreter on CPU) vs eager."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -166,8 +168,6 @@ def test_fallback_warns_once_and_matches_reference(monkeypatch):
         r, h = gated_residual_adaln(x, y, gate, shift, scale)
     r_ref, h_ref = gated_residual_adaln_ref(x, y, gate, shift, scale)
     assert torch.equal(r, r_ref) and torch.equal(h, h_ref)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gated_residual_adaln(x, y, gate, shift, scale)

@@ -135,9 +135,8 @@ def test_bad_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_compressor_real_size_gpu(dtype, monkeypatch):
+def test_compressor_real_size_gpu(dtype):
     """Real compilation at the published compressor's widths (3072 -> 256 -> 16) on 16x16 maps."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # a true fp32 reference
     compressor = _compressor((3072, 256, 16))
     folded = compressor.fold_batchnorm()
     feats = torch.randn(8, 3072, 16, 16, device=DEVICE).to(dtype)

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One command on a CUDA machine (see ../shared/GPU.md): versions, measured ceilings, the GPU tests,
+# the benchmarks at GPU sizes, and a markdown summary printed last.
+#
+#   bash bench/gpu_validate.sh [OUT_DIR]      # default: bench/results/<YYYY-MM-DD>-<gpu>
+#
+# Missing optional packages (flash-attn, xformers, DALI) only skip their rows; a failing step is
+# reported in the summary instead of stopping the run. Exit status: 0 when every step passed.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_validate: no CUDA device visible to torch; nothing to validate." >&2
+    exit 2
+fi
+
+GPU_NAME="$("$PY" -c "import torch; print(torch.cuda.get_device_name())")"
+GPU_SLUG="$(echo "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed -E 's/nvidia//; s/[^a-z0-9]+/-/g; s/^-+|-+$//g')"
+OUT="${1:-bench/results/$(date +%F)-${GPU_SLUG}}"
+mkdir -p "$OUT"
+STATUS="$OUT/steps.txt"
+: > "$STATUS"
+
+step() {  # step NAME CMD... : run, tee the log, record the exit status
+    local name="$1"; shift
+    echo "=== $name: $*"
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "$name: exit $rc" | tee -a "$STATUS"
+    return 0
+}
+
+# 1. Versions and ceilings.
+{
+    echo "date: $(date -u +%FT%TZ)"
+    echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo 'no commit')"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null \
+        | sed 's/^/gpu: /' || echo "gpu: (nvidia-smi unavailable) $GPU_NAME"
+    "$PY" - <<'EOF'
+import importlib, platform, torch
+print(f"python: {platform.python_version()}")
+print(f"torch: {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})")
+try:
+    cap = torch.cuda.get_device_capability()
+    print(f"device: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})")
+except Exception as e:
+    print(f"device: unknown ({type(e).__name__}: {e})")
+for name in ("triton", "flash_attn", "flash_attn_interface", "xformers", "nvidia.dali", "timm", "diffusers"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name}: {getattr(mod, '__version__', 'installed')}")
+    except Exception as e:
+        print(f"{name}: not available ({type(e).__name__})")
+EOF
+} > "$OUT/versions.txt" 2>&1
+cat "$OUT/versions.txt"
+
+step ceilings "$PY" bench/_roofline.py --out "$OUT/ceilings.json"
+
+# 2. GPU tests: kernels compiled for real at SiT-XL/2 sizes, attention backends, model-level checks.
+step gpu-tests "$PY" -m pytest -m gpu tests/ -q -rs
+# The kernel and attention tests' small/odd shapes (D = 72, 100, 4096; partial tiles) on CUDA too:
+# on a GPU they run the compiled kernels instead of the interpreter.
+step kernel-tests-cuda "$PY" -m pytest -m "not gpu" tests/kernels tests/models/test_attention.py \
+    tests/models/test_sit_kernels.py -q -rs
+
+# A few training steps with the fused kernels under torch.compile (tiny preset, synthetic data).
+step train-smoke "$PY" train.py --preset tiny --kernels triton --compile --max-steps 20 --out "$OUT/train-smoke"
+
+# 3. Benchmarks at GPU sizes.
+step bench "$PY" -m pytest bench/ -q -rs --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds
+
+# 4. Summary (printed last).
+if [ -s "$OUT/bench.json" ]; then
+    "$PY" bench/summarize.py "$OUT/bench.json" --ceilings "$OUT/ceilings.json" --versions "$OUT/versions.txt" \
+        --log "$OUT/bench.log" --log "$OUT/gpu-tests.log" --log "$OUT/kernel-tests-cuda.log" \
+        --out "$OUT/summary.md" > /dev/null
+else
+    echo "# reglue GPU validation — $GPU_NAME (no benchmark JSON: see bench.log)" > "$OUT/summary.md"
+fi
+{
+    echo ""
+    echo "## Steps"
+    echo ""
+    sed 's/^/- /' "$STATUS"
+    echo ""
+    echo "Test result lines:"
+    echo ""
+    for log in gpu-tests kernel-tests-cuda train-smoke bench; do
+        [ -f "$OUT/$log.log" ] && echo "    $log: $(grep -E "(passed|failed|error|skipped|deselected)[^ ]* .*in [0-9.]+s" "$OUT/$log.log" | tail -1)"
+    done
+} >> "$OUT/summary.md"
+
+cat "$OUT/summary.md"
+echo "gpu_validate: wrote $OUT (commit summary.md, bench.json, versions.txt, ceilings.json)"
+! grep -q "exit [1-9]" "$STATUS"

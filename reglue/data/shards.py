@@ -1,0 +1,321 @@
+"""Prepared datasets on disk: the shard format written by ``reglue prepare``, and the published
+REPA/REGLUE layout, both read with random access by global sample index.
+
+Shard format (``format: "reglue-shards"``, version 1)
+-----------------------------------------------------
+::
+
+    ROOT/dataset.json            counts, classes, resolution, VAE, JPEG settings, latent statistics,
+                                 and the shard list [{"name": "00000", "num_samples": n}, ...]
+    ROOT/report.json             sources read, samples written, skipped files with the reason
+    ROOT/prepare.json            the recipe (settings + fingerprint of the input listing); resume check
+    ROOT/shards/00000/
+        images.bin               the samples' JPEG files, concatenated
+        offsets.npy              int64 (n + 1,): sample k is images.bin[offsets[k]:offsets[k + 1]]
+        labels.npy               int64 (n,)
+        moments.npy              float32 (n, 8, h, w): SD-VAE latent mean ++ std (absent with --vae none)
+        sources.txt              one line per sample: source path relative to the input, "\\tflip" for flips
+        shard.json               written last: the shard is complete iff this file exists
+
+Global sample index i lives in the shard whose cumulative range holds it (shards in name order).
+Random access by index is what lets both loaders (the torch DataLoader and DALI's
+``external_source``) deliver exactly ``GlobalBatchOrder.rank_batch(step, rank, world)``: the
+position in the data is the step counter, so resuming at any step, at any world size, is exact.
+Arrays are memory-mapped, opened lazily in the process that reads them (DataLoader or DALI
+workers), so a dataset object pickles small.
+
+Why JPEG: DALI decodes JPEG on the GPU (nvJPEG, the A100/H100 hardware decoder), not PNG, and a
+JPEG is ~3x smaller than the uncompressed PNG of the published pipeline. Images are stored at
+quality 95 with 4:4:4 chroma (no chroma subsampling: no upsampling filter for decoders to
+disagree on; libjpeg-turbo through PIL, torchvision and DALI-CPU decode them bit-identically;
+nvJPEG within a few levels). The VAE moments are computed from the decoded JPEG, not from the
+crop before compression, so the latents and the pixels DINOv2 sees are the same picture.
+
+Published layout (REPA ``preprocessing/dataset_tools.py``, used by REGLUE)
+----------------------------------------------------------------------------
+::
+
+    ROOT/images/00000/img00000000.png            256x256 RGB PNG (ADM centre crop)
+    ROOT/vae-sd/00000/img-mean-std-00000000.npy  float32 (8, 32, 32) moments
+    ROOT/vae-sd/dataset.json                     {"labels": [["00000/img-mean-std-00000000.npy", 6], ...]}
+
+Sample i is the i-th image and the i-th feature file, each list sorted by relative path, as in
+the published ``CustomDataset``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+FORMAT = "reglue-shards"
+FORMAT_VERSION = 1
+SHARDS_DIR = "shards"
+SHARD_DONE = "shard.json"
+MOMENT_CHANNELS = 8
+
+
+class DatasetError(ValueError):
+    """A dataset directory is missing, incomplete or inconsistent; the message names the file."""
+
+
+def decode_image(data) -> torch.Tensor:
+    """Encoded image bytes (JPEG, PNG, ...) -> uint8 (3, H, W), RGB, decoded by PIL (libjpeg-turbo)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(memoryview(data))) as img:
+        array = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Map-style dataset over encoded images: ``dataset[i] -> (image uint8 (3, H, W), label,
+    moments float32 (8, h, w))``, or ``(image, label)`` without stored moments.
+
+    Subclasses provide ``encoded(i)`` (the file bytes, for DALI), ``moments(i)`` and ``labels``.
+    """
+
+    labels: np.ndarray
+    image_size: int
+    num_classes: int
+    has_moments: bool
+    root: Path
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _check_index(self, index: int) -> int:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples in {self.root}")
+        return index
+
+    def label(self, index: int) -> int:
+        return int(self.labels[self._check_index(index)])
+
+    def encoded(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def moments(self, index: int) -> Optional[np.ndarray]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        index = self._check_index(index)
+        image = decode_image(self.encoded(index))
+        if tuple(image.shape) != (3, self.image_size, self.image_size):
+            raise DatasetError(f"{self.describe(index)}: decoded to {tuple(image.shape)}, expected (3, {self.image_size}, {self.image_size})")
+        label = int(self.labels[index])
+        if not self.has_moments:
+            return image, label
+        return image, label, torch.from_numpy(np.array(self.moments(index), dtype=np.float32))
+
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` is stored (for error messages)."""
+        return f"{self.root} sample {index}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Shards
+# ------------------------------------------------------------------------------------------------
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: missing") from None
+    except (ValueError, OSError) as exc:
+        raise DatasetError(f"{path}: unreadable ({exc})") from None
+
+
+class ShardDataset(EncodedDataset):
+    """Random-access reader of a ``reglue prepare`` output directory (see the module docstring).
+
+    verify: check every shard against ``dataset.json`` at open (files present, array shapes,
+        byte counts, label range); a mismatch raises :class:`DatasetError` naming the file.
+    """
+
+    def __init__(self, root: str | os.PathLike, verify: bool = True):
+        self.root = Path(root)
+        meta = _load_json(self.root / "dataset.json")
+        if meta.get("format") != FORMAT:
+            raise DatasetError(f"{self.root / 'dataset.json'}: not a reglue shard dataset (format {meta.get('format')!r})")
+        if meta.get("version") != FORMAT_VERSION:
+            raise DatasetError(f"{self.root / 'dataset.json'}: format version {meta.get('version')}, this reader reads {FORMAT_VERSION}")
+        self.meta = meta
+        self.image_size = int(meta["image_size"])
+        self.latent_size = int(meta["latent_size"])
+        self.num_classes = int(meta["num_classes"])
+        self.has_moments = meta.get("vae") is not None
+        self.shard_names = [s["name"] for s in meta["shards"]]
+        counts = np.array([int(s["num_samples"]) for s in meta["shards"]], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        if int(self.starts[-1]) != int(meta["num_samples"]):
+            raise DatasetError(f"{self.root / 'dataset.json'}: shard counts sum to {int(self.starts[-1])}, num_samples says {meta['num_samples']}")
+        self._offsets = [_load_npy(self._file(k, "offsets.npy")) for k in range(len(counts))]
+        labels = [_load_npy(self._file(k, "labels.npy")) for k in range(len(counts))]
+        if verify:
+            self._verify(counts, labels)
+        self.labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
+        self._handles: Dict[int, tuple] = {}
+        self._pid = None
+
+    def _file(self, shard: int, name: str) -> Path:
+        return self.root / SHARDS_DIR / self.shard_names[shard] / name
+
+    def _verify(self, counts: np.ndarray, labels: List[np.ndarray]) -> None:
+        for k, n in enumerate(counts):
+            n = int(n)
+            if not self._file(k, SHARD_DONE).is_file():
+                raise DatasetError(f"{self._file(k, SHARD_DONE)}: missing (shard not finished; re-run `reglue prepare`)")
+            offsets = self._offsets[k]
+            if offsets.shape != (n + 1,) or (n and (offsets[0] != 0 or np.any(np.diff(offsets) <= 0))):
+                raise DatasetError(f"{self._file(k, 'offsets.npy')}: expected {n + 1} increasing offsets from 0, got shape {offsets.shape}")
+            size = self._file(k, "images.bin").stat().st_size if self._file(k, "images.bin").is_file() else None
+            if size is None:
+                raise DatasetError(f"{self._file(k, 'images.bin')}: missing")
+            if size != int(offsets[-1]):
+                raise DatasetError(f"{self._file(k, 'images.bin')}: {size} bytes, offsets.npy says {int(offsets[-1])}")
+            if labels[k].shape != (n,):
+                raise DatasetError(f"{self._file(k, 'labels.npy')}: shape {labels[k].shape}, dataset.json says {n} samples")
+            if n and (labels[k].min() < 0 or labels[k].max() >= self.num_classes):
+                raise DatasetError(f"{self._file(k, 'labels.npy')}: labels outside [0, {self.num_classes})")
+            if self.has_moments:
+                moments = _load_npy(self._file(k, "moments.npy"), mmap=True)
+                want = (n, MOMENT_CHANNELS, self.latent_size, self.latent_size)
+                if moments.shape != want or moments.dtype != np.float32:
+                    raise DatasetError(f"{self._file(k, 'moments.npy')}: {moments.dtype} {moments.shape}, expected float32 {want}")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"], state["_pid"] = {}, None  # memory maps are reopened in the reading process
+        return state
+
+    def _open(self, shard: int) -> tuple:
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            images = np.memmap(self._file(shard, "images.bin"), dtype=np.uint8, mode="r") if self._offsets[shard][-1] else np.zeros(0, np.uint8)
+            moments = _load_npy(self._file(shard, "moments.npy"), mmap=True) if self.has_moments else None
+            self._handles[shard] = (images, moments)
+        return self._handles[shard]
+
+    def locate(self, index: int) -> Tuple[int, int]:
+        """Global index -> (shard number, index within the shard)."""
+        index = self._check_index(index)
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return shard, index - int(self.starts[shard])
+
+    def encoded(self, index: int) -> np.ndarray:
+        shard, local = self.locate(index)
+        offsets = self._offsets[shard]
+        return self._open(shard)[0][offsets[local] : offsets[local + 1]]
+
+    def moments(self, index: int) -> Optional[np.ndarray]:
+        if not self.has_moments:
+            return None
+        shard, local = self.locate(index)
+        return self._open(shard)[1][local]
+
+    def describe(self, index: int) -> str:
+        shard, local = self.locate(index)
+        return f"{self._file(shard, 'images.bin')} sample {local} (global {index})"
+
+
+# ------------------------------------------------------------------------------------------------
+# Published layout
+# ------------------------------------------------------------------------------------------------
+
+
+def _relative_files(folder: Path, suffixes: Tuple[str, ...]) -> List[str]:
+    found = []
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            if name.lower().endswith(suffixes):
+                found.append(os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/"))
+    return sorted(found)
+
+
+class PublishedDataset(EncodedDataset):
+    """The published REPA/REGLUE layout (``images/``, ``vae-sd/``, ``vae-sd/dataset.json``), read in
+    place: sample i = the i-th image and the i-th moments file in sorted order, label from
+    ``vae-sd/dataset.json`` keyed by the moments file name."""
+
+    IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.images_dir = self.root / "images"
+        self.features_dir = self.root / "vae-sd"
+        for folder in (self.images_dir, self.features_dir):
+            if not folder.is_dir():
+                raise DatasetError(f"{folder}: missing (the published layout has images/ and vae-sd/)")
+        self.image_files = _relative_files(self.images_dir, self.IMAGE_SUFFIXES)
+        self.feature_files = _relative_files(self.features_dir, (".npy",))
+        if len(self.image_files) != len(self.feature_files):
+            raise DatasetError(f"{self.images_dir} has {len(self.image_files)} images but {self.features_dir} has "
+                               f"{len(self.feature_files)} moments files")
+        if not self.image_files:
+            raise DatasetError(f"{self.images_dir}: no images")
+        labels_file = self.features_dir / "dataset.json"
+        entries = _load_json(labels_file).get("labels")
+        if entries is None:
+            raise DatasetError(f"{labels_file}: no labels")
+        by_name = {str(name).replace("\\", "/"): label for name, label in entries}
+        missing = [f for f in self.feature_files if f not in by_name]
+        if missing:
+            raise DatasetError(f"{labels_file}: no label for {len(missing)} moments files, e.g. {missing[0]}")
+        self.labels = np.array([int(by_name[f]) for f in self.feature_files], dtype=np.int64)
+        self.num_classes = int(self.labels.max()) + 1
+        first = _load_npy(self.features_dir / self.feature_files[0], mmap=True)
+        if first.ndim != 3 or first.shape[0] != MOMENT_CHANNELS or first.shape[1] != first.shape[2]:
+            raise DatasetError(f"{self.features_dir / self.feature_files[0]}: shape {first.shape}, expected (8, h, h)")
+        self.latent_size = int(first.shape[1])
+        self.image_size = 8 * self.latent_size
+        self.has_moments = True
+        self.meta = {"format": "published", "num_samples": len(self.labels), "num_classes": self.num_classes,
+                     "image_size": self.image_size, "latent_size": self.latent_size}
+
+    def encoded(self, index: int) -> np.ndarray:
+        return np.fromfile(self.images_dir / self.image_files[self._check_index(index)], dtype=np.uint8)
+
+    def moments(self, index: int) -> np.ndarray:
+        path = self.features_dir / self.feature_files[self._check_index(index)]
+        moments = _load_npy(path)
+        if moments.shape != (MOMENT_CHANNELS, self.latent_size, self.latent_size):
+            raise DatasetError(f"{path}: shape {moments.shape}, expected {(MOMENT_CHANNELS, self.latent_size, self.latent_size)}")
+        return moments
+
+    def describe(self, index: int) -> str:
+        return f"{self.images_dir / self.image_files[index]}"
+
+
+def open_data_dir(path: str | os.PathLike) -> EncodedDataset:
+    """A ``reglue prepare`` directory or the published layout, detected from its files."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such dataset directory")
+    if (root / "dataset.json").is_file():
+        return ShardDataset(root)
+    if (root / "vae-sd" / "dataset.json").is_file():
+        return PublishedDataset(root)
+    if (root / SHARDS_DIR).is_dir() or (root / "prepare.json").is_file():
+        raise DatasetError(f"{root / 'dataset.json'}: missing; preparation did not finish (re-run `reglue prepare` to complete it)")
+    raise DatasetError(f"{root}: neither a prepared dataset (dataset.json) nor the published layout "
+                       "(images/ + vae-sd/dataset.json); create one with `reglue prepare`")

@@ -1,0 +1,213 @@
+"""`reglue prepare`: counts, labels, report, pixels, moments, flips, resume, ranks, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reglue.data.prepare import PrepareOptions, center_crop_arr, jpeg_roundtrip, prepare, read_file_list
+from reglue.data.shards import DatasetError, ShardDataset, decode_image, open_data_dir
+from reglue.models.encoders import build_vae
+
+from .conftest import CLASSES, CORRUPT, FILES, IMAGE_SIZE, VAE
+
+OPTIONS = PrepareOptions(image_size=IMAGE_SIZE, vae=VAE, shard_size=3)
+
+
+def _sources(root):
+    """[source path per sample] from the shards' sources.txt, in global order."""
+    meta = json.loads((root / "dataset.json").read_text())
+    lines = []
+    for shard in meta["shards"]:
+        lines += (root / "shards" / shard["name"] / "sources.txt").read_text().splitlines()
+    return lines
+
+
+def _shard_bytes(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "shards").rglob("*")) if p.is_file()}
+
+
+def test_counts_labels_and_report(prepared):
+    meta = json.loads((prepared / "dataset.json").read_text())
+    assert meta["num_sources"] == len(FILES) + len(CORRUPT)
+    assert meta["num_samples"] == len(FILES) and meta["num_skipped"] == len(CORRUPT)
+    assert meta["classes"] == CLASSES and meta["num_classes"] == 3
+    assert meta["image_size"] == IMAGE_SIZE and meta["latent_size"] == IMAGE_SIZE // 8 and meta["vae"] == VAE
+    assert len(meta["latent_stats"]["mean"]) == 4 and all(s > 0 for s in meta["latent_stats"]["std"])
+    report = json.loads((prepared / "report.json").read_text())
+    assert sorted(item["path"] for item in report["skipped"]) == sorted(f"{c}/{n}" for c, n in CORRUPT)
+    assert all(item["error"] for item in report["skipped"])
+    assert report["num_read"] == len(FILES)
+
+    dataset = open_data_dir(prepared)
+    assert isinstance(dataset, ShardDataset) and len(dataset) == len(FILES)
+    sources = _sources(prepared)
+    assert sorted(sources) == sorted(f"{c}/{n}" for c, n, *_ in FILES)
+    for i, source in enumerate(sources):
+        assert dataset.label(i) == CLASSES[source.split("/")[0]]
+        image, label, moments = dataset[i]
+        assert image.dtype == torch.uint8 and image.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert moments.dtype == torch.float32 and moments.shape == (8, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
+
+
+def test_stored_pixels_are_the_adm_crop(prepared, image_folder):
+    """Each stored JPEG decodes to the ADM centre crop of its source, up to JPEG q95 error; the
+    grayscale source becomes 3 equal channels."""
+    dataset = open_data_dir(prepared)
+    for i, source in enumerate(_sources(prepared)):
+        with Image.open(image_folder / source) as img:
+            crop = center_crop_arr(img.convert("RGB"), IMAGE_SIZE).astype(np.float64)
+        stored = dataset[i][0].permute(1, 2, 0).numpy().astype(np.float64)
+        psnr = 10 * np.log10(255**2 / max(np.mean((stored - crop) ** 2), 1e-12))
+        assert psnr > 35, f"{source}: PSNR {psnr:.1f} dB against its centre crop"
+        if "gray" in source:
+            assert np.abs(stored[..., 0] - stored[..., 1]).max() <= 2 and np.abs(stored[..., 1] - stored[..., 2]).max() <= 2
+
+
+def test_moments_are_the_vae_of_the_stored_pixels(prepared):
+    dataset = open_data_dir(prepared)
+    vae = build_vae(VAE, seed=OPTIONS.vae_seed)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    stored = torch.stack([dataset[i][2] for i in range(len(dataset))])
+    torch.testing.assert_close(vae.encode_moments(images), stored, atol=1e-5, rtol=1e-5)
+
+
+def test_center_crop_matches_adm_shapes():
+    for size in [(300, 64), (64, 300), (40, 30), (64, 64), (1000, 700)]:
+        img = Image.new("RGB", size, (10, 20, 30))
+        assert center_crop_arr(img, 64).shape == (64, 64, 3)
+
+
+def test_jpeg_roundtrip_is_decoder_independent():
+    """4:4:4 baseline JPEG: PIL (used to compute the moments) and the loaders' decoder agree exactly."""
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data, decoded = jpeg_roundtrip(pixels)
+    assert data[:2] == b"\xff\xd8"
+    assert np.array_equal(decode_image(np.frombuffer(data, np.uint8)).permute(1, 2, 0).numpy(), decoded)
+
+
+def test_flip_copies(image_folder, tmp_path):
+    out = tmp_path / "flip"
+    subset = tmp_path / "src"
+    shutil.copytree(image_folder / "cat", subset / "cat")
+    meta = prepare(subset, out, PrepareOptions(image_size=IMAGE_SIZE, vae=VAE, flip=True, shard_size=3), num_workers=0,
+                   progress=False)
+    n_cat = sum(c == "cat" for c, *_ in FILES)
+    assert meta["num_samples"] == 2 * n_cat and meta["flip"]
+    dataset = open_data_dir(out)
+    sources = _sources(out)
+    vae = build_vae(VAE)
+    for k in range(n_cat):
+        assert sources[2 * k + 1] == sources[2 * k] + "\tflip"
+        original, flipped = dataset[2 * k][0].int(), dataset[2 * k + 1][0].int()
+        assert (flipped.flip(-1) - original).abs().float().mean() < 2.0
+        torch.testing.assert_close(vae.encode_moments(dataset[2 * k + 1][0][None])[0], dataset[2 * k + 1][2], atol=1e-5, rtol=1e-5)
+
+
+def test_resume_skips_finished_shards(prepared, image_folder, tmp_path):
+    out = tmp_path / "resume"
+    shutil.copytree(prepared, out)
+    reference = _shard_bytes(out)
+    kept = out / "shards" / "00000" / "shard.json"
+    kept_mtime = kept.stat().st_mtime_ns
+    shutil.rmtree(out / "shards" / "00002")
+    (out / "dataset.json").unlink()
+    (out / "shards" / ".tmp-00003-1").mkdir()  # debris of a killed run
+    meta = prepare(image_folder, out, OPTIONS, num_workers=0, progress=False)
+    assert kept.stat().st_mtime_ns == kept_mtime, "a finished shard was rewritten"
+    assert meta == json.loads((prepared / "dataset.json").read_text())
+    after = _shard_bytes(out)
+    for name, data in reference.items():
+        if not name.endswith("shard.json"):
+            assert after[name] == data, f"{name} differs after resume"
+
+
+def test_two_ranks_write_the_same_dataset(prepared, image_folder, tmp_path):
+    out = tmp_path / "ranks"
+    assert prepare(image_folder, out, OPTIONS, num_workers=0, rank=1, world_size=2, progress=False) is None
+    assert not (out / "dataset.json").exists()
+    meta = prepare(image_folder, out, OPTIONS, num_workers=0, rank=0, world_size=2, progress=False, wait_seconds=5)
+    assert meta == json.loads((prepared / "dataset.json").read_text())
+    single, split = _shard_bytes(prepared), _shard_bytes(out)
+    assert single.keys() == split.keys()
+    for name in single:
+        if not name.endswith(("shard.json", "moments.npy")):
+            assert single[name] == split[name], name
+    a, b = open_data_dir(prepared), open_data_dir(out)
+    for i in range(len(a)):
+        np.testing.assert_allclose(a.moments(i), b.moments(i), atol=1e-6, rtol=1e-6)
+
+
+def test_rank_zero_times_out_on_missing_shards(image_folder, tmp_path):
+    with pytest.raises(TimeoutError, match="re-run"):
+        prepare(image_folder, tmp_path / "t", OPTIONS, num_workers=0, rank=0, world_size=2, progress=False, wait_seconds=0)
+
+
+def test_changed_settings_refuse_to_mix(prepared, image_folder, tmp_path):
+    out = tmp_path / "mixed"
+    shutil.copytree(prepared, out)
+    with pytest.raises(ValueError, match="options"):
+        prepare(image_folder, out, PrepareOptions(image_size=2 * IMAGE_SIZE, vae=VAE, shard_size=3), num_workers=0, progress=False)
+
+
+def test_file_list_with_names_and_images_only(image_folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("# path label\n" + "".join(f"{c}/{n}\tanimal_{c}\n" for c, n, *_ in FILES[:4]) + "\n")
+    sources, classes = read_file_list(listing)
+    assert classes == {"animal_cat": 0} and len(sources) == 4
+    meta = prepare(image_folder, tmp_path / "fl", PrepareOptions(image_size=IMAGE_SIZE, vae=None), file_list=listing,
+                   num_workers=0, progress=False)
+    assert meta["num_samples"] == 4 and meta["vae"] is None
+    dataset = open_data_dir(tmp_path / "fl")
+    assert not dataset.has_moments and len(dataset[0]) == 2
+
+
+def test_file_list_integer_labels(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("a b.jpg 3\nc.png 0\n")
+    sources, classes = read_file_list(listing)
+    assert sources == [("a b.jpg", 3), ("c.png", 0)] and len(classes) == 4
+
+
+def test_missing_and_corrupt_dataset_errors_name_the_file(prepared, tmp_path):
+    with pytest.raises(DatasetError, match="no such dataset directory"):
+        open_data_dir(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="neither a prepared dataset"):
+        open_data_dir(tmp_path / "empty")
+
+    def broken(name, damage):
+        root = tmp_path / name
+        shutil.copytree(prepared, root)
+        damage(root)
+        return root
+
+    root = broken("no_json", lambda r: (r / "dataset.json").unlink())
+    with pytest.raises(DatasetError, match="did not finish"):
+        open_data_dir(root)
+    root = broken("no_labels", lambda r: (r / "shards" / "00001" / "labels.npy").unlink())
+    with pytest.raises(DatasetError, match=r"00001/labels\.npy: missing"):
+        open_data_dir(root)
+    root = broken("short_bin", lambda r: (r / "shards" / "00002" / "images.bin").write_bytes(b"\xff\xd8"))
+    with pytest.raises(DatasetError, match=r"00002/images\.bin: 2 bytes"):
+        open_data_dir(root)
+    root = broken("unfinished", lambda r: (r / "shards" / "00003" / "shard.json").unlink())
+    with pytest.raises(DatasetError, match=r"00003/shard\.json: missing"):
+        open_data_dir(root)
+
+    def miscount(r):
+        meta = json.loads((r / "dataset.json").read_text())
+        meta["shards"][0]["num_samples"] += 1
+        meta["num_samples"] += 1
+        (r / "dataset.json").write_text(json.dumps(meta))
+
+    with pytest.raises(DatasetError, match=r"00000/offsets\.npy"):
+        open_data_dir(broken("miscount", miscount))
+    root = broken("bad_json", lambda r: (r / "dataset.json").write_text("{"))
+    with pytest.raises(DatasetError, match=r"dataset\.json: not valid JSON"):
+        open_data_dir(root)

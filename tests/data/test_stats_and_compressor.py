@@ -1,0 +1,134 @@
+"""`reglue stats` (feature statistics) and `reglue train-compressor` on tiny random encoders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from reglue import cli
+from reglue.data.shards import open_data_dir
+from reglue.data.stats import build_feature_encoder, compute_dataset_stats, run_config
+from reglue.data.synthetic import SyntheticShapes
+from reglue.data.train_compressor import CompressorTraining, split_holdout, train_compressor
+from reglue.models.compressor import load_compressor
+from reglue.models.encoders import FeatureStats, tiny_dinov2
+
+from .conftest import IMAGE_SIZE
+
+
+def direct_stats(encoder, dataset) -> FeatureStats:
+    """Two-pass float64 mean / population std over all features at once."""
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    features = encoder(images).features.double().movedim(1, -1).reshape(-1, encoder.feature_channels)
+    return FeatureStats(features.mean(0), features.std(0, unbiased=False))
+
+
+def test_stats_match_a_direct_computation(prepared):
+    dataset = open_data_dir(prepared)
+    encoder = tiny_dinov2(image_size=IMAGE_SIZE)
+    expected = direct_stats(encoder, dataset)
+    got = compute_dataset_stats(dataset, encoder, batch_size=3)
+    assert got.channels == encoder.feature_channels
+    torch.testing.assert_close(got.mean, expected.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.std, expected.std, atol=1e-5, rtol=1e-5)
+    subset = compute_dataset_stats(dataset, encoder, batch_size=4, max_images=5, seed=1)
+    assert not torch.allclose(subset.mean, got.mean), "max_images must take a subset"
+
+
+def test_stats_cli_single_process(prepared, tmp_path):
+    out = tmp_path / "stats.safetensors"
+    assert cli.main(["stats", "--preset", "tiny", "--data", str(prepared), "--out", str(out), "--workers", "0"]) == 0
+    config = run_config("tiny", None, {})
+    encoder = build_feature_encoder(config, IMAGE_SIZE, torch.device("cpu"))
+    expected = direct_stats(encoder, open_data_dir(prepared))
+    loaded = FeatureStats.load(out)  # what encoders.feature_stats reads
+    torch.testing.assert_close(loaded.mean, expected.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loaded.std, expected.std, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_stats_cli_two_ranks_torchrun(prepared, tmp_path):
+    """Two gloo ranks each stream half of the images; the merged result equals the direct one."""
+    out = tmp_path / "stats2.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "reglue.cli", "stats",
+           "--preset", "tiny", "--data", str(prepared), "--out", str(out), "--workers", "0", "--batch-size", "2"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    encoder = build_feature_encoder(run_config("tiny", None, {}), IMAGE_SIZE, torch.device("cpu"))
+    expected = direct_stats(encoder, open_data_dir(prepared))
+    loaded = FeatureStats.load(out)
+    torch.testing.assert_close(loaded.mean, expected.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loaded.std, expected.std, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_features():
+    dataset = SyntheticShapes(size=48, num_classes=4, image_size=IMAGE_SIZE, seed=0)
+    encoder = tiny_dinov2(image_size=IMAGE_SIZE)
+    stats = compute_dataset_stats(dataset, encoder, batch_size=16)
+    train_idx, val_idx = split_holdout(len(dataset), 0.25, seed=0)
+    assert not set(train_idx) & set(val_idx)
+    subset = torch.utils.data.Subset
+    return subset(dataset, train_idx), subset(dataset, val_idx), encoder, stats
+
+
+HP = CompressorTraining(channels=(128, 32, 8), epochs=4, lr=3e-3, min_lr=3e-4, cosine_epochs=None, global_batch_size=12)
+
+
+def test_compressor_loss_falls_and_output_loads(tiny_features, tmp_path):
+    train_set, val_set, encoder, stats = tiny_features
+    history = train_compressor(train_set, val_set, encoder, stats, tmp_path, HP)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert history[0]["lr"] == pytest.approx(HP.lr) and history[-1]["lr"] < history[0]["lr"]
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4
+    compressor = load_compressor(tmp_path / "compressor.safetensors")  # what encoders.compressor reads
+    assert compressor.channels == HP.channels
+
+
+def test_compressor_training_resumes_exactly(tiny_features, tmp_path):
+    """2 epochs, then the same command with 3: identical to 3 straight (the cosine period is fixed)."""
+    train_set, val_set, encoder, stats = tiny_features
+    hp = {**HP.__dict__, "cosine_epochs": 4}
+    straight = train_compressor(train_set, val_set, encoder, stats, tmp_path / "a", CompressorTraining(**{**hp, "epochs": 3}))
+    train_compressor(train_set, val_set, encoder, stats, tmp_path / "b", CompressorTraining(**{**hp, "epochs": 2}))
+    resumed = train_compressor(train_set, val_set, encoder, stats, tmp_path / "b", CompressorTraining(**{**hp, "epochs": 3}))
+    assert resumed == straight
+    a = load_compressor(tmp_path / "a" / "compressor.safetensors").state_dict()
+    b = load_compressor(tmp_path / "b" / "compressor.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="channels"):
+        train_compressor(train_set, val_set, encoder, stats, tmp_path / "b", CompressorTraining(**{**hp, "channels": (128, 16, 8)}))
+
+
+def test_cosine_schedule_matches_published():
+    hp = CompressorTraining()
+    scheduler_lrs = []
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=hp.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100, eta_min=1e-4)
+    for _ in range(hp.epochs):
+        scheduler_lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [hp.lr_at(e) for e in range(hp.epochs)] == pytest.approx(scheduler_lrs, rel=1e-9)
+
+
+def test_train_compressor_cli(prepared, tmp_path):
+    stats_file = tmp_path / "stats.safetensors"
+    assert cli.main(["stats", "--preset", "tiny", "--data", str(prepared), "--out", str(stats_file), "--workers", "0"]) == 0
+    out = tmp_path / "comp"
+    args = ["train-compressor", "--preset", "tiny", "--data", str(prepared), "--stats", str(stats_file), "--out", str(out),
+            "--epochs", "2", "--global-batch-size", "4", "--val-fraction", "0.2", "--workers", "0", "--cosine-epochs", "0"]
+    assert cli.main(args) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in log] == [1, 2]
+    assert load_compressor(out / "compressor.safetensors").channels == run_config("tiny", None, {}).encoders.compressor_channels
+    assert cli.main(args) == 0, "re-running a finished run resumes and does nothing"
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
