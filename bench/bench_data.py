@@ -7,8 +7,8 @@ loader with one worker per CPU core. Start-up (worker processes, first decode) i
 each round pulls the next batches from an already running loader, and a batch counts as
 delivered once its tensors are ready (synchronised on GPU).
 
-The shards hold synthetic shape images with sensor-like noise (JPEG q95 4:4:4, ~40-60 KB at
-256², a little larger than ImageNet crops) and random moments; building them takes seconds.
+The shards hold synthetic shape images with per-pixel noise (JPEG q95 4:4:4, ~70 KB at 256²:
+harder to decode than typical ImageNet crops) and random moments; building them takes seconds.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def test_loader_throughput(benchmark, shards, provider):
 
     benchmark.group = f"data {IMAGE_SIZE}px batch {BATCH}"
     benchmark.pedantic(pull, rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    batches.close() if hasattr(batches, "close") else None
+    if hasattr(batches, "close"):  # DALI: stop the pipeline and its worker processes now
+        batches.close()
     median_s = benchmark.stats.stats.median
     jpeg_kb = float(np.mean([len(shards.encoded(i)) for i in range(0, len(shards), 7)])) / 1024
     benchmark.extra_info.update(

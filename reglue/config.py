@@ -196,10 +196,15 @@ class DataConfig:
     """Training data: prepared shards / the published layout (``path``), or the synthetic demo set."""
 
     path: Optional[str] = None
-    """None = the built-in procedurally generated dataset."""
+    """A ``reglue prepare`` directory or the published layout (images/ + vae-sd/); None = the
+    built-in procedurally generated dataset."""
     image_size: int = 256
     backend: str = "auto"
+    """dali (decoding on the GPU, "mixed"; on the CPU without one), torch (DataLoader + PIL), or
+    auto: DALI when ``nvidia.dali`` imports and ``path`` is set, else torch."""
     num_workers: int = 2
+    """torch: DataLoader worker processes. DALI: CPU threads, and Python worker processes
+    reading the samples (0 = read in the main thread)."""
     synthetic_size: int = 4096
     synthetic_classes: int = 8
 

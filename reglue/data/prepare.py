@@ -318,32 +318,37 @@ def _encode_batch(vae, pending: list, device: torch.device) -> List[Optional[tor
     return list(vae.encode_moments(pixels).float().cpu())
 
 
-def _prepare_shard(out: Path, k: int, root: Path, sources, options: PrepareOptions, vae, device, num_workers: int,
-                   batch_size: int, bar) -> dict:
+def _prepare_shards(out: Path, todo: List[int], shards: Dict[int, list], root: Path, options: PrepareOptions, vae, device,
+                    num_workers: int, batch_size: int, bar) -> None:
+    """Write the shards ``todo`` in order; one DataLoader streams all their sources, so the
+    workers stay busy across shard boundaries."""
     latent_size = options.image_size // 8 if vae is not None else None
-    writer = ShardWriter(out, _shard_name(k), latent_size)
-    loader = torch.utils.data.DataLoader(_SourceImages(root, sources, options), batch_size=None, num_workers=num_workers,
+    flat = [source for k in todo for source in shards[k]]
+    loader = torch.utils.data.DataLoader(_SourceImages(root, flat, options), batch_size=None, num_workers=num_workers,
                                          collate_fn=_identity, prefetch_factor=8 if num_workers else None)
-    skipped, pending = [], []
+    records = iter(loader)
+    for k in todo:
+        writer, skipped, pending = ShardWriter(out, _shard_name(k), latent_size), [], []
 
-    def flush():
-        for (data, _pixels, label, name), moments in zip(pending, _encode_batch(vae, pending, device)):
-            writer.add(data, label, name, moments)
-        pending.clear()
+        def flush():
+            for (data, _pixels, label, name), moments in zip(pending, _encode_batch(vae, pending, device)):
+                writer.add(data, label, name, moments)
+            pending.clear()
 
-    for record in loader:
-        if record["error"] is not None:
-            skipped.append({"path": record["path"], "error": record["error"]})
-            log.warning("skipping %s: %s", record["path"], record["error"])
-        for data, decoded, flipped in record["pictures"]:
-            pending.append((data, decoded, record["label"], record["path"] + ("\tflip" if flipped else "")))
-        if len(pending) >= batch_size:
-            flush()
-        if bar is not None:
-            bar.update(1)
-    flush()
-    return writer.close({"shard": k, "num_sources": len(sources), "first_source": sources[0][0] if sources else None,
-                         "skipped": skipped})
+        for _ in shards[k]:
+            record = next(records)
+            if record["error"] is not None:
+                skipped.append({"path": record["path"], "error": record["error"]})
+                log.warning("skipping %s: %s", record["path"], record["error"])
+            for data, decoded, flipped in record["pictures"]:
+                pending.append((data, decoded, record["label"], record["path"] + ("\tflip" if flipped else "")))
+            if len(pending) >= batch_size:
+                flush()
+            if bar is not None:
+                bar.update(1)
+        flush()
+        writer.close({"shard": k, "num_sources": len(shards[k]), "first_source": shards[k][0][0] if shards[k] else None,
+                      "skipped": skipped})
 
 
 def _done_shards(out: Path, num_shards: int) -> List[Optional[dict]]:
@@ -445,8 +450,7 @@ def prepare(
 
             bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img", desc=f"prepare (rank 0 of {world_size})",
                        dynamic_ncols=True)
-        for k in mine:
-            _prepare_shard(out, k, root, shards[k], options, vae, device, num_workers, batch_size, bar)
+        _prepare_shards(out, mine, shards, root, options, vae, device, num_workers, batch_size, bar)
         if bar is not None:
             bar.close()
 

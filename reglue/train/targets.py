@@ -31,6 +31,19 @@ CALIBRATION_IMAGES = 256
 """Images used to compute feature statistics / fit the PCA when no file is given."""
 
 
+class _FusedCompressor:
+    """A BN-folded compressor whose ``encode`` runs the fused Triton convolutions (one launch per conv)."""
+
+    def __init__(self, compressor):
+        self.compressor = compressor
+        self.channels = compressor.channels
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        from reglue.kernels import compressor_encode_fused
+
+        return compressor_encode_fused(self.compressor, features)
+
+
 class FrozenEncoders:
     """Builds the frozen DINOv2, semantic reducer (compressor or PCA) and VAE of ``config``.
 
@@ -123,7 +136,8 @@ class FrozenEncoders:
             raise ValueError(f"compressor has channels {tuple(compressor.channels)}, config says {enc.compressor_channels}")
         if compressor.in_channels != self.dinov2.feature_channels:
             raise ValueError(f"compressor expects {compressor.in_channels} feature channels, DINOv2 gives {self.dinov2.feature_channels}")
-        return compressor.eval().fold_batchnorm().to(self.device)
+        compressor = compressor.eval().fold_batchnorm().to(device=self.device, dtype=self.dtype)
+        return _FusedCompressor(compressor) if self.config.model.kernels == "triton" else compressor
 
     @torch.no_grad()
     def targets(self, batch: Dict[str, torch.Tensor], latent_eps: torch.Tensor) -> Dict[str, object]:
@@ -137,7 +151,8 @@ class FrozenEncoders:
         if self.dinov2 is not None:
             enc = self.dinov2(images)
             if self.reducer is not None:
-                out["semantic"] = semantic_target(enc.features.float(), self.stats, self.reducer, latents.shape[-1]).float()
+                features = enc.features.float() if isinstance(self.reducer, PCA) else enc.features.to(self.dtype)
+                out["semantic"] = semantic_target(features, self.stats, self.reducer, latents.shape[-1]).float()
             if method.use_cls:
                 out["cls"] = enc.cls.float()
             if method.use_align:

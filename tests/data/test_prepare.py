@@ -95,8 +95,12 @@ def test_flip_copies(image_folder, tmp_path):
     out = tmp_path / "flip"
     subset = tmp_path / "src"
     shutil.copytree(image_folder / "cat", subset / "cat")
-    meta = prepare(subset, out, PrepareOptions(image_size=IMAGE_SIZE, vae=VAE, flip=True, shard_size=3), num_workers=0,
-                   progress=False)
+    from reglue import cli
+
+    args = ["prepare", "--source", str(subset), "--out", str(out), "--resolution", str(IMAGE_SIZE), "--vae", VAE, "--flip",
+            "--shard-size", "3", "--workers", "0", "--no-progress"]
+    assert cli.main(args) == 0
+    meta = json.loads((out / "dataset.json").read_text())
     n_cat = sum(c == "cat" for c, *_ in FILES)
     assert meta["num_samples"] == 2 * n_cat and meta["flip"]
     dataset = open_data_dir(out)
@@ -129,7 +133,7 @@ def test_resume_skips_finished_shards(prepared, image_folder, tmp_path):
 
 def test_two_ranks_write_the_same_dataset(prepared, image_folder, tmp_path):
     out = tmp_path / "ranks"
-    assert prepare(image_folder, out, OPTIONS, num_workers=0, rank=1, world_size=2, progress=False) is None
+    assert prepare(image_folder, out, OPTIONS, num_workers=2, rank=1, world_size=2, progress=False) is None
     assert not (out / "dataset.json").exists()
     meta = prepare(image_folder, out, OPTIONS, num_workers=0, rank=0, world_size=2, progress=False, wait_seconds=5)
     assert meta == json.loads((prepared / "dataset.json").read_text())

@@ -132,3 +132,19 @@ def test_train_compressor_cli(prepared, tmp_path):
     assert load_compressor(out / "compressor.safetensors").channels == run_config("tiny", None, {}).encoders.compressor_channels
     assert cli.main(args) == 0, "re-running a finished run resumes and does nothing"
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_train_compressor_two_ranks_torchrun(prepared, tmp_path):
+    """DDP over two gloo ranks: runs, validates every epoch, writes a loadable compressor."""
+    stats_file = tmp_path / "stats.safetensors"
+    assert cli.main(["stats", "--preset", "tiny", "--data", str(prepared), "--out", str(stats_file), "--workers", "0"]) == 0
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "reglue.cli",
+           "train-compressor", "--preset", "tiny", "--data", str(prepared), "--stats", str(stats_file), "--out", str(out),
+           "--epochs", "2", "--global-batch-size", "4", "--val-fraction", "0.2", "--workers", "0", "--batch-size", "2"]
+    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in log] == [1, 2] and all(h["val_loss"] > 0 for h in log)
+    load_compressor(out / "compressor.safetensors")
