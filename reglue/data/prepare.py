@@ -1,12 +1,13 @@
 """``reglue prepare``: an ImageFolder tree or a labelled file list -> JPEG shards + SD-VAE moments.
 
-Per source image: open with PIL (any format PIL reads: JPEG, PNG, WebP, grayscale, CMYK, palette,
-...), convert to RGB, ADM centre crop to ``image_size`` (the guided-diffusion / REPA crop: halve
-with a box filter while the short side is >= 2x the target, bicubic resize of the short side to
-the target, centre crop), optionally also its horizontal flip; each picture is JPEG-encoded
-(quality 95, 4:4:4, baseline: decodable by the GPU hardware decoder) and decoded back, and the VAE
-moments are computed from those decoded pixels (see ``reglue.data.shards`` for the format and
-why JPEG).
+Per source image: open with PIL (any format PIL reads: JPEG, PNG, WebP, grayscale, CMYK,
+palette, ...), convert to RGB (PIL's conversion; alpha dropped, EXIF orientation ignored, as in
+the published pipeline), ADM centre crop to ``image_size`` (the guided-diffusion / REPA crop:
+halve with a box filter while the short side is >= 2x the target, bicubic resize of the short
+side to the target, centre crop), optionally also its horizontal flip; each picture is
+JPEG-encoded (quality 95, 4:4:4, baseline: decodable by the GPU hardware decoder) and decoded
+back, and the VAE moments are computed from those decoded pixels (see ``reglue.data.shards``
+for the format and why JPEG).
 
 Work split: the sorted input listing is cut into shards of ``shard_size`` sources; shard k is
 prepared by rank ``k % world_size`` (torchrun's RANK/WORLD_SIZE, or ``--rank/--world-size``).
@@ -482,7 +483,8 @@ def add_parser(subparsers) -> None:
         description="Prepare a dataset for training. Re-running the same command resumes (finished shards are skipped). "
         "Multi-GPU: torchrun --nproc_per_node=8 -m reglue.cli prepare ...",
     )
-    p.add_argument("--source", required=True, help="ImageFolder root (ROOT/<class>/<image>), or the root of --file-list's paths")
+    p.add_argument("--source", help="ImageFolder root (ROOT/<class>/<image>), or the folder --file-list's paths are relative "
+                   "to (default: the list's folder)")
     p.add_argument("--file-list", help="text file of 'PATH LABEL' lines (LABEL: class index or name) instead of class folders")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resolution", type=int, default=256, help="stored image side (default 256)")
@@ -503,10 +505,13 @@ def add_parser(subparsers) -> None:
 
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.source is None and args.file_list is None:
+        raise ValueError("give --source (an ImageFolder root) or --file-list")
+    source = args.source if args.source is not None else str(Path(args.file_list).resolve().parent)
     options = PrepareOptions(image_size=args.resolution, flip=args.flip,
                              vae=None if args.vae.lower() == "none" else args.vae, vae_seed=args.vae_seed,
                              jpeg_quality=args.jpeg_quality, shard_size=args.shard_size)
-    meta = prepare(args.source, args.out, options, file_list=args.file_list, num_workers=args.workers,
+    meta = prepare(source, args.out, options, file_list=args.file_list, num_workers=args.workers,
                    batch_size=args.batch_size, device=args.device, rank=args.rank, world_size=args.world_size,
                    progress=not args.no_progress)
     if meta is not None:

@@ -266,26 +266,29 @@ class PublishedDataset(EncodedDataset):
         for folder in (self.images_dir, self.features_dir):
             if not folder.is_dir():
                 raise DatasetError(f"{folder}: missing (the published layout has images/ and vae-sd/)")
-        self.image_files = _relative_files(self.images_dir, self.IMAGE_SUFFIXES)
-        self.feature_files = _relative_files(self.features_dir, (".npy",))
-        if len(self.image_files) != len(self.feature_files):
-            raise DatasetError(f"{self.images_dir} has {len(self.image_files)} images but {self.features_dir} has "
-                               f"{len(self.feature_files)} moments files")
-        if not self.image_files:
+        image_files = _relative_files(self.images_dir, self.IMAGE_SUFFIXES)
+        feature_files = _relative_files(self.features_dir, (".npy",))
+        if len(image_files) != len(feature_files):
+            raise DatasetError(f"{self.images_dir} has {len(image_files)} images but {self.features_dir} has "
+                               f"{len(feature_files)} moments files")
+        if not image_files:
             raise DatasetError(f"{self.images_dir}: no images")
         labels_file = self.features_dir / "dataset.json"
         entries = _load_json(labels_file).get("labels")
         if entries is None:
             raise DatasetError(f"{labels_file}: no labels")
         by_name = {str(name).replace("\\", "/"): label for name, label in entries}
-        missing = [f for f in self.feature_files if f not in by_name]
+        missing = [f for f in feature_files if f not in by_name]
         if missing:
             raise DatasetError(f"{labels_file}: no label for {len(missing)} moments files, e.g. {missing[0]}")
-        self.labels = np.array([int(by_name[f]) for f in self.feature_files], dtype=np.int64)
+        self.labels = np.array([int(by_name[f]) for f in feature_files], dtype=np.int64)
         self.num_classes = int(self.labels.max()) + 1
-        first = _load_npy(self.features_dir / self.feature_files[0], mmap=True)
+        first = _load_npy(self.features_dir / feature_files[0], mmap=True)
         if first.ndim != 3 or first.shape[0] != MOMENT_CHANNELS or first.shape[1] != first.shape[2]:
-            raise DatasetError(f"{self.features_dir / self.feature_files[0]}: shape {first.shape}, expected (8, h, h)")
+            raise DatasetError(f"{self.features_dir / feature_files[0]}: shape {first.shape}, expected (8, h, h)")
+        # byte-string arrays: 1.28 M names stay small in memory and when pickled to DALI workers
+        self.image_files = np.array([f.encode() for f in image_files], dtype=bytes)
+        self.feature_files = np.array([f.encode() for f in feature_files], dtype=bytes)
         self.latent_size = int(first.shape[1])
         self.image_size = 8 * self.latent_size
         self.has_moments = True
@@ -293,17 +296,17 @@ class PublishedDataset(EncodedDataset):
                      "image_size": self.image_size, "latent_size": self.latent_size}
 
     def encoded(self, index: int) -> np.ndarray:
-        return np.fromfile(self.images_dir / self.image_files[self._check_index(index)], dtype=np.uint8)
+        return np.fromfile(self.images_dir / self.image_files[self._check_index(index)].decode(), dtype=np.uint8)
 
     def moments(self, index: int) -> np.ndarray:
-        path = self.features_dir / self.feature_files[self._check_index(index)]
+        path = self.features_dir / self.feature_files[self._check_index(index)].decode()
         moments = _load_npy(path)
         if moments.shape != (MOMENT_CHANNELS, self.latent_size, self.latent_size):
             raise DatasetError(f"{path}: shape {moments.shape}, expected {(MOMENT_CHANNELS, self.latent_size, self.latent_size)}")
         return moments
 
     def describe(self, index: int) -> str:
-        return f"{self.images_dir / self.image_files[index]}"
+        return str(self.images_dir / self.image_files[index].decode())
 
 
 def open_data_dir(path: str | os.PathLike) -> EncodedDataset:

@@ -370,7 +370,7 @@ class SiT(nn.Module):
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cls_token: Optional[torch.Tensor],
               force_drop: Optional[torch.Tensor] = None):
         """Tokens (N, T[+1], D) with positions added, and the conditioning vector c (N, D)."""
-        x = self.x_embedder(x)
+        x = self.x_embedder(x.to(self.x_embedder.proj.weight.dtype))
         if self.cls_token_dim:
             if cls_token is None:
                 raise ValueError("this model has a [CLS] token (cls_token_dim > 0): pass cls_token=(N, cls_token_dim)")

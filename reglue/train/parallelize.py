@@ -95,7 +95,10 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo) -> n
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in model.blocks:
             fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+        # The root keeps its inputs as given: t must reach the timestep embedding in fp32 (bf16
+        # would round it to ~3 significant digits); the embedders cast x themselves.
+        root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        fully_shard(model, mp_policy=root_mp, reshard_after_forward=cfg.reshard_after_forward)
     return model
 
 
