@@ -22,17 +22,10 @@ log = logging.getLogger("reglue.stats")
 
 
 def build_feature_encoder(config, image_size: int, device: torch.device) -> DINOv2Encoder:
-    """The frozen DINOv2 of a run config, built as the trainer builds it (random init seeded by
-    ``train.seed`` when ``encoders.dinov2_weights`` is None), in bf16 on CUDA, fp32 on the CPU."""
-    from reglue.models.encoders import build_dinov2
+    """The frozen DINOv2 of a run config, exactly as the trainer builds it."""
+    from reglue.models.encoders import build_frozen_dinov2
 
-    enc = config.encoders
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.train.seed)
-        encoder = build_dinov2(enc.dinov2, enc.dinov2_weights, image_size=image_size, layers=enc.feature_layers,
-                               **enc.dinov2_overrides)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[enc.dtype] if device.type == "cuda" else torch.float32
-    return encoder.to(device=device, dtype=dtype).eval()
+    return build_frozen_dinov2(config, device, image_size=image_size)
 
 
 def sample_indices(num_samples: int, max_images: Optional[int], seed: int) -> list:

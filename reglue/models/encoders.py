@@ -48,6 +48,8 @@ __all__ = [
     "semantic_target",
     "VAE",
     "build_vae",
+    "frozen_dtype",
+    "build_frozen_dinov2",
 ]
 
 LATENT_SCALE = 0.18215
@@ -545,3 +547,24 @@ def build_vae(name_or_path: str | os.PathLike = "stabilityai/sd-vae-ft-ema", see
             sample_size=64,
         )
     return VAE(autoencoder)
+
+
+def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Compute dtype of the frozen encoders: ``name`` (bf16/fp16/fp32) on CUDA, fp32 on the CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def build_frozen_dinov2(config, device: torch.device, image_size: int | None = None) -> DINOv2Encoder:
+    """The frozen DINOv2 of a run config (``reglue.config.Config``), on ``device`` in its frozen dtype,
+    for images of ``image_size`` (default ``data.image_size``).
+
+    Random-initialised encoders (``encoders.dinov2_weights`` None: tests, the tiny demo) are seeded
+    by ``train.seed``, so training, ``reglue stats`` and every rank build the same network.
+    """
+    enc = config.encoders
+    with _seeded(config.train.seed):
+        encoder = build_dinov2(enc.dinov2, enc.dinov2_weights, image_size=image_size or config.data.image_size,
+                               layers=enc.feature_layers, **enc.dinov2_overrides)
+    return encoder.to(device=device, dtype=frozen_dtype(enc.dtype, device)).eval()

@@ -19,9 +19,10 @@ from reglue.config import Config
 from reglue.models.encoders import (
     PCA,
     FeatureStats,
-    build_dinov2,
+    build_frozen_dinov2,
     build_vae,
     compute_feature_stats,
+    frozen_dtype,
     semantic_target,
 )
 
@@ -56,16 +57,11 @@ class FrozenEncoders:
         self.config = config
         self.device = device
         enc, method = config.encoders, config.method
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[enc.dtype] if device.type == "cuda" else torch.float32
-        seed = config.train.seed
-        self.vae = build_vae(enc.vae, seed=seed).to(device=device, dtype=self.dtype)
+        self.dtype = frozen_dtype(enc.dtype, device)
+        self.vae = build_vae(enc.vae, seed=config.train.seed).to(device=device, dtype=self.dtype)
         self.dinov2 = self.reducer = self.stats = None
         if method.needs_dinov2:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                self.dinov2 = build_dinov2(enc.dinov2, enc.dinov2_weights, image_size=config.data.image_size,
-                                           layers=enc.feature_layers, **enc.dinov2_overrides)
-            self.dinov2 = self.dinov2.to(device=device, dtype=self.dtype).eval()
+            self.dinov2 = build_frozen_dinov2(config, device)
             if self.dinov2.embed_dim != enc.embed_dim:
                 raise ValueError(f"encoders.dinov2 has width {self.dinov2.embed_dim} but the config expects {enc.embed_dim} "
                                  "(set encoders.dinov2_overrides.embed_dim)")
