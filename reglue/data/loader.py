@@ -22,12 +22,28 @@ def collate(items: List[tuple]) -> Dict[str, torch.Tensor]:
     return batch
 
 
+class StepBatches:
+    """Batch sampler yielding ``order.rank_batch(s, rank, world_size)`` for s in [start, end),
+    computed lazily (a 400k-step run must not hold 400k index lists)."""
+
+    def __init__(self, order: GlobalBatchOrder, rank: int, world_size: int, start_step: int, end_step: int):
+        self.order, self.rank, self.world_size = order, rank, world_size
+        self.start_step, self.end_step = start_step, end_step
+
+    def __len__(self) -> int:
+        return max(0, self.end_step - self.start_step)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for step in range(self.start_step, self.end_step):
+            yield self.order.rank_batch(step, self.rank, self.world_size)
+
+
 class TorchLoader:
     """DataLoader over a map-style dataset, batch sampler = the rank's share of each step's global batch."""
 
     def __init__(self, dataset, order: GlobalBatchOrder, rank: int, world_size: int, start_step: int, end_step: int,
                  num_workers: int = 2):
-        self.steps = [order.rank_batch(s, rank, world_size) for s in range(start_step, end_step)]
+        self.steps = StepBatches(order, rank, world_size, start_step, end_step)
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.steps, num_workers=num_workers, collate_fn=collate,
             prefetch_factor=4 if num_workers else None, pin_memory=torch.cuda.is_available(),
