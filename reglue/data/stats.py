@@ -7,6 +7,13 @@ size and matches a direct two-pass computation. The output (``mean``, ``std`` sa
 population std like the published ``calc_norm_stats.py``) is what ``encoders.feature_stats``
 reads. The encoder comes from a preset or run config, so the statistics belong to the exact
 DINOv2 (weights, layers, image size) the training run uses.
+
+With ``--pca K`` it also fits ReDi's PCA (the published ``calc_pca.py``: standardise the features
+with these per-channel statistics, fit a K-component PCA) over a seeded random subset of
+``--pca-images`` images: each rank streams its share into float64 sums of x and x xᵀ over the
+per-pixel feature vectors, the sums are all-reduced and :meth:`PCA.from_moments` diagonalises
+the covariance, so no more than one batch of features is held at a time. The output is what
+``encoders.pca`` reads.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from reglue.models.encoders import DINOv2Encoder, FeatureStats, RunningMoments
+from reglue.models.encoders import PCA, DINOv2Encoder, FeatureStats, RunningMoments
 
 log = logging.getLogger("reglue.stats")
 
@@ -86,6 +93,64 @@ def compute_dataset_stats(dataset, encoder: DINOv2Encoder, *, batch_size: int = 
     return gather_moments(moments).stats()
 
 
+DEFAULT_PCA_IMAGES = 20_000
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (a no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def compute_dataset_pca(dataset, encoder: DINOv2Encoder, stats: FeatureStats, n_components: int, *,
+                        max_images: Optional[int] = DEFAULT_PCA_IMAGES, whiten: bool = False, batch_size: int = 64,
+                        seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, progress: bool = False,
+                        max_chunk_elements: int = 1 << 24) -> PCA:
+    """ReDi's PCA of the standardised features ``stats.normalize(encoder(images).features)`` over
+    a seeded random subset of ``max_images`` images (None: all), every pixel one C-vector.
+
+    Equals ``PCA.fit`` on those features concatenated, without holding them: each rank (every
+    world_size-th image of the subset) accumulates count, Σx and Σx xᵀ in float64, chunked so the
+    float64 copy stays below ``max_chunk_elements``; the sums are all-reduced (collective when
+    distributed) and every rank returns the same PCA.
+    """
+    device = encoder.pixel_mean.device
+    channels = encoder.feature_channels
+    if stats.channels != channels:
+        raise ValueError(f"feature statistics have {stats.channels} channels but the DINOv2 layers give {channels}")
+    if not 0 < n_components <= channels:
+        raise ValueError(f"--pca must be in [1, {channels}], got {n_components}")
+    stats = stats.to(device)
+    indices = sample_indices(len(dataset), max_images, seed)[rank::world_size]
+    # one buffer [count, Σx (C), Σx xᵀ (C*C)] so the reduction is a single all-reduce
+    sums = torch.zeros(1 + channels + channels * channels, dtype=torch.float64, device=device)
+    count, total, outer = sums[:1], sums[1 : 1 + channels], sums[1 + channels :].view(channels, channels)
+    step = max(1, max_chunk_elements // channels)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(indices), unit="img", desc="pca", dynamic_ncols=True)
+    for images in image_batches(dataset, indices, batch_size, num_workers):
+        features = stats.normalize(encoder(images.to(device, non_blocking=True)).features.float())
+        rows = features.movedim(1, -1).reshape(-1, channels)
+        for chunk in rows.split(step):
+            chunk = chunk.double()
+            total += chunk.sum(dim=0)
+            outer.addmm_(chunk.T, chunk)
+        count += rows.shape[0]
+        if bar is not None:
+            bar.update(len(images))
+    if bar is not None:
+        bar.close()
+    all_reduce_sum(sums)
+    return PCA.from_moments(int(count.item()), total, outer, n_components, whiten=whiten)
+
+
 def run_config(preset: Optional[str], config_file: Optional[str], overrides: dict):
     """A Config from ``--preset`` or ``--config`` plus ``section.field`` overrides."""
     import json
@@ -107,26 +172,77 @@ def add_encoder_arguments(p) -> None:
     p.add_argument("--config", help="a run's config.json instead of --preset")
     p.add_argument("--dinov2-weights", help="override encoders.dinov2_weights (timm hub name or local file)")
     p.add_argument("--layers", help="override encoders.feature_layers, e.g. 8,9,10,11")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any field of the config, e.g. --set method.name=redi (repeatable; "
+                        "--dinov2-weights/--layers win over it)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward per rank")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank")
     p.add_argument("--seed", type=int, default=0)
 
 
 def encoder_overrides(args) -> dict:
-    return {"encoders.dinov2_weights": args.dinov2_weights,
-            "encoders.feature_layers": f"({args.layers})" if args.layers else None}
+    from reglue.config import ConfigError
+
+    overrides = {}
+    for item in getattr(args, "set", None) or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+        overrides[key.strip()] = value
+    if args.dinov2_weights is not None:
+        overrides["encoders.dinov2_weights"] = args.dinov2_weights
+    if args.layers:
+        overrides["encoders.feature_layers"] = f"({args.layers})"
+    return overrides
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "stats", help="per-channel mean/std of the DINOv2 features over a dataset (for encoders.feature_stats)",
-        description="Streams the dataset through the run's DINOv2; distributed with torchrun (-m reglue.cli stats ...).",
+        "stats",
+        help="per-channel mean/std of the DINOv2 features over a dataset (encoders.feature_stats); "
+             "with --pca, also ReDi's PCA of the standardised features (encoders.pca)",
+        description="Streams the dataset through the run's DINOv2 (from --preset/--config, e.g. layer 11 for "
+                    "redi-sit-xl-2) and writes the per-channel mean/std of its features to --out. With --pca K it "
+                    "then fits ReDi's K-component PCA of the features standardised with those statistics (or with "
+                    "--stats-in, computed earlier) over a seeded random subset of --pca-images images, streaming "
+                    "float64 covariance sums, and writes it to --pca-out. Distributed with torchrun "
+                    "(-m reglue.cli stats ...): each rank takes every world_size-th image.",
+        epilog="examples: reglue stats --preset redi-sit-xl-2 --data DATA --out stats.safetensors --pca 8 "
+               "--pca-out pca.safetensors;  reglue stats --preset redi-sit-xl-2 --data DATA "
+               "--stats-in stats.safetensors --pca 8 --pca-out pca.safetensors --pca-images 50000",
     )
     p.add_argument("--data", required=True, help="prepared dataset (`reglue prepare`) or the published layout")
-    p.add_argument("--out", required=True, help="output .safetensors (mean, std)")
-    p.add_argument("--max-images", type=int, help="a seeded random subset of this many images (default: all)")
+    p.add_argument("--out", help="output .safetensors (mean, std); required unless --stats-in is given")
+    p.add_argument("--max-images", type=int, help="statistics over a seeded random subset of this many images (default: all)")
+    p.add_argument("--stats-in", help="use these statistics (from an earlier `reglue stats`) instead of computing them; "
+                                      "needs --pca")
+    p.add_argument("--pca", type=int, nargs="?", const=0, metavar="K",
+                   help="also fit a K-component PCA of the standardised features (ReDi); K defaults to the config's "
+                        "method.semantic_channels (8 for the redi presets)")
+    p.add_argument("--pca-out", help="output .safetensors of the PCA (what encoders.pca reads); required with --pca")
+    p.add_argument("--pca-images", type=int, default=DEFAULT_PCA_IMAGES,
+                   help=f"fit the PCA on a seeded random, class-agnostic subset of this many images "
+                        f"(default: {DEFAULT_PCA_IMAGES}; 0 = all)")
+    p.add_argument("--pca-whiten", action="store_true",
+                   help="divide each component by its standard deviation (the published ReDi does not)")
     add_encoder_arguments(p)
     p.set_defaults(func=main)
+
+
+def check_arguments(args) -> None:
+    """The flag combinations ``main`` accepts; ValueError otherwise."""
+    if args.stats_in and args.out:
+        raise ValueError("give either --out (compute the statistics) or --stats-in (load them), not both")
+    if not args.stats_in and not args.out:
+        raise ValueError("--out is required (or --stats-in with --pca)")
+    if args.pca is None:
+        if args.pca_out or args.stats_in:
+            raise ValueError(f"{'--pca-out' if args.pca_out else '--stats-in'} needs --pca")
+        return
+    if not args.pca_out:
+        raise ValueError("--pca needs --pca-out FILE")
+    if args.pca < 0 or args.pca_images < 0:
+        raise ValueError("--pca and --pca-images must not be negative")
 
 
 def main(args) -> int:
@@ -136,18 +252,44 @@ def main(args) -> int:
     from reglue.train.distributed import init_distributed, shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check_arguments(args)
     config = run_config(args.preset, args.config, encoder_overrides(args))
+    n_components = None
+    if args.pca is not None:
+        n_components = args.pca or config.method.semantic_channels
+        if config.method.semantic != "pca":
+            log.warning("--pca with a %s config: the PCA is of its DINOv2 layers %s; ReDi uses layer (11,) "
+                        "(--preset redi-sit-xl-2, or --set method.name=redi --layers 11)",
+                        config.method.name, config.encoders.feature_layers)
+        elif n_components != config.method.semantic_channels:
+            log.warning("--pca %d but the config's method.semantic_channels is %d: a run with this config will "
+                        "reject the PCA", n_components, config.method.semantic_channels)
     dist_info = init_distributed()
     try:
         dataset = open_data_dir(args.data)
         encoder = build_feature_encoder(config, dataset.image_size, dist_info.device)
-        stats = compute_dataset_stats(dataset, encoder, batch_size=args.batch_size, max_images=args.max_images, seed=args.seed,
+        if args.stats_in:
+            stats = FeatureStats.load(args.stats_in)
+        else:
+            stats = compute_dataset_stats(dataset, encoder, batch_size=args.batch_size, max_images=args.max_images,
+                                          seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size,
+                                          num_workers=args.workers, progress=True)
+            if dist_info.is_main:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                stats.save(args.out)
+                print(f"wrote {stats.channels}-channel feature statistics to {args.out} (layers {config.encoders.feature_layers})")
+        if n_components is not None:
+            pca = compute_dataset_pca(dataset, encoder, stats, n_components, max_images=args.pca_images or None,
+                                      whiten=args.pca_whiten, batch_size=args.batch_size, seed=args.seed,
                                       rank=dist_info.rank, world_size=dist_info.world_size, num_workers=args.workers,
                                       progress=True)
-        if dist_info.is_main:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            stats.save(args.out)
-            print(f"wrote {stats.channels}-channel feature statistics to {args.out} (layers {config.encoders.feature_layers})")
+            if dist_info.is_main:
+                Path(args.pca_out).parent.mkdir(parents=True, exist_ok=True)
+                pca.save(args.pca_out)
+                images = min(len(dataset), args.pca_images or len(dataset))
+                print(f"wrote a {pca.in_channels}->{pca.latent_channels} PCA{' (whitened)' if pca.whiten else ''} "
+                      f"fitted on {images} images to {args.pca_out} (layers {config.encoders.feature_layers}); "
+                      f"leading variances {[round(v, 3) for v in pca.explained_variance[:4].tolist()]}")
     finally:
         shutdown()
     return 0

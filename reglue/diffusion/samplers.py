@@ -58,10 +58,10 @@ def _resolve_guidance(model, x, cfg_scale, guidance_interval, cls_cfg_scale, gui
         cls_scale = cfg_scale
     elif cls_cfg_scale == 0:
         cls_scale = 1.0
-    elif cls_cfg_scale >= 1:
+    elif cls_cfg_scale > 0:
         cls_scale = cls_cfg_scale
     else:
-        raise ValueError(f"cls_cfg_scale must be None (= cfg_scale), 0 (conditional) or >= 1; got {cls_cfg_scale}")
+        raise ValueError(f"cls_cfg_scale must be None (= cfg_scale), 0 (conditional only) or > 0; got {cls_cfg_scale}")
     channels = x.shape[1]
     if guide_channels is not None and not 1 <= guide_channels <= channels:
         raise ValueError(f"guide_channels must be None or in [1, {channels}] (channels of x), got {guide_channels}")
@@ -163,8 +163,11 @@ def euler_maruyama(
     x: (N, C, H, W) initial noise at t = 1; y: (N,) labels; cls: (N, D) initial [CLS] noise, or
     None for a model without [CLS] token. ``cfg_scale`` >= 1 (1 = no guidance) applies at times in
     ``guidance_interval`` (inclusive), to the first ``guide_channels`` channels only if given (e.g.
-    4 = the VAE channels; the rest take the conditional prediction). ``cls_cfg_scale``: None = same
-    as ``cfg_scale``, 0 = conditional only, else its own scale >= 1. ``null_label`` defaults to
+    4 = the VAE channels; the rest take the conditional prediction). Guidance is always
+    ``uncond + s (cond - uncond)``; the published REGLUE ``--vae-cfg`` mode uses
+    ``cond + s (cond - uncond)`` on its stochastic steps, so its scale s is our s + 1 there.
+    ``cls_cfg_scale``: None = same as ``cfg_scale``, 0 = conditional only, else its own scale > 0
+    (as published). ``null_label`` defaults to
     ``model.num_classes``. Returns ``(x0, cls0)`` in the dtypes of ``x`` and ``cls`` (cls0 None
     without [CLS]).
     """
@@ -178,8 +181,8 @@ def euler_maruyama(
     for i, (t_cur, t_next) in enumerate(zip(times[:-1], times[1:])):
         dt = t_next - t_cur
         v, cls_v = _velocity(model, xs, cs, t_cur, y, guidance, dtypes)
-        # g^2 = 2 sigma_t: the published 2t on the linear path.
-        diffusion = 2 * interpolant(torch.tensor(t_cur, dtype=torch.float64), path)[1].item()
+        # g^2 = 2t on every path, as published (on the linear path 2t = 2 sigma_t).
+        diffusion = 2 * t_cur
         noisy = i < num_steps - 1
         xs = _em_step(xs, v, t_cur, dt, diffusion, noisy, path, generator)
         if cs is not None:

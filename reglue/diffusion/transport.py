@@ -43,12 +43,16 @@ def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, path:
     return -eps / sigma
 
 
-def sample_t(n: int, sampling: str = "uniform", generator=None, device=None, mean: float = 0.0, std: float = 1.0):
-    """Training times in (0, 1): uniform, or log-normal (sigmoid of a Gaussian, as in SD3)."""
+def sample_t(n: int, sampling: str = "uniform", generator=None, device=None, mean: float = 0.0, std: float = 1.0,
+             path: str = "linear"):
+    """Training times in (0, 1): uniform, or log-normal in the path's signal-to-noise ratio, as in
+    REPA: z ~ N(mean, std²), t = sigmoid(z) on the linear path (sigma/alpha = e^z) and
+    t = 2/π·atan(e^z) on the cosine path."""
     if sampling == "uniform":
         return torch.rand(n, generator=generator, device=device)
     if sampling == "lognormal":
-        return torch.sigmoid(torch.randn(n, generator=generator, device=device) * std + mean)
+        z = torch.randn(n, generator=generator, device=device) * std + mean
+        return torch.sigmoid(z) if path == "linear" else 2 / math.pi * torch.atan(torch.exp(z))
     raise ValueError(f"t sampling must be one of {T_SAMPLINGS}, got {sampling!r}")
 
 
@@ -71,9 +75,9 @@ class Noise:
 
 
 def draw_noise(n: int, x_shape, cls_dim: int, dropout_prob: float, generator: torch.Generator, device,
-               t_sampling: str = "uniform", t_mean: float = 0.0, t_std: float = 1.0) -> Noise:
+               t_sampling: str = "uniform", t_mean: float = 0.0, t_std: float = 1.0, path: str = "linear") -> Noise:
     """Draw the step's randomness for ``n`` samples (x_shape excludes the batch dimension)."""
-    t = sample_t(n, t_sampling, generator=generator, device=device, mean=t_mean, std=t_std)
+    t = sample_t(n, t_sampling, generator=generator, device=device, mean=t_mean, std=t_std, path=path)
     eps = torch.randn((n, *x_shape), generator=generator, device=device)
     cls_eps = torch.randn((n, cls_dim), generator=generator, device=device) if cls_dim else None
     drop = torch.rand(n, generator=generator, device=device) < dropout_prob if dropout_prob > 0 else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def build_model(config, kernels: str | None = None):
+def build_model(config, kernels: str | None = None, attention: str | None = None):
     """The SiT of ``config`` (``reglue.config.Config``): input channels, [CLS] and projectors follow the method."""
     from reglue.models.sit import SiT
 
@@ -22,6 +22,6 @@ def build_model(config, kernels: str | None = None):
         cls_token_dim=enc_dim if method.use_cls else 0,
         qk_norm=config.model.qk_norm,
         kernels=kernels or config.model.kernels,
-        attention=config.model.attention,
+        attention=attention or config.model.attention,
         **sizes,
     )

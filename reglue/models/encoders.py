@@ -106,6 +106,9 @@ class DINOv2Encoder(nn.Module):
         self.input_size = tuple(model.patch_embed.img_size)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.autocast_dtype: torch.dtype | None = None
+        """Run under CUDA autocast in this dtype (weights, LayerNorms and residuals stay fp32, as the
+        published code runs DINOv2 under mixed precision); None = the weights' dtype."""
         self.requires_grad_(False)
         self.eval()
 
@@ -138,9 +141,11 @@ class DINOv2Encoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         x = self.preprocess(images)
-        final, intermediates = self.model.forward_intermediates(
-            x, indices=list(self.layers), norm=True, output_fmt="NCHW"
-        )
+        use_autocast = self.autocast_dtype is not None and x.is_cuda
+        with torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16, enabled=use_autocast):
+            final, intermediates = self.model.forward_intermediates(
+                x, indices=list(self.layers), norm=True, output_fmt="NCHW"
+            )
         prefix = self.model.num_prefix_tokens  # [CLS] then the registers
         return EncoderOutput(
             features=torch.cat(intermediates, dim=1),
@@ -394,22 +399,38 @@ class PCA(nn.Module):
     @torch.no_grad()
     def fit(cls, features: torch.Tensor, n_components: int = 8, whiten: bool = False,
             max_chunk_elements: int = 1 << 24) -> "PCA":
-        """features: (N, C, H, W) sample; every pixel is one C-vector. The covariance is
-        accumulated in float64 chunk by chunk and diagonalised with eigh; each component's sign is
-        fixed so that its largest-magnitude entry is positive."""
+        """features: (N, C, H, W) sample; every pixel is one C-vector. The sum and the sum of
+        outer products are accumulated in float64 chunk by chunk, then :meth:`from_moments`."""
         channels = features.shape[1]
+        rows = features.movedim(1, -1).reshape(-1, channels)
+        step = max(1, max_chunk_elements // channels)
+        total = torch.zeros(channels, dtype=torch.float64, device=features.device)
+        outer = torch.zeros(channels, channels, dtype=torch.float64, device=features.device)
+        for chunk in rows.split(step):
+            chunk = chunk.double()
+            total += chunk.sum(dim=0)
+            outer += chunk.T @ chunk
+        return cls.from_moments(rows.shape[0], total, outer, n_components, whiten=whiten)
+
+    @classmethod
+    @torch.no_grad()
+    def from_moments(cls, count: int, sum: torch.Tensor, sum_outer: torch.Tensor, n_components: int,
+                     whiten: bool = False) -> "PCA":
+        """The PCA of ``count`` C-vectors x given ``sum`` = Σx (C,) and ``sum_outer`` = Σx xᵀ (C, C),
+        e.g. accumulated over a dataset in a stream (``reglue stats --pca``). The population
+        covariance (like sklearn's explained_variance up to its n/(n-1)) is diagonalised in float64
+        with eigh; each component's sign is fixed so that its largest-magnitude entry is positive."""
+        count = int(count)
+        channels = sum.shape[-1]
+        if sum.shape != (channels,) or sum_outer.shape != (channels, channels):
+            raise ValueError(f"expected sum (C,) and sum_outer (C, C), got {tuple(sum.shape)} and {tuple(sum_outer.shape)}")
         if not 0 < n_components <= channels:
             raise ValueError(f"n_components must be in [1, {channels}], got {n_components}")
-        rows = features.movedim(1, -1).reshape(-1, channels)
-        if rows.shape[0] < 2:
+        if count < 2:
             raise ValueError("PCA needs at least two feature vectors")
-        step = max(1, max_chunk_elements // channels)
-        mean = sum(chunk.double().sum(dim=0) for chunk in rows.split(step)) / rows.shape[0]
-        cov = torch.zeros(channels, channels, dtype=torch.float64, device=features.device)
-        for chunk in rows.split(step):
-            centred = chunk.double() - mean
-            cov += centred.T @ centred
-        cov /= rows.shape[0]
+        mean = sum.double() / count
+        cov = sum_outer.double() / count - torch.outer(mean, mean)
+        cov = (cov + cov.T) / 2
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
         order = eigenvalues.argsort(descending=True)[:n_components]
         components = eigenvectors[:, order].T
@@ -557,8 +578,8 @@ def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_frozen_dinov2(config, device: torch.device, image_size: int | None = None) -> DINOv2Encoder:
-    """The frozen DINOv2 of a run config (``reglue.config.Config``), on ``device`` in its frozen dtype,
-    for images of ``image_size`` (default ``data.image_size``).
+    """The frozen DINOv2 of a run config (``reglue.config.Config``) on ``device``, fp32 weights run
+    under autocast in the frozen dtype on CUDA, for images of ``image_size`` (default ``data.image_size``).
 
     Random-initialised encoders (``encoders.dinov2_weights`` None: tests, the tiny demo) are seeded
     by ``train.seed``, so training, ``reglue stats`` and every rank build the same network.
@@ -567,4 +588,6 @@ def build_frozen_dinov2(config, device: torch.device, image_size: int | None = N
     with _seeded(config.train.seed):
         encoder = build_dinov2(enc.dinov2, enc.dinov2_weights, image_size=image_size or config.data.image_size,
                                layers=enc.feature_layers, **enc.dinov2_overrides)
-    return encoder.to(device=device, dtype=frozen_dtype(enc.dtype, device)).eval()
+    dtype = frozen_dtype(enc.dtype, device)
+    encoder.autocast_dtype = dtype if dtype != torch.float32 else None
+    return encoder.to(device=device).eval()

@@ -10,7 +10,9 @@ Tokens: the latent (plus semantic channels) is patchified into T = (H/p)·(W/p) 
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 import zlib
 from typing import Optional, Sequence
 
@@ -439,12 +441,17 @@ def load_sit_checkpoint(model: SiT, path_or_state, key: str = "ema", strict: boo
     """
     if isinstance(path_or_state, dict):
         ckpt = path_or_state
+    elif os.path.isdir(path_or_state):
+        raise ValueError(f"{path_or_state} is a directory: for a reglue training checkpoint use "
+                         "`reglue export --checkpoint DIR --out FILE.safetensors` and load that file")
     elif str(path_or_state).endswith(".safetensors"):
         from safetensors.torch import load_file
 
         ckpt = load_file(str(path_or_state))
     else:
-        ckpt = torch.load(path_or_state, map_location="cpu", weights_only=True)
+        # The published train.py stores its argparse.Namespace under "args": allow exactly that class.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path_or_state, map_location="cpu", weights_only=True)
     if key in ckpt and isinstance(ckpt[key], dict):
         state = ckpt[key]
     elif any(k.startswith(f"{key}.") for k in ckpt):  # `reglue export --weights both`

@@ -56,10 +56,15 @@ class EMA:
         for name in self.names:
             _local(self.shadow[name]).copy_(_local(state[name]))
 
-    def full_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Unsharded fp32 EMA weights on CPU (collective under FSDP2: call on every rank)."""
+    def full_state_dict(self, keep: bool = True) -> Dict[str, torch.Tensor]:
+        """Unsharded fp32 EMA weights on CPU (collective under FSDP2: call on every rank).
+
+        ``keep=False`` (ranks other than the one that samples or exports) takes part in the
+        gathers but drops each full tensor at once, so only one rank holds a host copy."""
         out = {}
         for name in self.names:
             t = self.shadow[name]
-            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+            full = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+            if keep:
+                out[name] = full.cpu()
         return out

@@ -25,6 +25,11 @@ def _sac_policy():
     aten = torch.ops.aten
     save = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._scaled_dot_product_flash_attention.default,
             aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default}
+    # FlashAttention-2/3 register their kernels as torch ops when installed: never recompute those.
+    for namespace, name in (("flash_attn", "_flash_attn_forward"), ("flash_attn_3", "fwd"), ("xformers", "efficient_attention_forward_cutlass")):
+        op = getattr(getattr(torch.ops, namespace, None), name, None) if hasattr(torch.ops, namespace) else None
+        if op is not None and hasattr(op, "default"):
+            save.add(op.default)
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
@@ -46,6 +51,11 @@ def apply_activation_checkpointing(block: nn.Module, mode: str) -> nn.Module:
     )
 
 
+def compute_param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
+    """FSDP2 compute dtype of the parameters: ``parallel.param_dtype`` on CUDA, fp32 on the CPU."""
+    return torch.bfloat16 if (device.type == "cuda" and cfg.param_dtype == "bf16") else torch.float32
+
+
 def use_fsdp(dist_info: DistInfo) -> bool:
     """FSDP2 whenever several ranks train, and on a single GPU (for its mixed-precision policy)."""
     return dist_info.distributed or dist_info.device.type == "cuda"
@@ -61,7 +71,8 @@ def build_parallel_model(config, dist_info: DistInfo) -> nn.Module:
 
     cfg = config.parallel
     with torch.device("meta"):
-        model = build_model(config, kernels="eager" if cfg.reference else None)
+        # The published code runs timm attention (SDPA) and eager PyTorch.
+        model = build_model(config, kernels="eager" if cfg.reference else None, attention="sdpa" if cfg.reference else None)
     if cfg.reference:
         materialize(model, dist_info.device, config.train.seed)
         if dist_info.distributed:
@@ -90,8 +101,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo) -> n
 
         if not torch.distributed.is_initialized():
             _init_single_process_group(dist_info)
-        on_cuda = dist_info.device.type == "cuda"
-        param_dtype = torch.bfloat16 if (on_cuda and cfg.param_dtype == "bf16") else torch.float32
+        param_dtype = compute_param_dtype(cfg, dist_info.device)
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in model.blocks:
             fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)

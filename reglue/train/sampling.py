@@ -28,8 +28,11 @@ def sample_from_state(config: Config, state: Dict[str, torch.Tensor], vae, devic
     x = torch.randn((num, config.in_channels, size, size), generator=g, device=device)
     cls = torch.randn((num, model.cls_token_dim), generator=g, device=device) if model.cls_token_dim else None
     y = torch.arange(num, device=device) % min(config.model.num_classes, config.data.synthetic_classes if config.data.path is None else config.model.num_classes)
-    latents, _ = sample(
-        model, x, y, cls, sampler=sampler, num_steps=num_steps or tc.sample_steps, generator=g,
-        cfg_scale=tc.sample_cfg_scale if cfg_scale is None else cfg_scale, guidance_interval=tc.sample_guidance_interval, path=config.method.path,
-    )
+    # bf16 autocast on GPU (the sampler keeps its state in fp64; only the network runs in bf16)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        latents, _ = sample(
+            model, x, y, cls, sampler=sampler, num_steps=num_steps or tc.sample_steps, generator=g,
+            cfg_scale=tc.sample_cfg_scale if cfg_scale is None else cfg_scale,
+            guidance_interval=tc.sample_guidance_interval, path=config.method.path,
+        )
     return vae.decode(latents[:, :4].float()).cpu()

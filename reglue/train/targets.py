@@ -10,12 +10,14 @@ re-used on resume.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Dict
 
 import torch
 
 from reglue.config import Config
+from reglue.train.distributed import broadcast_object
 from reglue.models.encoders import (
     PCA,
     FeatureStats,
@@ -29,7 +31,8 @@ from reglue.models.encoders import (
 log = logging.getLogger("reglue.targets")
 
 CALIBRATION_IMAGES = 256
-"""Images used to compute feature statistics / fit the PCA when no file is given."""
+"""Images (a seeded sample across the dataset) used to compute feature statistics / fit the PCA at
+start when no file is given; random-initialised encoders only."""
 
 
 class _FusedCompressor:
@@ -56,6 +59,7 @@ class FrozenEncoders:
                  calibration_images: Callable[[int], torch.Tensor], is_main: bool = True):
         self.config = config
         self.device = device
+        self.is_main = is_main
         enc, method = config.encoders, config.method
         self.dtype = frozen_dtype(enc.dtype, device)
         self.vae = build_vae(enc.vae, seed=config.train.seed).to(device=device, dtype=self.dtype)
@@ -66,7 +70,7 @@ class FrozenEncoders:
                 raise ValueError(f"encoders.dinov2 has width {self.dinov2.embed_dim} but the config expects {enc.embed_dim} "
                                  "(set encoders.dinov2_overrides.embed_dim)")
         if method.semantic != "none":
-            self._build_semantic(run_dir, calibration_images, is_main)
+            self._build_semantic(run_dir, calibration_images)
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         return self.dinov2(images.to(self.device)).features.float()
@@ -75,45 +79,59 @@ class FrozenEncoders:
         images = calibration_images(CALIBRATION_IMAGES)
         return [self._features(images[i : i + batch]) for i in range(0, len(images), batch)]
 
-    def _build_semantic(self, run_dir: Path, calibration_images, is_main: bool) -> None:
+    def _file_or_fit(self, field: str, given, default: Path, load, fit, command: str):
+        """Load ``encoders.<field>`` (or the run's own earlier fit at ``default``), or fit it now.
+
+        Fitting at start is for random-initialised encoders only (tests, the demo): with pretrained
+        DINOv2 weights a fit over a few images would silently bias every target, so a missing
+        file is an error naming the command that computes it over the dataset. Rank 0 fits,
+        writes atomically and broadcasts, so no rank reads a half-written file.
+        """
+        path = Path(given) if given else default
+        if given and not path.is_file():
+            raise FileNotFoundError(f"encoders.{field}: {path} does not exist")
+        if broadcast_object(path.is_file() if self.is_main else None):
+            return load(path)
+        if self.config.encoders.dinov2_weights is not None:
+            raise ValueError(f"encoders.{field} is required with pretrained DINOv2 weights: compute it over the "
+                             f"dataset with `{command}` and pass --set encoders.{field}=FILE")
+        value = fit() if self.is_main else None
+        if self.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            value.save(tmp)
+            os.replace(tmp, path)
+        return broadcast_object(value)
+
+    def _build_semantic(self, run_dir: Path, calibration_images) -> None:
         enc, method = self.config.encoders, self.config.method
         channels = self.dinov2.feature_channels
-        cached = None
-        stats_file = Path(enc.feature_stats) if enc.feature_stats else run_dir / "feature_stats.safetensors"
-        if stats_file.is_file():
-            self.stats = FeatureStats.load(stats_file)
-        else:
-            if enc.feature_stats:
-                raise FileNotFoundError(f"encoders.feature_stats: {stats_file} does not exist")
-            if enc.dinov2_weights is not None:
-                log.warning("no encoders.feature_stats given: computing them over the first %d images; "
-                            "use `reglue stats` over the whole dataset for real runs", CALIBRATION_IMAGES)
-            cached = self._calibration_features(calibration_images)
-            self.stats = compute_feature_stats(cached)
-            if is_main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                self.stats.save(stats_file)
+        cache = {}
+
+        def features():
+            if "f" not in cache:
+                cache["f"] = self._calibration_features(calibration_images)
+            return cache["f"]
+
+        self.stats = self._file_or_fit("feature_stats", enc.feature_stats, run_dir / "feature_stats.safetensors",
+                                       FeatureStats.load, lambda: compute_feature_stats(features()),
+                                       "reglue stats --data DIR --out stats.safetensors")
         if self.stats.channels != channels:
             raise ValueError(f"feature statistics have {self.stats.channels} channels but DINOv2 layers "
                              f"{enc.feature_layers} give {channels}")
         self.stats = self.stats.to(self.device)
         if method.semantic == "compressor":
             self.reducer = self._compressor()
-        else:
-            pca_file = Path(enc.pca) if enc.pca else run_dir / "pca.safetensors"
-            if pca_file.is_file():
-                pca = PCA.load(pca_file)
-            else:
-                if enc.pca:
-                    raise FileNotFoundError(f"encoders.pca: {pca_file} does not exist")
-                feats = cached if cached is not None else self._calibration_features(calibration_images)
-                pca = PCA.fit(torch.cat([self.stats.normalize(f) for f in feats]).cpu(), n_components=method.semantic_channels)
-                if is_main:
-                    pca.save(pca_file)
-            if pca.latent_channels != method.semantic_channels or pca.in_channels != channels:
-                raise ValueError(f"PCA maps {pca.in_channels} -> {pca.latent_channels} channels; the run needs "
-                                 f"{channels} -> {method.semantic_channels}")
-            self.reducer = pca.to(self.device)
+            return
+        pca = self._file_or_fit(
+            "pca", enc.pca, run_dir / "pca.safetensors", PCA.load,
+            lambda: PCA.fit(torch.cat([self.stats.normalize(f) for f in features()]).cpu(), n_components=method.semantic_channels),
+            f"reglue stats --data DIR --out stats.safetensors --pca {method.semantic_channels} --pca-out pca.safetensors",
+        )
+        if pca.latent_channels != method.semantic_channels or pca.in_channels != channels:
+            raise ValueError(f"PCA maps {pca.in_channels} -> {pca.latent_channels} channels; the run needs "
+                             f"{channels} -> {method.semantic_channels}")
+        self.reducer = pca.to(self.device)
 
     def _compressor(self):
         from reglue.models.compressor import SemanticCompressor, load_compressor

@@ -33,8 +33,10 @@ from reglue.train.targets import FrozenEncoders
 
 log = logging.getLogger("reglue.train")
 
-# Sections that must match when resuming: they change what the weights mean.
+# Sections that must match when resuming: they change what the weights mean, or (seed, global
+# batch) which samples and noise each step draws.
 _RESUME_LOCKED = ("model", "method", "encoders")
+_RESUME_LOCKED_FIELDS = (("train", "seed"), ("train", "global_batch_size"), ("data", "image_size"))
 
 
 class NonFiniteError(RuntimeError):
@@ -47,15 +49,17 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
 
 def _check_resume_config(saved: Dict, config: Config, path) -> None:
     current = config.to_dict()
+    fields = [(section, k) for section in _RESUME_LOCKED for k in current[section]
+              if k not in ("kernels", "attention", "dtype")] + list(_RESUME_LOCKED_FIELDS)
+    same = lambda a, b: json.loads(json.dumps(a)) == json.loads(json.dumps(b))  # noqa: E731  (tuples vs lists)
     diffs = [
-        f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs now {v!r}"
-        for section in _RESUME_LOCKED
-        for k, v in current[section].items()
-        if section in saved and json.loads(json.dumps(saved[section].get(k))) != json.loads(json.dumps(v))
-        and k not in ("kernels", "attention", "dtype")
+        f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs now {current[section][k]!r}"
+        for section, k in fields
+        if section in saved and not same(saved[section].get(k), current[section][k])
     ]
     if diffs:
-        raise ckpt.CheckpointError(f"cannot resume from {path}: the run's settings changed: " + "; ".join(diffs))
+        raise ckpt.CheckpointError(f"cannot resume from {path}: the run's settings changed: " + "; ".join(diffs)
+                                   + " (start a new run with another --name, or --resume none)")
 
 
 def _lr_at(config: Config, step: int) -> float:
@@ -84,12 +88,18 @@ class Trainer:
         self.accum = self.per_rank // self.micro
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        if d.device.type == "cuda":  # fp32 matmuls (losses, sampling, the published fp32 paths) on tensor cores
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
         self.dataset = open_dataset(cfg)
         from reglue.data.sampler import GlobalBatchOrder
 
         self.order = GlobalBatchOrder(len(self.dataset), cfg.train.global_batch_size, seed=cfg.train.seed)
-        calib = lambda n: torch.stack([self.dataset[i][0] for i in range(min(n, len(self.dataset)))])  # noqa: E731
+        from reglue.data.stats import sample_indices
+
+        # a seeded sample across the dataset: prepared datasets are sorted by class
+        calib = lambda n: torch.stack([self.dataset[i][0] for i in sample_indices(len(self.dataset), n, cfg.train.seed)])  # noqa: E731
         self.frozen = FrozenEncoders(cfg, d.device, self.run_dir, calib, is_main=d.is_main)
 
         self.reference = cfg.parallel.reference
@@ -134,7 +144,7 @@ class Trainer:
         noise = draw_noise(
             n, self.x_shape, self.config.encoders.embed_dim if cfg.method.use_cls else 0,
             cfg.model.class_dropout_prob, g, self.dist.device, cfg.method.t_sampling,
-            cfg.method.t_lognormal_mean, cfg.method.t_lognormal_std,
+            cfg.method.t_lognormal_mean, cfg.method.t_lognormal_std, cfg.method.path,
         )
         latent_eps = torch.randn((n, 4, *self.x_shape[1:]), generator=g, device=self.dist.device)
         return noise, latent_eps
@@ -240,7 +250,7 @@ class Trainer:
         """EMA samples as uint8 (num, 3, H, W) on rank 0 (None elsewhere); collective."""
         from reglue.train.sampling import sample_from_state
 
-        state = self.ema.full_state_dict()
+        state = self.ema.full_state_dict(keep=self.dist.is_main)
         if not self.dist.is_main:
             return None
         return sample_from_state(self.config, state, self.frozen.vae, self.dist.device, num, seed)

@@ -53,18 +53,25 @@ def test_stats_cli_single_process(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_stats_cli_two_ranks_torchrun(prepared, tmp_path):
-    """Two gloo ranks each stream half of the images; the merged result equals the direct one."""
-    out = tmp_path / "stats2.safetensors"
+    """Two gloo ranks each stream half of the images; the merged result equals the direct one
+    (and so does the PCA from the all-reduced covariance sums)."""
+    from reglue.models.encoders import PCA
+
+    out, pca_out = tmp_path / "stats2.safetensors", tmp_path / "pca2.safetensors"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "reglue.cli", "stats",
-           "--preset", "tiny", "--data", str(prepared), "--out", str(out), "--workers", "0", "--batch-size", "2"]
+           "--preset", "tiny", "--data", str(prepared), "--out", str(out), "--workers", "0", "--batch-size", "2",
+           "--pca", "6", "--pca-out", str(pca_out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     encoder = build_feature_encoder(run_config("tiny", None, {}), IMAGE_SIZE, torch.device("cpu"))
-    expected = direct_stats(encoder, open_data_dir(prepared))
+    dataset = open_data_dir(prepared)
+    expected = direct_stats(encoder, dataset)
     loaded = FeatureStats.load(out)
     torch.testing.assert_close(loaded.mean, expected.mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loaded.std, expected.std, atol=1e-5, rtol=1e-5)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    assert_same_pca(PCA.load(pca_out), PCA.fit(loaded.normalize(encoder(images).features.float()), n_components=6))
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +155,66 @@ def test_train_compressor_two_ranks_torchrun(prepared, tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in log] == [1, 2] and all(h["val_loss"] > 0 for h in log)
     load_compressor(out / "compressor.safetensors")
+
+
+# ------------------------------------------------------------------------------ stats --pca (ReDi)
+
+
+def test_pca_from_streamed_moments_matches_fit(prepared):
+    """compute_dataset_pca (streamed float64 sums, tiny chunks) == PCA.fit on the standardised subset."""
+    from reglue.data.stats import compute_dataset_pca, sample_indices
+    from reglue.models.encoders import PCA
+
+    dataset = open_data_dir(prepared)
+    encoder = tiny_dinov2(image_size=IMAGE_SIZE)
+    stats = compute_dataset_stats(dataset, encoder, batch_size=4)
+    got = compute_dataset_pca(dataset, encoder, stats, 5, max_images=7, seed=3, batch_size=3, max_chunk_elements=1000)
+    images = torch.stack([dataset[i][0] for i in sample_indices(len(dataset), 7, 3)])
+    expected = PCA.fit(stats.normalize(encoder(images).features.float()), n_components=5)
+    assert_same_pca(got, expected)
+    with pytest.raises(ValueError, match="channels"):
+        compute_dataset_pca(dataset, encoder, FeatureStats(torch.zeros(3), torch.ones(3)), 2)
+
+
+def assert_same_pca(got, expected):
+    torch.testing.assert_close(got.mean, expected.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.explained_variance, expected.explained_variance, atol=1e-4, rtol=1e-4)
+    signs = (got.components * expected.components).sum(dim=1).sign().unsqueeze(1)  # equal up to sign
+    torch.testing.assert_close(got.components * signs, expected.components, atol=1e-4, rtol=1e-4)
+    assert got.whiten == expected.whiten
+
+
+def test_stats_cli_pca_for_a_redi_config(prepared, tmp_path):
+    """`reglue stats --pca` on the tiny preset made a ReDi run (layer 3): stats over all images, then
+    the PCA over a seeded, class-agnostic subset; --stats-in re-fits it from the saved statistics."""
+    from reglue.data.stats import sample_indices
+    from reglue.models.encoders import PCA
+
+    stats_file, pca_file = tmp_path / "stats.safetensors", tmp_path / "pca" / "pca.safetensors"
+    common = ["stats", "--preset", "tiny", "--set", "method.name=redi", "--set", "encoders.feature_layers=(3,)",
+              "--data", str(prepared), "--workers", "0", "--batch-size", "4", "--seed", "1"]
+    assert cli.main(common + ["--out", str(stats_file), "--pca", "--pca-out", str(pca_file), "--pca-images", "6"]) == 0
+
+    config = run_config("tiny", None, {"method.name": "redi", "encoders.feature_layers": "(3,)"})
+    encoder = build_feature_encoder(config, IMAGE_SIZE, torch.device("cpu"))
+    dataset = open_data_dir(prepared)
+    stats = FeatureStats.load(stats_file)
+    torch.testing.assert_close(stats.mean, direct_stats(encoder, dataset).mean, atol=1e-5, rtol=1e-5)
+    indices = sample_indices(len(dataset), 6, 1)
+    assert len({dataset[i][1] for i in indices}) > 1, "the subset spans the (sorted) classes"
+    images = torch.stack([dataset[i][0] for i in indices])
+    expected = PCA.fit(stats.normalize(encoder(images).features.float()), n_components=config.method.semantic_channels)
+    pca = PCA.load(pca_file)  # what encoders.pca reads
+    assert (pca.in_channels, pca.latent_channels) == (encoder.feature_channels, 8)
+    assert_same_pca(pca, expected)
+
+    again = tmp_path / "again.safetensors"
+    assert cli.main(common + ["--stats-in", str(stats_file), "--pca", "8", "--pca-out", str(again), "--pca-images", "6",
+                              "--pca-whiten"]) == 0
+    expected.whiten = True
+    assert_same_pca(PCA.load(again), expected)
+
+    for bad in (["--out", str(stats_file), "--pca-out", str(again)], ["--stats-in", str(stats_file)],
+                ["--out", str(stats_file), "--pca"], ["--out", str(stats_file), "--stats-in", str(stats_file), "--pca"],
+                ["--pca", "--pca-out", str(again)], ["--out", str(stats_file), "--set", "method.name"]):
+        assert cli.main(common + bad) == 2, bad

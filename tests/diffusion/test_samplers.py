@@ -77,12 +77,12 @@ def make_inputs(n, hw=2, seed=0):
 
 
 def affine_coeffs(t, path, mu, s, sde):
-    """(a, b): the velocity (``sde``: the drift v - g^2/2 score, g^2 = 2 sigma_t) is a x + b at time t."""
+    """(a, b): the velocity (``sde``: the drift v - g^2/2 score, g^2 = 2t as published) is a x + b at time t."""
     alpha, sigma, d_alpha, d_sigma = (float(u) for u in interpolant(torch.tensor(t, dtype=torch.float64), path))
     var = alpha**2 * s**2 + sigma**2
     a = (d_alpha * alpha * s**2 + d_sigma * sigma) / var
     if sde:
-        a += sigma / var
+        a += t / var
     return a, d_alpha * mu - a * alpha * mu
 
 
@@ -119,8 +119,8 @@ def exact_law(scheme, num_steps, path, cond, uncond=None, scale=1.0, interval=(0
         else:
             step_k, step_c = 1 + a0 * dt, b0 * dt
         noise = 0.0
-        if sde and i < num_steps - 1:  # g^2 |dt| with g^2 = 2 sigma_t
-            noise = 2 * float(interpolant(torch.tensor(t0, dtype=torch.float64), path)[1]) * abs(dt)
+        if sde and i < num_steps - 1:  # g^2 |dt| with g^2 = 2t
+            noise = 2 * t0 * abs(dt)
         k, c, q = step_k * k, step_k * c + step_c, step_k**2 * q + noise
     return k, c, q
 
@@ -375,7 +375,7 @@ def test_no_cls_token_and_low_precision_inputs():
     (dict(guidance_interval=(0.7, 0.3)), "guidance_interval"),
     (dict(guidance_interval=(-0.1, 0.5)), "guidance_interval"),
     (dict(cfg_scale=0.5), "cfg_scale"),
-    (dict(cfg_scale=2.0, cls_cfg_scale=0.5), "cls_cfg_scale"),
+    (dict(cfg_scale=2.0, cls_cfg_scale=-0.5), "cls_cfg_scale"),
     (dict(guide_channels=0), "guide_channels"),
     (dict(guide_channels=4), "guide_channels"),
     (dict(path="vp"), "path"),

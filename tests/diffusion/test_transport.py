@@ -138,3 +138,12 @@ def test_noise_slices_compose():
 def test_semantic_weight_milestones():
     m = MethodConfig(name="reglue", semantic_milestones=((250_000, 0.5), (500_000, 0.25)))
     assert [m.semantic_weight(s) for s in (0, 249_999, 250_000, 499_999, 500_000, 900_000)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_lognormal_t_has_lognormal_snr(path):
+    # sigma_t / alpha_t = e^z with z ~ N(mean, std^2) on both paths
+    t = sample_t(20000, "lognormal", generator=torch.Generator().manual_seed(0), mean=-0.4, std=1.2, path=path)
+    alpha, sigma, _, _ = interpolant(t.double(), path)
+    z = torch.log(sigma / alpha)
+    assert abs(z.mean().item() + 0.4) < 0.03 and abs(z.std().item() - 1.2) < 0.03

@@ -1,5 +1,6 @@
 """SiT: published-checkpoint parity (keys, shapes, layouts), registry shapes, loading."""
 
+import argparse
 import math
 
 import pytest
@@ -88,7 +89,9 @@ def test_registry_forward_shapes(name, cls_dim):
 def test_published_checkpoint_loads_strict_and_reproduces_outputs(tmp_path):
     src = randomize(small())
     path = tmp_path / "ckpt.pt"
-    torch.save({"ema": src.state_dict(), "model": {}, "opt": {}, "args": None, "steps": 10}, path)
+    # the published train.py layout, with its argparse.Namespace under "args"
+    args = argparse.Namespace(model="SiT-B/2", enc_type="dinov2-vit-b", encoder_depth=4, cfg_prob=0.1)
+    torch.save({"ema": src.state_dict(), "model": src.state_dict(), "opt": {}, "args": args, "steps": 10}, path)
     dst = load_sit_checkpoint(small(), path)
     x, t, y, c = torch.randn(2, 6, 8, 8), torch.rand(2), torch.tensor([1, 5]), torch.randn(2, 12)
     src.eval(), dst.eval()
@@ -103,8 +106,12 @@ def test_checkpoint_mismatch_names_the_problem(tmp_path):
     state = small().state_dict()
     state["x_embedder.proj.weight"] = torch.zeros(32, 4, 2, 2)
     del state["wg_norm.bias"]
-    with pytest.raises(ValueError, match=r"x_embedder\.proj\.weight.*\(32, 4, 2, 2\)|missing keys.*wg_norm\.bias"):
+    with pytest.raises(ValueError) as err:
         load_sit_checkpoint(small(), {"ema": state})
+    assert "missing keys: ['wg_norm.bias']" in str(err.value)
+    assert "x_embedder.proj.weight: checkpoint (32, 4, 2, 2) vs model (32, 6, 2, 2)" in str(err.value)
+    with pytest.raises(ValueError, match="reglue export"):
+        load_sit_checkpoint(small(), tmp_path)
     with pytest.raises(KeyError, match="no 'ema' entry"):
         load_sit_checkpoint(small(), {"ema_weights": {"a": 1}})
 

@@ -100,3 +100,49 @@ def test_compile_matches_eager(tmp_path):
 
     eager, compiled = run("eager", False), run("compiled", True)
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_reference_mode_ddp_two_processes_matches_one(tmp_path):
+    one = launch(tmp_path, "ref1", 3, extra=["--reference"])
+    two = launch(tmp_path, "ref2", 3, nproc=2, extra=["--reference"])
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+    assert read_meta(latest_checkpoint(two))["config"]["parallel"]["reference"] is True
+
+
+def _tiny_losses(tmp_path, name, **overrides):
+    cfg = apply_overrides(get_preset("tiny"), {
+        "train.out_dir": str(tmp_path), "train.name": name, "train.max_steps": "3", "train.log_every": "1",
+        "train.sample_steps": "2", "train.num_sample_images": "2", "data.synthetic_size": "256",
+        "train.tensorboard": "false", **overrides})
+    return losses(Trainer(cfg).fit())
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_matches_off(tmp_path, mode):
+    assert _tiny_losses(tmp_path, mode, **{"parallel.activation_checkpointing": mode}) == \
+        pytest.approx(_tiny_losses(tmp_path, "off"), rel=1e-6, abs=1e-7)
+
+
+def test_fsdp_bf16_params_keep_fp32_timesteps(monkeypatch):
+    """The FSDP2 root must not cast t to bf16 (the mixed-precision policy casts block inputs only)."""
+    import torch.distributed as dist
+
+    from reglue.train import parallelize as par
+    from reglue.train.distributed import DistInfo
+
+    monkeypatch.setattr(par, "use_fsdp", lambda d: True)
+    monkeypatch.setattr(par, "compute_param_dtype", lambda cfg, device: torch.bfloat16)
+    config = get_preset("tiny")
+    try:
+        model = par.build_parallel_model(config, DistInfo())
+        seen = {}
+        model.t_embedder.register_forward_pre_hook(lambda m, args: seen.update(t=args[0].dtype))
+        model.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(x=args[0].dtype))
+        x = torch.randn(2, config.in_channels, 8, 8)
+        out, zs, cls_out = model(x, torch.tensor([0.3, 0.7]), torch.tensor([1, 2]), torch.randn(2, 32))
+        assert seen["t"] == torch.float32 and seen["x"] == torch.bfloat16
+        assert torch.isfinite(out.float()).all() and out.shape == x.shape
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -25,10 +25,14 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def weights_at(checkpoint, which="ema"):
+    model = build_model(get_preset("tiny"))
+    load_weights(checkpoint, model, which)
+    return model.state_dict()
+
+
 def weights(run_dir, which="ema"):
-    cfg_model = build_model(apply_overrides(get_preset("tiny"), {}))
-    load_weights(latest_checkpoint(run_dir), cfg_model, which)
-    return cfg_model.state_dict()
+    return weights_at(latest_checkpoint(run_dir), which)
 
 
 def test_tiny_run_loss_falls_and_writes_outputs(tmp_path):
@@ -59,10 +63,16 @@ def test_resume_is_bit_exact(tmp_path):
         assert a[step]["loss/total"] == b[step]["loss/total"] and a[step]["grad_norm"] == b[step]["grad_norm"]
 
 
-def test_resume_refuses_changed_model(tmp_path):
+def test_resume_refuses_changed_model_seed_or_batch(tmp_path):
     Trainer(tiny(tmp_path, **{"train.max_steps": 2})).fit()
     with pytest.raises(RuntimeError, match="model.depth"):
         Trainer(tiny(tmp_path, **{"train.max_steps": 4, "model.depth": 2, "model.encoder_depth": 1}))
+    with pytest.raises(RuntimeError, match="train.seed"):
+        Trainer(tiny(tmp_path, **{"train.max_steps": 4, "train.seed": 1}))
+    with pytest.raises(RuntimeError, match="train.global_batch_size"):
+        Trainer(tiny(tmp_path, **{"train.max_steps": 4, "train.global_batch_size": 16}))
+    # what does not change the weights' meaning may change: more steps, other kernels
+    assert Trainer(tiny(tmp_path, **{"train.max_steps": 4, "model.kernels": "triton"})).step == 2
 
 
 def test_nonfinite_step_is_skipped_then_aborts(tmp_path):
@@ -81,9 +91,16 @@ def test_nonfinite_step_is_skipped_then_aborts(tmp_path):
 
     with pytest.raises(NonFiniteError, match="3 consecutive steps"):
         Trainer(tiny(tmp_path, "nan", **{"train.max_steps": 8, "train.inject_nonfinite_steps": "(2, 3, 4)",
-                                        "train.max_nonfinite_steps": 3})).fit()
-    # the last good checkpoint is not touched by the abort
-    assert list_checkpoints(tmp_path / "nan") == []
+                                        "train.max_nonfinite_steps": 3, "train.ckpt_every": 1,
+                                        "train.keep_last": 10})).fit()
+    # checkpoints up to the abort are complete, and the skipped steps changed no weight
+    run = tmp_path / "nan"
+    assert [p.name for p in list_checkpoints(run)] == [f"step-{s:08d}" for s in (1, 2, 3, 4)]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    good = {w: weights_at(run / "checkpoints" / "step-00000002", w) for w in ("model", "ema")}
+    for w in ("model", "ema"):
+        last = weights_at(run / "checkpoints" / "step-00000004", w)
+        assert all(torch.equal(good[w][k], last[k]) for k in last), w
 
 
 def test_export_loads_into_sit_strict(tmp_path):
