@@ -69,3 +69,16 @@ def check_op(kernel_fn, ref_fn, inputs, grad_outputs, dtype, input_names, output
     for name, k, e, r in zip(input_names, k_grad, e_grad, r_grad):
         assert k is not None, f"d{name}: no gradient from the kernel"
         assert_three_way(k, e.to(k.dtype), r, f"d{name}")
+
+
+def check_compiled_fullgraph(fn: Callable, inputs: Sequence[torch.Tensor], atol: float = 1e-5) -> None:
+    """``torch.compile(fn, fullgraph=True)`` (no graph breaks) matches eager ``fn``: output and the
+    gradients of ``out.square().sum()`` with respect to ``inputs``."""
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True)(*inputs)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    out_ref = fn(*inputs)
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), inputs)
+    torch.testing.assert_close(out, out_ref, atol=atol, rtol=atol)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=10 * atol, rtol=10 * atol)

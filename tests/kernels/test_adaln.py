@@ -20,7 +20,7 @@ from reglue.kernels.adaln import (
     gated_residual_adaln_ref,
     gated_residual_ref,
 )
-from tests.kernels._compare import check_op
+from tests.kernels._compare import check_compiled_fullgraph, check_op
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # SiT-XL tokens with [CLS] (257 x 1152), head-dim-sized and odd hidden sizes, SiT-S/B, the largest.
@@ -146,18 +146,10 @@ def _block_residuals(x, a, b, mods):
 
 def test_compile_fullgraph():
     """One compiled graph (forward and backward) holding all three ops: no graph breaks."""
-    torch._dynamo.reset()
     x = torch.randn(2, 5, 72, device=DEVICE, requires_grad=True)
     a, b = torch.randn(72, device=DEVICE), torch.randn(72, device=DEVICE)
     mods = torch.randn(2, 6 * 72, device=DEVICE, requires_grad=True)
-    compiled = torch.compile(_block_residuals, fullgraph=True)
-    out = compiled(x, a, b, mods)
-    grads = torch.autograd.grad(out.square().sum(), (x, mods))
-    out_ref = _block_residuals(x, a, b, mods)
-    grads_ref = torch.autograd.grad(out_ref.square().sum(), (x, mods))
-    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+    check_compiled_fullgraph(lambda x, mods: _block_residuals(x, a, b, mods), (x, mods))
 
 
 def test_fallback_warns_once_and_matches_reference(monkeypatch):

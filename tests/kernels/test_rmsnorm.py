@@ -7,7 +7,7 @@ import torch
 
 from reglue.kernels import _utils
 from reglue.kernels.rmsnorm import RMSNorm, _rms_norm_bwd, _rms_norm_fwd, rms_norm, rms_norm_ref
-from tests.kernels._compare import check_op
+from tests.kernels._compare import check_compiled_fullgraph, check_op
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # QK-norm: (N, heads, tokens, head_dim) with head dims 64 (SiT-B/L) and 72 (SiT-XL); odd sizes; wide rows.
@@ -56,19 +56,12 @@ def test_opcheck():
 
 
 def test_compile_fullgraph():
-    torch._dynamo.reset()
     x, weight = (t.requires_grad_() for t in _inputs((2, 3, 5, 72)))
 
     def fn(x, weight):
         return rms_norm(x * 2, weight).sum(dim=-1)
 
-    out = torch.compile(fn, fullgraph=True)(x, weight)
-    grads = torch.autograd.grad(out.square().sum(), (x, weight))
-    out_ref = fn(x, weight)
-    grads_ref = torch.autograd.grad(out_ref.square().sum(), (x, weight))
-    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+    check_compiled_fullgraph(fn, (x, weight))
 
 
 def test_fallback_warns_once_and_matches_reference(monkeypatch):
