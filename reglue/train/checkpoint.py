@@ -140,12 +140,26 @@ def load_weights(path: str | Path, model, which: str = "ema") -> Dict[str, Any]:
     return meta
 
 
+def _latest_readable(run_dir) -> Optional[Path]:
+    """Newest checkpoint whose meta.json reads; an unreadable one (disk damage: writes are atomic)
+    is reported and skipped, so an older good checkpoint is used rather than none."""
+    import logging
+
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            read_meta(path)
+            return path
+        except CheckpointError as exc:
+            logging.getLogger("reglue.checkpoint").warning("skipping unreadable checkpoint: %s", exc)
+    return None
+
+
 def resolve_resume(resume: str, run_dir: str | Path, dist_info: DistInfo) -> Optional[Path]:
     """``auto``: the latest finished checkpoint of the run, if any; ``none``; or an explicit path."""
     if resume == "none":
         return None
     if resume == "auto":
-        found = latest_checkpoint(run_dir) if dist_info.is_main else None
+        found = _latest_readable(run_dir) if dist_info.is_main else None
         found = broadcast_object(str(found) if found else None)
         return Path(found) if found else None
     path = Path(resume)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import List, Optional
 
 from reglue.config import Config, ConfigError, apply_overrides
@@ -78,7 +80,15 @@ def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
     if args.print_config:
         print(config.to_json())
         return 0
-    from reglue.train.trainer import run
+    from reglue.data.shards import DatasetError
+    from reglue.train.checkpoint import CheckpointError
+    from reglue.train.trainer import NonFiniteError, run
 
-    run(config)
+    try:
+        run(config)
+    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, ValueError, NonFiniteError) as exc:
+        if os.environ.get("REGLUE_DEBUG"):
+            raise
+        print(f"{prog}: error: {exc}\n(set REGLUE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3 if isinstance(exc, NonFiniteError) else 2
     return 0

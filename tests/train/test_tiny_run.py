@@ -125,3 +125,17 @@ def test_triton_kernels_train_like_eager(tmp_path):
     for a, b in zip(eager, triton_):
         for key in ("loss/total", "loss/semantic", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+
+
+def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    Trainer(tiny(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 1})).fit()
+    (tmp_path / "run" / "checkpoints" / "step-00000002" / "meta.json").write_text("{damaged")
+    assert Trainer(tiny(tmp_path, **{"train.max_steps": 3})).step == 1
+
+
+def test_train_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    from reglue.train.cli import main
+
+    assert main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no such dataset directory" in err and "Traceback" not in err
