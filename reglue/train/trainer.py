@@ -213,7 +213,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        sums = {k: all_reduce_mean(v) for k, v in sums.items()}
+        keys = sorted(sums)  # one all-reduce for every loss component
+        sums = dict(zip(keys, all_reduce_mean(torch.stack([sums[k].float() for k in keys])).unbind(0)))
         finite = bool(torch.isfinite(grad_norm) and torch.isfinite(sums["total"]))
         if self.scaler:  # fp16 overflow is the scaler's business: it skips the step and lowers the scale
             finite = bool(torch.isfinite(sums["total"]))
