@@ -81,13 +81,19 @@ step train-sit-b "$PY" train.py --preset reglue-sit-b-2 --kernels triton --compi
     --set encoders.vae=tiny-random --set data.synthetic_size=256 --set train.log_every=5 \
     --set train.sample_steps=10 --set train.num_sample_images=4 --set train.ckpt_every=10
 
-# 3. Benchmarks at GPU sizes.
-step bench "$PY" -m pytest bench/ -q -rs --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds
+# 3. Benchmarks at GPU sizes: kernels, attention and data; then whole train steps (long: compiles
+# SiT-B/2 and SiT-XL/2 in several variants; BENCH_STEP_K narrows it, e.g. "xl-2 and b32").
+step bench "$PY" -m pytest bench/bench_kernels.py bench/bench_attention.py bench/bench_data.py -q -rs \
+    --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds
+step bench-step "$PY" -m pytest bench/bench_step.py -q -rs ${BENCH_STEP_K:+-k "$BENCH_STEP_K"} \
+    --benchmark-json="$OUT/bench-step.json" --benchmark-columns=median,iqr,rounds
 
 # 4. Summary (printed last).
-if [ -s "$OUT/bench.json" ]; then
-    "$PY" bench/summarize.py "$OUT/bench.json" --ceilings "$OUT/ceilings.json" --versions "$OUT/versions.txt" \
-        --log "$OUT/bench.log" --log "$OUT/gpu-tests.log" --log "$OUT/kernel-tests-cuda.log" \
+JSONS=$(for f in "$OUT/bench.json" "$OUT/bench-step.json"; do [ -s "$f" ] && echo "$f"; done)
+if [ -n "$JSONS" ]; then
+    # shellcheck disable=SC2086
+    "$PY" bench/summarize.py $JSONS --ceilings "$OUT/ceilings.json" --versions "$OUT/versions.txt" \
+        --log "$OUT/bench.log" --log "$OUT/bench-step.log" --log "$OUT/gpu-tests.log" --log "$OUT/kernel-tests-cuda.log" \
         --out "$OUT/summary.md" > /dev/null
 else
     echo "# reglue GPU validation — $GPU_NAME (no benchmark JSON: see bench.log)" > "$OUT/summary.md"
@@ -100,11 +106,11 @@ fi
     echo ""
     echo "Test result lines:"
     echo ""
-    for log in gpu-tests kernel-tests-cuda train-smoke train-sit-b bench; do
+    for log in gpu-tests kernel-tests-cuda train-smoke train-sit-b bench bench-step; do
         [ -f "$OUT/$log.log" ] && echo "    $log: $(grep -E "(passed|failed|error|skipped|deselected)[^ ]* .*in [0-9.]+s" "$OUT/$log.log" | tail -1)"
     done
 } >> "$OUT/summary.md"
 
 cat "$OUT/summary.md"
-echo "gpu_validate: wrote $OUT (commit summary.md, bench.json, versions.txt, ceilings.json)"
+echo "gpu_validate: wrote $OUT (commit summary.md, bench*.json, versions.txt, ceilings.json)"
 ! grep -q "exit [1-9]" "$STATUS"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Turn a ``pytest bench/ --benchmark-json`` file into the markdown summary of ../shared/GPU.md.
+"""Turn ``pytest bench/ --benchmark-json`` files into the markdown summary of ../shared/GPU.md.
 
-    python bench/summarize.py bench.json [--ceilings ceilings.json] [--versions versions.txt]
-                              [--log pytest-output.txt ...] [--out summary.md]
+    python bench/summarize.py bench.json [more.json ...] [--ceilings ceilings.json]
+                              [--versions versions.txt] [--log pytest-output.txt ...] [--out summary.md]
 
 Per benchmark group (op, shape, mode): every provider's median, GB/s and TFLOP/s, their % of the
 measured ceilings (copy bandwidth, bf16 matmul), and speed-ups against ``eager`` and ``compile``
@@ -25,6 +25,13 @@ TARGETS = [
     ("adaln_modulate", "fwd+bwd", "vs_compile", 1.2, "LN+modulate fwd+bwd >= 1.2x Inductor"),
     ("compressor_encode", "fwd", "vs_eager", 1.5, "fused compressor >= 1.5x cuDNN conv + eager BN/ReLU"),
 ]
+# (group prefix, provider, what, threshold, text) for throughput rows (train steps, data loading).
+THROUGHPUT_TARGETS = [
+    ("train-step reglue-sit-xl-2", "ours", "mfu", 0.5, "SiT-XL/2 REGLUE train step >= 50% MFU (issue 4)"),
+    ("train-step reglue-sit-xl-2", "ours", "vs_reference", 3.5, "SiT-XL/2 REGLUE >= 3.5x the reference path (issue 4)"),
+    ("data", "dali-mixed", "img_per_s", 8000.0, "DALI mixed decode >= 8,000 img/s at 256px (issue 5)"),
+    ("data", "dali-cpu", "vs_torch", 1.5, "DALI >= 1.5x the torch loader on CPU (issue 5)"),
+]
 
 
 def _fmt(value, digits=2, suffix=""):
@@ -45,23 +52,55 @@ def load_rows(bench_json: dict, ceilings: dict) -> "OrderedDict[str, list]":
             median_ms = bench["stats"]["median"] * 1e3
         row = {
             "group": bench.get("group") or bench["name"],
-            "provider": info.get("provider") or bench.get("params", {}).get("provider", bench["name"]),
+            "provider": info.get("provider") or info.get("variant") or bench.get("params", {}).get("provider", bench["name"]),
             "op": info.get("op"),
             "mode": info.get("mode"),
             "median_ms": median_ms,
             "gbps": info.get("gbps"),
             "tflops": info.get("tflops"),
+            "img_per_s": info.get("img_per_s"),
+            "mfu": info.get("mfu"),
         }
         row["pct_copy"] = 100 * row["gbps"] / copy_gbps if row["gbps"] and copy_gbps else None
         row["pct_mma"] = 100 * row["tflops"] / mma_tflops if row["tflops"] and mma_tflops else None
         groups.setdefault(row["group"], []).append(row)
     for rows in groups.values():
-        by_provider = {r["provider"]: r["median_ms"] for r in rows}
+        by_provider = {r["provider"]: r for r in rows}
         for r in rows:
             for base in ("eager", "compile"):
-                t = by_provider.get(base)
+                t = by_provider.get(base, {}).get("median_ms")
                 r[f"vs_{base}"] = t / r["median_ms"] if t and r["median_ms"] else None
+            for base in ("reference", "torch"):  # throughput ratios: train step vs reference, DALI vs torch
+                b = by_provider.get(base, {}).get("img_per_s")
+                r[f"vs_{base}"] = r["img_per_s"] / b if b and r["img_per_s"] else None
     return groups
+
+
+def throughput_table(groups) -> list:
+    lines = [
+        "| benchmark | provider | img/s | MFU | vs reference | vs torch loader |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, rows in groups.items():
+        for r in rows:
+            if r["img_per_s"] is not None:
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "–"
+                lines.append(f"| {name} | {r['provider']} | {_fmt(r['img_per_s'], 1)} | {mfu} | "
+                             f"{_fmt(r['vs_reference'], 2, 'x')} | {_fmt(r['vs_torch'], 2, 'x')} |")
+    return lines
+
+
+def throughput_targets(groups) -> list:
+    lines = []
+    for prefix, provider, key, threshold, text in THROUGHPUT_TARGETS:
+        hits = [(name, r) for name, rows in groups.items() if name.startswith(prefix) for r in rows if r["provider"] == provider]
+        if not hits:
+            lines.append(f"- {text} — not measured in this run")
+        for name, r in hits:
+            value = r.get(key)
+            verdict = "not measured (baseline missing)" if value is None else f"{'met' if value >= threshold else 'MISSED'}: {value:.3g}"
+            lines.append(f"- {text} — {name}: {verdict}")
+    return lines
 
 
 def table(groups) -> list:
@@ -133,7 +172,9 @@ def summarize(bench_json: dict, ceilings: dict, versions: str = "", logs=()) -> 
         out.append("- not measured (no --ceilings file): % columns are empty")
     out += ["", "## Results", "", "Speed-ups are baseline median / this median (> 1: faster than the baseline).", ""]
     out += table(groups)
-    out += ["", "## Targets (issue 3)", ""] + targets(groups)
+    if any(r["img_per_s"] is not None for rows in groups.values() for r in rows):
+        out += ["", "## Throughput", ""] + throughput_table(groups)
+    out += ["", "## Targets", ""] + targets(groups) + throughput_targets(groups)
     skips = skip_reasons(logs)
     if skips:
         out += ["", "## Skipped", ""] + skips
@@ -142,14 +183,18 @@ def summarize(bench_json: dict, ceilings: dict, versions: str = "", logs=()) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bench_json")
+    parser.add_argument("bench_json", nargs="+", help="one or more pytest-benchmark JSON files (merged)")
     parser.add_argument("--ceilings", help="JSON from `python bench/_roofline.py --out ...`")
     parser.add_argument("--versions", help="text file with the device/driver/library versions")
     parser.add_argument("--log", action="append", default=[], help="pytest output (with -rs) to collect skip reasons from")
     parser.add_argument("--out", help="write the markdown here (it is printed either way)")
     args = parser.parse_args(argv)
-    with open(args.bench_json) as f:
-        bench_json = json.load(f)
+    bench_json = {}
+    for path in args.bench_json:
+        with open(path) as f:
+            part = json.load(f)
+        benchmarks = bench_json.get("benchmarks", []) + part.get("benchmarks", [])
+        bench_json = {**part, **bench_json, "benchmarks": benchmarks}
     ceilings = {}
     if args.ceilings:
         try:
