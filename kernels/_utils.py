@@ -1,6 +1,6 @@
 """Shared helpers for the Triton kernels: can Triton run here, tile sizes, dtype handling."""
 
-import os
+import contextlib
 import warnings
 
 import torch
@@ -23,9 +23,36 @@ def triton_available() -> bool:
     return _TRITON_AVAILABLE
 
 
+def _probe_interpreter() -> bool:
+    """Does ``@triton.jit`` build interpreted kernels in this process?
+
+    Triton decides when a kernel is decorated (at import), from ``TRITON_INTERPRET`` parsed its
+    own way ("1", "true", "on", any case). Asking a probe kernel gives the answer the real kernels
+    got, so the interpreter-only paths (tile sizes, the bf16 dot upcast in conv.py) can never be
+    taken by compiled kernels, nor skipped by interpreted ones, whatever the variable holds or
+    however it changes later.
+    """
+    if not _TRITON_AVAILABLE:
+        return False
+    try:
+        import triton
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:
+        return False
+
+    @triton.jit
+    def _probe():
+        pass
+
+    return isinstance(_probe, InterpretedFunction)
+
+
+_INTERPRETER = _probe_interpreter()
+
+
 def interpreter_enabled() -> bool:
-    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRETER
 
 
 def can_run_triton(t: torch.Tensor) -> bool:
@@ -33,6 +60,17 @@ def can_run_triton(t: torch.Tensor) -> bool:
     if not triton_available():
         return False
     return t.is_cuda or interpreter_enabled()
+
+
+def device_guard(t: torch.Tensor):
+    """Make t's GPU the current device for a launch.
+
+    Triton launches on the *current* CUDA device and stream, not on the device of its pointer
+    arguments; a tensor on cuda:1 while cuda:0 is current fails ("Pointer argument cannot be
+    accessed from Triton") or runs on the wrong GPU. Custom ops get no device guard from the
+    dispatcher, so every launch is wrapped in this.
+    """
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 _warned: set = set()

@@ -23,6 +23,7 @@ from ._utils import (
     can_run_triton,
     cdiv,
     check_dtypes,
+    device_guard,
     empty_output,
     reduction_programs,
     result_dtype,
@@ -201,17 +202,18 @@ def _launch_fwd(x, y, gate, shift, scale, eps: float):
     if m == 0:
         return r, h
     block_m, block_d, num_warps = row_tile(d, m)
-    _adaln_fwd_kernel[(cdiv(m, block_m),)](
-        x, y if has_residual else dummy, gate if has_residual else dummy,
-        shift if has_norm else dummy, scale if has_norm else dummy,
-        r if has_residual else dummy, h if has_norm else dummy,
-        m, t, d,
-        gate.stride(0) if has_residual else 0,
-        shift.stride(0) if has_norm else 0,
-        scale.stride(0) if has_norm else 0,
-        eps,
-        HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-    )  # fmt: skip
+    with device_guard(x):
+        _adaln_fwd_kernel[(cdiv(m, block_m),)](
+            x, y if has_residual else dummy, gate if has_residual else dummy,
+            shift if has_norm else dummy, scale if has_norm else dummy,
+            r if has_residual else dummy, h if has_norm else dummy,
+            m, t, d,
+            gate.stride(0) if has_residual else 0,
+            shift.stride(0) if has_norm else 0,
+            scale.stride(0) if has_norm else 0,
+            eps,
+            HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        )  # fmt: skip
     return r, h
 
 
@@ -239,15 +241,16 @@ def _launch_bwd(dh, dr, xn, y, gate, scale, eps: float, x_dtype: torch.dtype):
         dy = empty_output(ref.shape, y.dtype, ref.device)
         dgate = part()
     if n * t:
-        _adaln_bwd_kernel[(n, n_chunks)](
-            dh if has_norm else dummy, dr if has_residual else dummy, xn if has_norm else dummy,
-            y if has_residual else dummy, gate if has_residual else dummy, scale if has_norm else dummy,
-            dx if has_norm else dummy, dy if has_residual else dummy,
-            dshift if has_norm else dummy, dscale if has_norm else dummy, dgate if has_residual else dummy,
-            t, d, rows_per_chunk, n_chunks,
-            gate.stride(0) if has_residual else 0, scale.stride(0) if has_norm else 0, eps,
-            HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-        )  # fmt: skip
+        with device_guard(ref):
+            _adaln_bwd_kernel[(n, n_chunks)](
+                dh if has_norm else dummy, dr if has_residual else dummy, xn if has_norm else dummy,
+                y if has_residual else dummy, gate if has_residual else dummy, scale if has_norm else dummy,
+                dx if has_norm else dummy, dy if has_residual else dummy,
+                dshift if has_norm else dummy, dscale if has_norm else dummy, dgate if has_residual else dummy,
+                t, d, rows_per_chunk, n_chunks,
+                gate.stride(0) if has_residual else 0, scale.stride(0) if has_norm else 0, eps,
+                HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            )  # fmt: skip
     else:
         for p in (dshift, dscale, dgate):
             if p is not None:

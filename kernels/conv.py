@@ -22,6 +22,7 @@ from ._utils import (
     can_run_triton,
     cdiv,
     check_dtypes,
+    device_guard,
     empty_output,
     interpreter_enabled,
     next_power_of_2,
@@ -139,15 +140,17 @@ def _fused_conv2d_fwd(
     block_p, block_co, block_ci, num_warps, num_stages = _conv_blocks(c_in, c_out, h * w, x.dtype)
     grid = (n * cdiv(h * w, block_p), cdiv(c_out, block_co))
     has_bias, has_residual = bias is not None, residual is not None
-    _conv3x3_kernel[grid](
-        x, packed, bias if has_bias else x, residual if has_residual else x, out,
-        c_in, c_out, h, w,
-        HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, RELU=relu,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        # The interpreter multiplies bf16 operands as their raw uint16 bits: upcast there (exact).
-        UPCAST_DOT=interpreter_enabled() and x.dtype == torch.bfloat16,
-        BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci, num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+    with device_guard(x):
+        _conv3x3_kernel[grid](
+            x, packed, bias if has_bias else x, residual if has_residual else x, out,
+            c_in, c_out, h, w,
+            HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, RELU=relu,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            # The interpreter multiplies bf16 operands as their raw uint16 bits: upcast there (exact).
+            # interpreter_enabled() asks how the kernel was built, so compiled kernels never take this.
+            UPCAST_DOT=interpreter_enabled() and x.dtype == torch.bfloat16,
+            BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
     return out
 
 

@@ -15,6 +15,7 @@ from ._utils import (
     can_run_triton,
     cdiv,
     check_dtypes,
+    device_guard,
     empty_output,
     reduction_programs,
     row_tile,
@@ -93,9 +94,10 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     y = empty_output(x.shape, x.dtype, x.device)
     if m:
         block_m, block_d, num_warps = row_tile(d, m)
-        _rms_norm_fwd_kernel[(cdiv(m, block_m),)](
-            x, weight, y, m, d, eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps
-        )
+        with device_guard(x):
+            _rms_norm_fwd_kernel[(cdiv(m, block_m),)](
+                x, weight, y, m, d, eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps
+            )
     return y
 
 
@@ -116,9 +118,10 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: 
     if not m:
         dw_part.zero_()
     else:
-        _rms_norm_bwd_kernel[(n_programs,)](
-            dy, x, weight, dx, dw_part, m, d, eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps
-        )
+        with device_guard(x):
+            _rms_norm_bwd_kernel[(n_programs,)](
+                dy, x, weight, dx, dw_part, m, d, eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps
+            )
     return dx, dw_part.sum(dim=0)
 
 

@@ -10,7 +10,8 @@ softmax(q kᵀ / sqrt(head_dim)) v, no mask, no dropout. ``backend``:
   sdpa      ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch picks flash/cuDNN/efficient/math)
   math      the plain formula in fp32 (the reference)
 
-Every backend takes head dim 72 (SiT-B/L have 64, SiT-XL 72). The choice is logged once per
+Every backend takes head dim 72 (SiT-B/L have 64, SiT-XL 72) except the 2024 FlashAttention-3 beta
+(``flashattn_hopper_cuda``: head dims 64/128 only), which "auto" skips for it. The choice is logged once per
 distinct (backend, device, dtype, head_dim). An explicitly requested backend that cannot run these
 tensors raises ValueError naming it and why; "auto" never raises for availability.
 """
@@ -45,6 +46,18 @@ def _probe(module: str):
 
 _PACKAGES = {name: _probe(name) for name in ("flash_attn_interface", "flash_attn", "xformers.ops")}
 _PACKAGE_OF = {"fa3": "flash_attn_interface", "fa2": "flash_attn", "xformers": "xformers.ops"}
+# The 2024 FA3 beta (its interface imports the ``flashattn_hopper_cuda`` extension) has kernels for
+# head dims 64/128/256 forward and 64/128 backward only, and raises at call time for any other
+# (Dao-AILab/flash-attention#1070, #1290). Later builds round any multiple of 8 up to 256.
+_FA3_BETA_HEAD_DIMS = (64, 128)
+
+
+def _cuda_major(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).major
+
+
+def _fa3_is_beta() -> bool:
+    return hasattr(_PACKAGES["flash_attn_interface"][0], "flashattn_hopper_cuda")
 
 
 def _unavailable(backend: str, q: torch.Tensor) -> Optional[str]:
@@ -63,9 +76,11 @@ def _unavailable(backend: str, q: torch.Tensor) -> Optional[str]:
     head_dim = q.shape[-1]
     if head_dim % 8 or head_dim > 256:
         return f"head_dim must be a multiple of 8 and at most 256 (got {head_dim})"
-    major = torch.cuda.get_device_properties(q.device).major
+    major = _cuda_major(q.device)
     if backend == "fa3" and major != 9:
         return f"FlashAttention-3 needs a Hopper GPU (compute capability 9.x, got {major}.x)"
+    if backend == "fa3" and head_dim not in _FA3_BETA_HEAD_DIMS and _fa3_is_beta():
+        return f"this FlashAttention-3 build (flashattn_hopper_cuda beta) takes head_dim 64 or 128 only (got {head_dim})"
     if backend == "fa2" and major < 8:
         return f"FlashAttention-2 needs compute capability >= 8.0 (got {major}.x)"
     return None

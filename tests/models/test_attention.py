@@ -1,6 +1,7 @@
 """The attention entry point: every backend available here agrees with the fp32 formula."""
 
 import logging
+import types
 
 import pytest
 import torch
@@ -99,3 +100,47 @@ def test_compile_fullgraph():
 def test_gpu_backends_agree_at_sit_shapes(shape, dtype):
     """SiT-XL/2 (16 heads x 72, 257 tokens) and SiT-B/2 (12 x 64): every installed backend."""
     test_available_backends_agree_forward_and_backward(shape, dtype)
+
+
+def _fake_cuda_q(dtype, head_dim):
+    """What the selection rules read of q (is_cuda, dtype, shape, device), as if on a GPU."""
+    return types.SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 1, 1, head_dim), device=torch.device("cuda", 0))
+
+
+def _install_fakes(monkeypatch, major, fa3_beta=False, xformers=True):
+    fa3 = types.SimpleNamespace(flash_attn_func=None)
+    if fa3_beta:
+        fa3.flashattn_hopper_cuda = object()
+    packages = {
+        "flash_attn_interface": (fa3, None),
+        "flash_attn": (types.SimpleNamespace(flash_attn_func=None), None),
+        "xformers.ops": (types.SimpleNamespace(), None) if xformers else (None, "xformers.ops is not installed"),
+    }
+    monkeypatch.setattr(attn_mod, "_PACKAGES", packages)
+    monkeypatch.setattr(attn_mod, "_cuda_major", lambda device: major)
+
+
+@pytest.mark.parametrize(
+    "major, fa3_beta, dtype, head_dim, xformers, expected",
+    [
+        (9, False, torch.bfloat16, 72, True, "fa3"),  # current FA3 rounds 72 up to a supported size
+        (9, True, torch.bfloat16, 72, True, "fa2"),  # the 2024 beta has no head dim 72 kernels
+        (9, True, torch.float16, 64, True, "fa3"),
+        (9, True, torch.bfloat16, 128, True, "fa3"),
+        (8, False, torch.bfloat16, 72, True, "fa2"),  # A100: no FA3
+        (9, False, torch.float32, 72, True, "xformers"),  # flash kernels are fp16/bf16 only
+        (9, False, torch.float32, 72, False, "sdpa"),
+        (9, False, torch.bfloat16, 100, True, "xformers"),  # not a multiple of 8
+    ],
+)
+def test_auto_selection_rules(monkeypatch, major, fa3_beta, dtype, head_dim, xformers, expected):
+    _install_fakes(monkeypatch, major, fa3_beta=fa3_beta, xformers=xformers)
+    assert select_backend(_fake_cuda_q(dtype, head_dim), "auto") == expected
+
+
+def test_fa3_beta_head_dim_72_raises_when_requested(monkeypatch):
+    _install_fakes(monkeypatch, 9, fa3_beta=True)
+    with pytest.raises(ValueError, match="'fa3' is not available: .*head_dim 64 or 128 only"):
+        select_backend(_fake_cuda_q(torch.bfloat16, 72), "fa3")
+    with pytest.raises(ValueError, match="'fa2' is not available: .*fp16 or bf16"):
+        select_backend(_fake_cuda_q(torch.float32, 72), "fa2")
