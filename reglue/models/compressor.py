@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reglue.models.state import check_state_dict
+
 __all__ = ["ResidualBlock", "ConvStack", "SemanticCompressor", "load_compressor", "fold_bn_into_conv"]
 
 
@@ -197,24 +199,6 @@ def load_compressor(
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
 
     model = SemanticCompressor(channels if channels is not None else _infer_channels(state_dict))
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if mismatched:
-            problems.append("shape mismatches [" + "; ".join(mismatched) + "]")
-        raise ValueError(
-            f"checkpoint does not match SemanticCompressor(channels={model.channels}): " + ", ".join(problems)
-        )
+    check_state_dict(model.state_dict(), state_dict, f"SemanticCompressor(channels={model.channels})", limit=64)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reglue.models.attention import attention
+from reglue.models.state import check_state_dict
 
 KERNELS = ("eager", "triton")
 
@@ -461,23 +462,6 @@ def load_sit_checkpoint(model: SiT, path_or_state, key: str = "ema", strict: boo
     else:
         raise KeyError(f"checkpoint has no {key!r} entry (found {sorted(ckpt)[:10]})")
     state = _strip_prefix(state)
-    expected = model.state_dict()
-    problems = []
-    if strict:
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing:
-            problems.append(f"missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            problems.append(f"unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if shapes:
-        problems.append("shape mismatches: " + "; ".join(shapes[:8]))
-    if problems:
-        raise ValueError("checkpoint does not match the model (check --model/--method settings): " + " | ".join(problems))
+    check_state_dict(model.state_dict(), state, "the model (check the --preset / model and method settings)", strict)
     model.load_state_dict(state, strict=strict)
     return model
