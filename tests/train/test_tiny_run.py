@@ -114,6 +114,13 @@ def test_export_loads_into_sit_strict(tmp_path):
     assert reglue_main(["export", "--run", str(run_dir), "--out", str(both), "--weights", "both"]) == 0
     load_sit_checkpoint(build_model(get_preset("tiny")), both, key="model")
     assert reglue_main(["export", "--run", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    grid = tmp_path / "grid.png"
+    for sampler in ("sde", "heun"):
+        assert reglue_main(["sample", "--run", str(run_dir), "--out", str(grid), "--num", "4", "--steps", "3",
+                            "--sampler", sampler, "--cfg-scale", "2.0"]) == 0
+        from PIL import Image
+
+        assert Image.open(grid).size == (2 * 64, 2 * 64)
 
 
 def test_triton_kernels_train_like_eager(tmp_path):
