@@ -22,7 +22,7 @@ GPU_SLUG="$(echo "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed -E 's/nvidia//; 
 OUT="${1:-bench/results/$(date +%F)-${GPU_SLUG}}"
 mkdir -p "$OUT"
 STATUS="$OUT/steps.txt"
-: > "$STATUS"
+[ -n "${ONLY:-}" ] || : > "$STATUS"   # subsets (ONLY=...) add to the record of earlier calls
 
 step() {  # step NAME CMD... : run, tee the log, record the exit status
     local name="$1"; shift
