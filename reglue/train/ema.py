@@ -32,18 +32,19 @@ class EMA:
     def __init__(self, model: nn.Module):
         self.names = []
         self.shadow: Dict[str, torch.Tensor] = {}
-        self._params = []
+        params = []
         for name, param in model.named_parameters():
             key = clean_name(name)
             self.names.append(key)
             self.shadow[key] = param.detach().clone().float()
-            self._params.append(param)
+            params.append(param)
+        # Local shards, resolved once: parameters and shadows are updated in place, never replaced.
+        self._local_shadows = [_local(self.shadow[n]) for n in self.names]
+        self._local_params = [_local(p.detach()) for p in params]
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
-        shadows = [_local(self.shadow[n]) for n in self.names]
-        params = [_local(p.detach()).float() for p in self._params]
-        torch._foreach_lerp_(shadows, params, 1.0 - decay)
+        torch._foreach_lerp_(self._local_shadows, self._local_params, 1.0 - decay)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return dict(self.shadow)
@@ -53,8 +54,8 @@ class EMA:
         missing = set(self.shadow) - set(state)
         if missing:
             raise KeyError(f"EMA state is missing {sorted(missing)[:5]}")
-        for name in self.names:
-            _local(self.shadow[name]).copy_(_local(state[name]))
+        for name, local in zip(self.names, self._local_shadows):
+            local.copy_(_local(state[name]))
 
     def full_state_dict(self, keep: bool = True) -> Dict[str, torch.Tensor]:
         """Unsharded fp32 EMA weights on CPU (collective under FSDP2: call on every rank).

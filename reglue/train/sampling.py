@@ -27,7 +27,8 @@ def sample_from_state(config: Config, state: Dict[str, torch.Tensor], vae, devic
     size = config.data.latent_size
     x = torch.randn((num, config.in_channels, size, size), generator=g, device=device)
     cls = torch.randn((num, model.cls_token_dim), generator=g, device=device) if model.cls_token_dim else None
-    y = torch.arange(num, device=device) % min(config.model.num_classes, config.data.synthetic_classes if config.data.path is None else config.model.num_classes)
+    classes = config.data.synthetic_classes if config.data.path is None else config.model.num_classes
+    y = torch.arange(num, device=device) % classes
     # bf16 autocast on GPU (the sampler keeps its state in fp64; only the network runs in bf16)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         latents, _ = sample(

@@ -310,12 +310,11 @@ class Trainer:
         cfg, d = self.config, self.dist
         images = steps * cfg.train.global_batch_size
         img_s = images / max(elapsed, 1e-9)
+        window = dict(window)
         record = {"step": self.step, "lr": _lr_at(cfg, self.step - 1), "img_per_s": img_s, "img_per_s_per_device": img_s / d.world_size,
-                  "skipped_steps": self.skipped_steps}
-        for k, v in window.items():
-            value = float(v) / steps
-            record["grad_norm" if k == "grad_norm" else ("skipped_in_window" if k == "skipped" else f"loss/{k}")] = value
-        record["skipped_in_window"] = int(round(record.get("skipped_in_window", 0) * steps))
+                  "skipped_steps": self.skipped_steps, "skipped_in_window": int(window.pop("skipped", 0)),
+                  "grad_norm": float(window.pop("grad_norm")) / steps}
+        record.update({f"loss/{k}": float(v) / steps for k, v in window.items()})
         if self.flops_per_image:
             record["tflops_per_device"] = self.flops_per_image * img_s / d.world_size / 1e12
             if self.peak_flops:

@@ -91,14 +91,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_compile_matches_eager(tmp_path):
-    def run(name, compile_):
-        cfg = apply_overrides(get_preset("tiny"), {
-            "train.out_dir": str(tmp_path), "train.name": name, "train.max_steps": "3", "train.log_every": "1",
-            "train.sample_steps": "2", "train.num_sample_images": "2", "parallel.compile": str(compile_),
-            "data.synthetic_size": "256", "train.tensorboard": "false"})
-        return losses(Trainer(cfg).fit())
-
-    eager, compiled = run("eager", False), run("compiled", True)
+    eager = _tiny_losses(tmp_path, "eager", **{"parallel.compile": "false"})
+    compiled = _tiny_losses(tmp_path, "compiled", **{"parallel.compile": "true"})
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
 
 
