@@ -10,6 +10,7 @@ setup(
         "reglue.models",
         "reglue.diffusion",
         "reglue.data",
+        "reglue.evaluation",
         "reglue.train",
         "reglue.kernels",
     ],

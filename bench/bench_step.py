@@ -17,7 +17,7 @@ from _common import ON_GPU
 
 from reglue.config import apply_overrides
 from reglue.presets import get_preset
-from reglue.train.distributed import DistInfo
+from reglue.runtime import DistInfo
 from reglue.train.metrics import device_peak_flops
 from reglue.train.trainer import Trainer
 

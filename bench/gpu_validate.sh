@@ -79,7 +79,7 @@ step train-smoke "$PY" train.py --preset tiny --kernels triton --compile --max-s
 step train-sit-b "$PY" train.py --preset reglue-sit-b-2 --kernels triton --compile --max-steps 10 \
     --global-batch-size 32 --out "$OUT/train-smoke" --set encoders.dinov2_weights=none \
     --set encoders.vae=tiny-random --set data.synthetic_size=256 --set train.log_every=5 \
-    --set train.sample_steps=10 --set train.num_sample_images=4 --set train.ckpt_every=10
+    --set sample.steps=10 --set train.num_sample_images=4 --set train.ckpt_every=10
 
 # 3. Benchmarks at GPU sizes: kernels, attention and data; then whole train steps (long: compiles
 # SiT-B/2 and SiT-XL/2 in several variants; BENCH_STEP_K narrows it, e.g. "xl-2 and b32").

@@ -14,6 +14,15 @@ def _import_triton() -> bool:
     return True
 
 
+KERNEL_CHOICES = ("eager", "triton")
+"""Implementations of the fused ops: ``triton`` kernels or their ``eager`` PyTorch references."""
+
+
+def check_kernels(kernels: str) -> None:
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+
+
 # Probed once at import: a cached probe function would be re-traced by torch.compile.
 _TRITON_AVAILABLE = _import_triton()
 

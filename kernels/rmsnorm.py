@@ -15,6 +15,7 @@ from ._utils import (
     can_run_triton,
     cdiv,
     check_dtypes,
+    check_kernels,
     device_guard,
     empty_output,
     reduction_programs,
@@ -29,7 +30,6 @@ if triton_available():
 else:  # pragma: no cover
     triton = None
 
-KERNELS = ("eager", "triton")
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, upcast: bool = False) -> torch.Tensor:
@@ -165,8 +165,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6, kernels: str = "eager"):
         super().__init__()
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        check_kernels(kernels)
         self.eps = eps
         self.kernels = kernels
         self.weight = nn.Parameter(torch.ones(dim))

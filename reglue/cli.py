@@ -4,6 +4,7 @@ train-compressor, come from ``reglue.data``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,34 +13,10 @@ from typing import List, Optional
 import torch
 
 
-def _run_checkpoint(run: Optional[str], checkpoint: Optional[str]) -> Path:
-    from reglue.train.checkpoint import CheckpointError, latest_checkpoint
-
-    if checkpoint:
-        return Path(checkpoint)
-    if not run:
-        raise CheckpointError("give --run DIR or --checkpoint DIR")
-    found = latest_checkpoint(run)
-    if found is None:
-        raise CheckpointError(f"{run}: no finished checkpoint under {Path(run) / 'checkpoints'}")
-    return found
-
-
-def load_run_weights(run: Optional[str] = None, checkpoint: Optional[str] = None, which: str = "ema"):
-    """(config, model with the chosen weights) of a run's latest (or a given) checkpoint, on CPU."""
-    from reglue.config import Config
-    from reglue.models import build_model
-    from reglue.train.checkpoint import load_weights, read_meta
-
-    path = _run_checkpoint(run, checkpoint)
-    config = Config.from_dict(read_meta(path)["config"])
-    model = build_model(config, kernels="eager")
-    load_weights(path, model, which)
-    return config, model, path
-
-
 def cmd_export(args) -> int:
     from safetensors.torch import save_file
+
+    from reglue.checkpoint import load_run_weights
 
     tensors, metadata = {}, {}
     for which in (("ema", "model") if args.weights == "both" else (args.weights,)):
@@ -54,6 +31,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from reglue.checkpoint import load_run_weights
     from reglue.models.encoders import build_vae
     from reglue.train.metrics import save_grid
     from reglue.train.sampling import sample_from_state
@@ -61,8 +39,9 @@ def cmd_sample(args) -> int:
     config, model, path = load_run_weights(args.run, args.checkpoint, "ema")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = build_vae(args.vae or config.encoders.vae, seed=config.train.seed).to(device)
-    images = sample_from_state(config, model.state_dict(), vae, device, args.num, args.seed, sampler=args.sampler,
-                               num_steps=args.steps, cfg_scale=args.cfg_scale)
+    overrides = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg_scale", args.cfg_scale)) if v is not None}
+    images = sample_from_state(config, model.state_dict(), vae, device, args.num, args.seed,
+                               dataclasses.replace(config.sample, **overrides))
     save_grid(images, Path(args.out), nrow=max(1, int(args.num**0.5)))
     print(f"wrote {args.num} samples from {path} to {args.out}")
     return 0
@@ -87,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--num", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=("sde", "euler", "heun"), default="sde")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--cfg-scale", type=float)
+    p.add_argument("--sampler", choices=("sde", "euler", "heun"), help="default: the run's sample.sampler")
+    p.add_argument("--steps", type=int, help="default: the run's sample.steps")
+    p.add_argument("--cfg-scale", type=float, help="default: the run's sample.cfg_scale")
     p.add_argument("--vae", help="override the run's VAE (hub name or folder)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_sample)
@@ -109,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return train_main(argv[1:], prog="reglue train")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from reglue.train.checkpoint import CheckpointError
+    from reglue.checkpoint import CheckpointError
 
     try:
         return args.func(args)

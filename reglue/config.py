@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from reglue.kernels._utils import KERNEL_CHOICES
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
@@ -29,7 +31,6 @@ def _choice(value, name: str, choices) -> None:
 
 
 METHODS = ("sit", "repa", "redi", "reg", "reglue")
-KERNELS = ("eager", "triton")
 ATTENTION = ("auto", "fa3", "fa2", "xformers", "sdpa", "math")
 
 
@@ -70,7 +71,7 @@ class ModelConfig:
         _require(0.0 <= self.class_dropout_prob < 1.0, "model.class_dropout_prob", "must be in [0, 1)")
         _require(self.mlp_ratio > 0, "model.mlp_ratio", "must be positive")
         _require(self.projector_dim > 0, "model.projector_dim", "must be positive")
-        _choice(self.kernels, "model.kernels", KERNELS)
+        _choice(self.kernels, "model.kernels", KERNEL_CHOICES)
         _choice(self.attention, "model.attention", ATTENTION)
         sizes = self.sizes()
         _require(sizes["hidden_size"] % sizes["num_heads"] == 0, "model.num_heads",
@@ -259,6 +260,48 @@ class ParallelConfig:
         _choice(self.param_dtype, "parallel.param_dtype", ("bf16", "fp32"))
 
 
+SAMPLERS = ("sde", "euler", "heun")
+
+
+@dataclass
+class SampleConfig:
+    """How images are drawn from a model: each preset carries the sampler its paper evaluates with.
+
+    ``reglue generate``, ``reglue sample`` and the run's sample grids use it unless flags override.
+    Guidance is ``uncond + cfg_scale (cond - uncond)`` (1 = none) at times t in
+    ``guidance_interval`` (t = 1 is noise), on the first ``guide_channels`` channels (None = all;
+    4 = the VAE latents only); the [CLS] token uses ``cls_cfg_scale`` (None = cfg_scale,
+    0 = conditional only).
+    """
+
+    sampler: str = "sde"
+    """sde (Euler-Maruyama, as published), euler or heun (probability-flow ODE)."""
+    steps: int = 250
+    cfg_scale: float = 1.0
+    cls_cfg_scale: Optional[float] = None
+    guidance_interval: Tuple[float, float] = (0.0, 1.0)
+    guide_channels: Optional[int] = None
+
+    def __post_init__(self):
+        _choice(self.sampler, "sample.sampler", SAMPLERS)
+        _require(isinstance(self.steps, int) and self.steps >= 2, "sample.steps", f"must be an int >= 2, got {self.steps!r}")
+        _require(self.cfg_scale >= 1, "sample.cfg_scale", f"must be >= 1 (1 = no guidance), got {self.cfg_scale}")
+        _require(self.cls_cfg_scale is None or self.cls_cfg_scale >= 0, "sample.cls_cfg_scale",
+                 f"must be None (= cfg_scale), 0 (conditional only) or > 0, got {self.cls_cfg_scale}")
+        self.guidance_interval = tuple(float(v) for v in self.guidance_interval)
+        _require(len(self.guidance_interval) == 2, "sample.guidance_interval", "must be (low, high)")
+        low, high = self.guidance_interval
+        _require(0 <= low <= high <= 1, "sample.guidance_interval", f"needs 0 <= low <= high <= 1, got {low, high}")
+        _require(self.guide_channels is None or self.guide_channels >= 1, "sample.guide_channels",
+                 f"must be None (all channels) or >= 1, got {self.guide_channels}")
+
+    def sampler_options(self) -> Dict[str, Any]:
+        """Keyword arguments of :func:`reglue.diffusion.samplers.sample` for these settings."""
+        return {"sampler": self.sampler, "num_steps": self.steps, "cfg_scale": self.cfg_scale,
+                "cls_cfg_scale": self.cls_cfg_scale, "guidance_interval": self.guidance_interval,
+                "guide_channels": self.guide_channels}
+
+
 @dataclass
 class TrainConfig:
     """Loop, logging, checkpoints, EMA and sampling."""
@@ -275,11 +318,18 @@ class TrainConfig:
     ckpt_every: int = 10_000
     keep_last: int = 3
     sample_every: int = 0
-    """0 = only at the end."""
-    sample_steps: int = 250
-    sample_cfg_scale: float = 1.8
-    sample_guidance_interval: Tuple[float, float] = (0.0, 0.7)
+    """Write an EMA sample grid (``sample`` section settings) every this many steps; 0 = only at the end."""
     num_sample_images: int = 16
+    eval_every: int = 0
+    """Score EMA samples against ``eval_ref`` every this many steps (FID and friends); 0 = never."""
+    eval_samples: int = 10_000
+    """Samples per in-training evaluation, shared by all ranks."""
+    eval_ref: Optional[str] = None
+    """Reference batch (``.npz`` with statistics, ``reglue evaluate --make-ref``); None skips evaluation."""
+    eval_sampler: str = "sde"
+    """In-training evaluation sampler (cheaper than the ``sample`` section's paper setting)."""
+    eval_steps: int = 50
+    """Sampler steps of the in-training evaluation; guidance follows the ``sample`` section."""
     resume: str = "auto"
     """auto (latest checkpoint in the run dir if any), none, or a checkpoint path."""
     tensorboard: bool = True
@@ -297,14 +347,13 @@ class TrainConfig:
         _require(self.global_batch_size > 0, "train.global_batch_size", "must be positive")
         _require(self.micro_batch_size is None or self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
-        for name in ("log_every", "ckpt_every", "keep_last", "sample_steps", "num_sample_images", "max_nonfinite_steps"):
+        for name in ("log_every", "ckpt_every", "keep_last", "num_sample_images", "max_nonfinite_steps", "eval_samples"):
             _require(getattr(self, name) > 0, f"train.{name}", "must be positive")
-        _require(self.sample_every >= 0, "train.sample_every", "must be >= 0")
-        self.sample_guidance_interval = tuple(self.sample_guidance_interval)
+        for name in ("sample_every", "eval_every"):
+            _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0 (0 = off)")
         self.inject_nonfinite_steps = tuple(int(s) for s in self.inject_nonfinite_steps)
-        low, high = self.sample_guidance_interval
-        _require(0 <= low <= high <= 1, "train.sample_guidance_interval", f"needs 0 <= low <= high <= 1, got {low, high}")
-        _require(self.sample_steps >= 2, "train.sample_steps", "must be >= 2")
+        _choice(self.eval_sampler, "train.eval_sampler", SAMPLERS)
+        _require(self.eval_steps >= 2, "train.eval_steps", "must be >= 2")
         _require(bool(self.name) and "/" not in self.name, "train.name", "must be a non-empty name without '/'")
 
 
@@ -317,6 +366,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self):
         self.validate()
@@ -331,6 +381,9 @@ class Config:
         if self.method.semantic == "compressor":
             _require(self.encoders.compressor_channels[-1] == self.method.semantic_channels, "encoders.compressor_channels",
                      f"last entry {self.encoders.compressor_channels[-1]} must equal method.semantic_channels {self.method.semantic_channels}")
+        if self.sample.guide_channels is not None:
+            _require(self.sample.guide_channels <= self.in_channels, "sample.guide_channels",
+                     f"{self.sample.guide_channels} exceeds the model's {self.in_channels} input channels")
         if self.method.use_align:
             grid = latent // sizes["patch_size"]
             enc_grid = (self.data.image_size * 224 // 256) // 14

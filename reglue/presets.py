@@ -15,6 +15,7 @@ from reglue.config import (
     EncoderConfig,
     MethodConfig,
     ModelConfig,
+    SampleConfig,
     TrainConfig,
 )
 
@@ -34,6 +35,8 @@ def _paper(size: str, method: str) -> Config:
         encoders=EncoderConfig(dinov2_weights=DINOV2_HUB_WEIGHTS, feature_layers=(11,) if method == "redi" else (8, 9, 10, 11)),
         data=DataConfig(image_size=256),
         train=TrainConfig(name=slug),
+        # REPA's evaluation setting (README): SDE 250 steps, CFG 1.8 on t in [0, 0.7].
+        sample=SampleConfig(sampler="sde", steps=250, cfg_scale=1.8, guidance_interval=(0.0, 0.7)),
     )
 
 
@@ -55,9 +58,9 @@ def tiny() -> Config:
         data=DataConfig(image_size=64, synthetic_size=2048, synthetic_classes=8, num_workers=0),
         train=TrainConfig(
             name="tiny", max_steps=300, global_batch_size=32, ema_decay=0.99, log_every=10,
-            ckpt_every=100, keep_last=2, sample_steps=50, sample_cfg_scale=2.0,
-            sample_guidance_interval=(0.0, 1.0), num_sample_images=16,
+            ckpt_every=100, keep_last=2, num_sample_images=16,
         ),
+        sample=SampleConfig(sampler="sde", steps=50, cfg_scale=2.0, guidance_interval=(0.0, 1.0)),
     )
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from reglue.config import Config, ConfigError, ModelConfig, TrainConfig, apply_overrides
+from reglue.config import Config, ConfigError, ModelConfig, SampleConfig, TrainConfig, apply_overrides
 from reglue.presets import PRESETS, get_preset
 from reglue.train.cli import config_from_args
 
@@ -37,7 +37,10 @@ def test_method_presets(method, in_ch, cls, align, size, depth):
     ({"method.name": "dit"}, "method.name"),
     ({"optim.lr": "-1"}, "optim.lr"),
     ({"model.patch_size": "4"}, "model.patch_size"),  # alignment needs the 2x2 patch grid
-    ({"train.sample_guidance_interval": "(0.8, 0.2)"}, "train.sample_guidance_interval"),
+    ({"sample.guidance_interval": "(0.8, 0.2)"}, "sample.guidance_interval"),
+    ({"sample.cfg_scale": "0.5"}, "sample.cfg_scale"),
+    ({"sample.sampler": "ddim"}, "sample.sampler"),
+    ({"train.eval_sampler": "ddim"}, "train.eval_sampler"),
     ({"model.nonexistent": "1"}, "model.nonexistent"),
     ({"train.max_steps": "ten"}, "train.max_steps"),
 ])
@@ -76,4 +79,4 @@ def test_bad_flag_exits_with_field_name(capsys):
 
 def test_train_config_defaults_match_paper():
     t = TrainConfig()
-    assert t.ema_decay == 0.9999 and t.sample_steps == 250
+    assert t.ema_decay == 0.9999 and SampleConfig().steps == 250 and SampleConfig().sampler == "sde"

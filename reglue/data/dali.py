@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from reglue.data.sampler import GlobalBatchOrder
+from reglue.runtime import per_rank_batch
 
 log = logging.getLogger("reglue.data")
 
@@ -105,12 +106,10 @@ class DALILoader:
         if not hasattr(dataset, "encoded"):
             raise ValueError("the DALI loader reads encoded images: it needs a prepared dataset or the published layout "
                              "(data.path), not the synthetic demo set; use data.backend=torch")
-        if order.global_batch_size % world_size:
-            raise ValueError(f"global batch size {order.global_batch_size} is not divisible by world size {world_size}")
         self.dataset, self.order = dataset, order
         self.rank, self.world_size = rank, world_size
         self.start_step, self.end_step = start_step, max(start_step, end_step)
-        self.batch_size = order.global_batch_size // world_size
+        self.batch_size = per_rank_batch(order.global_batch_size, world_size)
         device = torch.device(device) if device is not None else torch.device("cpu")
         if device.type == "cuda":
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()

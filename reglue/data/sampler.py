@@ -7,9 +7,11 @@ the step counter: resuming at step s (at any world size) continues with the same
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
+
+from reglue.runtime import per_rank_batch, seeded_generator
 
 
 class GlobalBatchOrder:
@@ -28,15 +30,12 @@ class GlobalBatchOrder:
     def _permutation(self, epoch: int) -> torch.Tensor:
         if self._cache[0] != epoch:
             if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                g = seeded_generator(self.seed, epoch)
                 perm = torch.randperm(self.num_samples, generator=g)
             else:
                 perm = torch.arange(self.num_samples)
             self._cache = (epoch, perm)
         return self._cache[1]
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
 
     def global_batch(self, step: int) -> List[int]:
         epoch, within = divmod(step, self.steps_per_epoch)
@@ -45,7 +44,13 @@ class GlobalBatchOrder:
 
     def rank_batch(self, step: int, rank: int, world_size: int) -> List[int]:
         """This rank's contiguous share of global batch ``step``."""
-        if self.global_batch_size % world_size:
-            raise ValueError(f"global batch size {self.global_batch_size} is not divisible by world size {world_size}")
-        per_rank = self.global_batch_size // world_size
+        per_rank = per_rank_batch(self.global_batch_size, world_size)
         return self.global_batch(step)[rank * per_rank : (rank + 1) * per_rank]
+
+
+def sample_indices(num_samples: int, max_images: Optional[int], seed: int) -> List[int]:
+    """All indices, or a seeded random subset of ``max_images`` (sorted): a sorted ImageFolder's
+    first N images would cover only the first classes."""
+    if max_images is None or max_images >= num_samples:
+        return list(range(num_samples))
+    return sorted(torch.randperm(num_samples, generator=seeded_generator(seed))[:max_images].tolist())

@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from reglue.data.sampler import sample_indices
 from reglue.models.encoders import PCA, DINOv2Encoder, FeatureStats, RunningMoments
 
 log = logging.getLogger("reglue.stats")
@@ -33,15 +34,6 @@ def build_feature_encoder(config, image_size: int, device: torch.device) -> DINO
     from reglue.models.encoders import build_frozen_dinov2
 
     return build_frozen_dinov2(config, device, image_size=image_size)
-
-
-def sample_indices(num_samples: int, max_images: Optional[int], seed: int) -> list:
-    """All indices, or a seeded random subset of ``max_images`` (sorted): a sorted ImageFolder's
-    first N images would cover only the first classes."""
-    if max_images is None or max_images >= num_samples:
-        return list(range(num_samples))
-    g = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(num_samples, generator=g)[:max_images].tolist())
 
 
 def image_batches(dataset, indices: Sequence[int], batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:
@@ -249,7 +241,7 @@ def main(args) -> int:
     from pathlib import Path
 
     from reglue.data.shards import open_data_dir
-    from reglue.train.distributed import init_distributed, shutdown
+    from reglue.runtime import init_distributed, shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_arguments(args)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from reglue.data.sampler import GlobalBatchOrder
+from reglue.runtime import per_rank_batch, seeded_generator
 from reglue.models.compressor import SemanticCompressor
 from reglue.models.encoders import DINOv2Encoder, FeatureStats
 
@@ -68,7 +69,7 @@ def split_holdout(num_samples: int, fraction: float, seed: int):
     n_val = max(1, int(round(num_samples * fraction)))
     if n_val >= num_samples:
         raise ValueError(f"a {fraction} hold-out leaves no training images out of {num_samples}")
-    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    perm = torch.randperm(num_samples, generator=seeded_generator(seed, 1)).tolist()
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
@@ -120,8 +121,7 @@ def train_compressor(train_set, val_set, encoder: DINOv2Encoder, stats: FeatureS
         raise ValueError(f"compressor input {hp.channels[0]} != DINOv2 feature channels {encoder.feature_channels}")
     if stats.channels != encoder.feature_channels:
         raise ValueError(f"feature statistics have {stats.channels} channels, DINOv2 gives {encoder.feature_channels}")
-    if hp.global_batch_size % world_size:
-        raise ValueError(f"global batch {hp.global_batch_size} is not divisible by world size {world_size}")
+    per_rank_batch(hp.global_batch_size, world_size, "--global-batch-size")
     stats = stats.to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(hp.seed)
@@ -211,7 +211,7 @@ def add_parser(subparsers) -> None:
 def main(args) -> int:
     from reglue.data.shards import open_data_dir
     from reglue.data.stats import build_feature_encoder, encoder_overrides, run_config
-    from reglue.train.distributed import init_distributed, shutdown
+    from reglue.runtime import init_distributed, shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = run_config(args.preset, args.config, encoder_overrides(args))

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reglue.models.state import check_state_dict
+from reglue.runtime import clean_name
 
 __all__ = ["ResidualBlock", "ConvStack", "SemanticCompressor", "load_compressor", "fold_bn_into_conv"]
 
@@ -196,7 +197,7 @@ def load_compressor(
         state_dict = dict(path_or_state_dict)
     else:
         state_dict = _read_state_dict(path_or_state_dict)
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = {clean_name(k): v for k, v in state_dict.items()}
 
     model = SemanticCompressor(channels if channels is not None else _infer_channels(state_dict))
     check_state_dict(model.state_dict(), state_dict, f"SemanticCompressor(channels={model.channels})", limit=64)

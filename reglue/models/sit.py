@@ -21,25 +21,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reglue.kernels._utils import check_kernels
 from reglue.models.attention import attention
 from reglue.models.state import check_state_dict
-
-KERNELS = ("eager", "triton")
-
+from reglue.runtime import clean_name, seeded_generator
 
 def param_generator(seed: int, name: str) -> torch.Generator:
     """CPU generator for one parameter's initialisation, seeded by (seed, name)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    return seeded_generator(seed, zlib.crc32(name.encode()))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x: (N, T, D); shift, scale: (N, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def _check_kernels(kernels: str) -> None:
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +163,7 @@ class SiTBlock(nn.Module):
         attention_backend: str = "auto",
     ):
         super().__init__()
-        _check_kernels(kernels)
+        check_kernels(kernels)
         self.kernels = kernels
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, kernels=kernels, backend=attention_backend)
@@ -195,7 +189,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, cls_token_dim: int = 0, kernels: str = "eager"):
         super().__init__()
-        _check_kernels(kernels)
+        check_kernels(kernels)
         self.kernels = kernels
         self.has_cls = bool(cls_token_dim)
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -293,7 +287,7 @@ class SiT(nn.Module):
         attention: str = "auto",
     ):
         super().__init__()
-        _check_kernels(kernels)
+        check_kernels(kernels)
         z_dims = tuple(z_dims or ())
         if z_dims and not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in [1, depth={depth}] when projectors are used, got {encoder_depth}")
@@ -326,11 +320,6 @@ class SiT(nn.Module):
             self.wg_norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
         if not any(p.is_meta for p in self.parameters()):
             self.initialize_weights()
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens the blocks see (patches, plus the [CLS] token when present)."""
-        return self.pos_embed.shape[1]
 
     def init_tensor(self, name: str, shape, generator: torch.Generator) -> torch.Tensor:
         """Initial value of parameter ``name`` (SiT/DiT scheme: xavier linears, fixed sin-cos
@@ -419,20 +408,6 @@ SiT_models = {
 }
 
 
-def _strip_prefix(state_dict: dict, prefixes=("module.", "_orig_mod.")) -> dict:
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in prefixes:
-                if key.startswith(prefix):
-                    key = key[len(prefix) :]
-                    changed = True
-        out[key] = value
-    return out
-
-
 def load_sit_checkpoint(model: SiT, path_or_state, key: str = "ema", strict: bool = True) -> SiT:
     """Load a published REGLUE/REG/REPA checkpoint (``{"ema": state_dict, ...}``) into ``model``.
 
@@ -461,7 +436,7 @@ def load_sit_checkpoint(model: SiT, path_or_state, key: str = "ema", strict: boo
         state = ckpt
     else:
         raise KeyError(f"checkpoint has no {key!r} entry (found {sorted(ckpt)[:10]})")
-    state = _strip_prefix(state)
+    state = {clean_name(k): v for k, v in state.items()}
     check_state_dict(model.state_dict(), state, "the model (check the --preset / model and method settings)", strict)
     model.load_state_dict(state, strict=strict)
     return model

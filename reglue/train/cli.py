@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional
 
 from reglue.config import Config, ConfigError, apply_overrides
+from reglue.kernels._utils import KERNEL_CHOICES
 from reglue.presets import PRESETS, get_preset
 
 
@@ -28,7 +29,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, help="per-rank batch per forward (gradient accumulation fills the rest)")
     p.add_argument("--seed", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--kernels", choices=("eager", "triton"))
+    p.add_argument("--kernels", choices=KERNEL_CHOICES)
     p.add_argument("--attention", choices=("auto", "fa3", "fa2", "xformers", "sdpa", "math"))
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each SiT block")
     p.add_argument("--activation-checkpointing", choices=("off", "full", "selective"))
@@ -81,7 +82,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
         print(config.to_json())
         return 0
     from reglue.data.shards import DatasetError
-    from reglue.train.checkpoint import CheckpointError
+    from reglue.checkpoint import CheckpointError
     from reglue.train.trainer import NonFiniteError, run
 
     try:

@@ -12,15 +12,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def clean_name(name: str) -> str:
-    """Parameter name without activation-checkpoint/compile wrapper segments (checkpoint FQN)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name.removeprefix("module.")  # DDP
-
+from reglue.runtime import clean_name
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t

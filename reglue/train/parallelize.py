@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from reglue.config import ParallelConfig
-from reglue.train.distributed import DistInfo
+from reglue.runtime import DistInfo
 
 log = logging.getLogger("reglue.parallelize")
 
@@ -128,7 +128,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     only its shard. The whole model never exists unsharded on one rank, and every world size
     starts from bit-identical weights."""
     from reglue.models.sit import param_generator
-    from reglue.train.ema import clean_name
+    from reglue.runtime import clean_name
 
     model.to_empty(device=device)
     for name, param in model.named_parameters():

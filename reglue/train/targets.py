@@ -17,7 +17,7 @@ from typing import Callable, Dict
 import torch
 
 from reglue.config import Config
-from reglue.train.distributed import broadcast_object
+from reglue.runtime import broadcast_object
 from reglue.models.encoders import (
     PCA,
     FeatureStats,

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from reglue.config import Config
 from reglue.data import build_loader, open_dataset
 from reglue.diffusion.transport import draw_noise, training_losses
-from reglue.train import checkpoint as ckpt
-from reglue.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from reglue import checkpoint as ckpt
+from reglue.runtime import DistInfo, all_reduce_mean, barrier, init_distributed, per_rank_batch, seeded_generator
 from reglue.train.ema import EMA
 from reglue.train.metrics import MetricsWriter, count_flops, device_peak_flops, plot_losses, read_metrics, save_grid
 from reglue.train.parallelize import build_parallel_model, use_fsdp
@@ -41,10 +41,6 @@ _RESUME_LOCKED_FIELDS = (("train", "seed"), ("train", "global_batch_size"), ("da
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
-
-
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7919 + 17) % (2**63))
 
 
 def _check_resume_config(saved: Dict, config: Config, path) -> None:
@@ -79,9 +75,7 @@ class Trainer:
         _setup_logging(self.dist)
         cfg, d = config, self.dist
         self.run_dir = Path(cfg.train.out_dir) / cfg.train.name
-        if cfg.train.global_batch_size % d.world_size:
-            raise ValueError(f"train.global_batch_size {cfg.train.global_batch_size} is not divisible by the world size {d.world_size}")
-        self.per_rank = cfg.train.global_batch_size // d.world_size
+        self.per_rank = per_rank_batch(cfg.train.global_batch_size, d.world_size, "train.global_batch_size")
         self.micro = cfg.train.micro_batch_size or self.per_rank
         if self.per_rank % self.micro:
             raise ValueError(f"train.micro_batch_size {self.micro} does not divide the per-rank batch {self.per_rank}")
@@ -96,7 +90,7 @@ class Trainer:
         from reglue.data.sampler import GlobalBatchOrder
 
         self.order = GlobalBatchOrder(len(self.dataset), cfg.train.global_batch_size, seed=cfg.train.seed)
-        from reglue.data.stats import sample_indices
+        from reglue.data.sampler import sample_indices
 
         # a seeded sample across the dataset: prepared datasets are sorted by class
         calib = lambda n: torch.stack([self.dataset[i][0] for i in sample_indices(len(self.dataset), n, cfg.train.seed)])  # noqa: E731
@@ -139,7 +133,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     def _step_randomness(self, step: int):
         cfg = self.config
-        g = step_generator(cfg.train.seed, step, self.dist.device)
+        g = seeded_generator(cfg.train.seed, step, device=self.dist.device)
         n = cfg.train.global_batch_size
         noise = draw_noise(
             n, self.x_shape, self.config.encoders.embed_dim if cfg.method.use_cls else 0,

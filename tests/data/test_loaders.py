@@ -217,7 +217,7 @@ def test_training_runs_from_prepared_shards(prepared, tmp_path):
 
     config = apply_overrides(_config(prepared), {
         "train.max_steps": 2, "train.global_batch_size": 4, "train.out_dir": str(tmp_path), "train.log_every": 1,
-        "train.ckpt_every": 2, "train.num_sample_images": 1, "train.sample_steps": 2, "train.name": "shards",
+        "train.ckpt_every": 2, "train.num_sample_images": 1, "sample.steps": 2, "train.name": "shards",
     })
     run(config)
     records = [json.loads(line) for line in (tmp_path / "shards" / "metrics.jsonl").read_text().splitlines()]

@@ -14,11 +14,11 @@ import torch
 from reglue.config import apply_overrides
 from reglue.models import build_model
 from reglue.presets import get_preset
-from reglue.train.checkpoint import latest_checkpoint, load_weights, read_meta
+from reglue.checkpoint import latest_checkpoint, load_weights, read_meta
 from reglue.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMON = ["--set", "train.sample_steps=3", "--set", "train.num_sample_images=4", "--set", "train.log_every=1",
+COMMON = ["--set", "sample.steps=3", "--set", "train.num_sample_images=4", "--set", "train.log_every=1",
           "--set", "data.synthetic_size=512", "--set", "train.tensorboard=false"]
 
 
@@ -107,7 +107,7 @@ def test_reference_mode_ddp_two_processes_matches_one(tmp_path):
 def _tiny_losses(tmp_path, name, **overrides):
     cfg = apply_overrides(get_preset("tiny"), {
         "train.out_dir": str(tmp_path), "train.name": name, "train.max_steps": "3", "train.log_every": "1",
-        "train.sample_steps": "2", "train.num_sample_images": "2", "data.synthetic_size": "256",
+        "sample.steps": "2", "train.num_sample_images": "2", "data.synthetic_size": "256",
         "train.tensorboard": "false", **overrides})
     return losses(Trainer(cfg).fit())
 
@@ -123,7 +123,7 @@ def test_fsdp_bf16_params_keep_fp32_timesteps(monkeypatch):
     import torch.distributed as dist
 
     from reglue.train import parallelize as par
-    from reglue.train.distributed import DistInfo
+    from reglue.runtime import DistInfo
 
     monkeypatch.setattr(par, "use_fsdp", lambda d: True)
     monkeypatch.setattr(par, "compute_param_dtype", lambda cfg, device: torch.bfloat16)

@@ -10,12 +10,12 @@ from reglue.config import apply_overrides
 from reglue.models import build_model
 from reglue.models.sit import load_sit_checkpoint
 from reglue.presets import get_preset
-from reglue.train.checkpoint import latest_checkpoint, list_checkpoints, load_weights
+from reglue.checkpoint import latest_checkpoint, list_checkpoints, load_weights
 from reglue.train.trainer import NonFiniteError, Trainer
 
 
 def tiny(tmp_path, name="run", **overrides):
-    base = {"train.out_dir": str(tmp_path), "train.name": name, "train.sample_steps": "4", "train.num_sample_images": "4",
+    base = {"train.out_dir": str(tmp_path), "train.name": name, "sample.steps": "4", "train.num_sample_images": "4",
             "train.log_every": "5", "data.synthetic_size": "512"}
     base.update({k: str(v) for k, v in overrides.items()})
     return apply_overrides(get_preset("tiny"), base)

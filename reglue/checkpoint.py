@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from reglue.train.distributed import DistInfo, barrier, broadcast_object
+from reglue.runtime import DistInfo, barrier, broadcast_object
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 FORMAT_VERSION = 1
@@ -166,3 +166,27 @@ def resolve_resume(resume: str, run_dir: str | Path, dist_info: DistInfo) -> Opt
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"--resume {resume}: not a finished reglue checkpoint directory (no meta.json)")
     return path
+
+
+def _run_checkpoint(run: Optional[str], checkpoint: Optional[str]) -> Path:
+    if checkpoint:
+        return Path(checkpoint)
+    if not run:
+        raise CheckpointError("give --run DIR or --checkpoint DIR")
+    found = latest_checkpoint(run)
+    if found is None:
+        raise CheckpointError(f"{run}: no finished checkpoint under {checkpoint_dir(run)}")
+    return found
+
+
+def load_run_weights(run: Optional[str] = None, checkpoint: Optional[str] = None, which: str = "ema"):
+    """(config, plain eager model with the chosen weights, checkpoint path) of a run's latest (or
+    a given) checkpoint, on the CPU, in one process (no process group needed)."""
+    from reglue.config import Config
+    from reglue.models import build_model
+
+    path = _run_checkpoint(run, checkpoint)
+    config = Config.from_dict(read_meta(path)["config"])
+    model = build_model(config, kernels="eager")
+    load_weights(path, model, which)
+    return config, model, path

@@ -1,0 +1,128 @@
+"""What every layer above the models shares: the process group, collectives, seeding, batch
+splitting and parameter names without execution wrappers.
+
+It sits low (only torch below it) so that data, evaluation and train code, and the command
+line, import it without pointing up the layers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# --------------------------------------------------------------------------------------------
+# Process group
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun) and start the process group when world size > 1
+    (nccl on CUDA, gloo on the CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a no-op in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Seeding and batch splitting
+# --------------------------------------------------------------------------------------------
+
+_SEED_MOD = 2**63
+
+
+def mix_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (seed, step, index, ...): distinct tuples give
+    distinct, well-spread seeds, and the result depends on nothing but the tuple."""
+    h = 0x243F6A8885A308D3
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 0x9E3779B97F4A7C15) % _SEED_MOD
+    return h
+
+
+def seeded_generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded by :func:`mix_seed` of ``parts``."""
+    return torch.Generator(device=device).manual_seed(mix_seed(*parts))
+
+
+def per_rank_batch(global_batch_size: int, world_size: int, what: str = "global batch size") -> int:
+    """The share of one rank; ``what`` names the setting in the error when it does not divide."""
+    if global_batch_size % world_size:
+        raise ValueError(f"{what} {global_batch_size} is not divisible by the world size {world_size}")
+    return global_batch_size // world_size
+
+
+# --------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------
+
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """Parameter name without activation-checkpoint, compile, FSDP or DDP (``module.``) wrapper
+    segments: the checkpoint FQN, the same at every world size and execution mode."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
