@@ -81,7 +81,7 @@ class _Guidance:
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, final_step: bool) -> torch.Tensor:
         """The guided prediction of x from the two halves of a 2N call (see the module docstring)."""
         if self.rg_scale != 1:
-            return _prefix(uncond + self.rg_scale * (cond - uncond), cond, None)
+            return uncond + self.rg_scale * (cond - uncond)
         if self.rule == "reglue-vae-cfg":
             if final_step:
                 return uncond + self.scale * (cond - uncond)
@@ -123,23 +123,27 @@ def _resolve_guidance(model, x, cls, cfg_scale, guidance_interval, cls_cfg_scale
         raise ValueError("guidance_rule 'reglue-vae-cfg' guides a channel prefix: pass guide_channels "
                          "(4 = the VAE latents, as published)")
     rg_scale = float(representation_guidance_scale)
-    if rg_scale < 1:
-        raise ValueError(f"representation_guidance_scale must be >= 1 (1 = off), got {representation_guidance_scale}")
     if rg_scale != 1:
-        if cfg_scale != 1 or guidance_rule != "standard":
-            raise ValueError("representation guidance excludes classifier-free guidance (as in ReDi's sample_ddp.py): "
-                             "use cfg_scale 1 and guidance_rule 'standard' with representation_guidance_scale > 1")
-        if cls is not None:
-            raise ValueError("representation guidance is defined for ReDi-style models without a [CLS] token")
-        if not 1 <= latent_channels < channels:
-            raise ValueError(f"representation guidance zeroes the channels from latent_channels={latent_channels} on; "
-                             f"x has {channels} channels, so it has no semantic channels to drop")
+        _check_representation_guidance(rg_scale, cfg_scale, guidance_rule, cls, latent_channels, channels)
     if null_label is None and (cfg_scale != 1 or cls_scale != 1):
         null_label = getattr(model, "num_classes", None)
         if null_label is None:
             raise ValueError("guidance needs the null label: pass null_label= (model has no num_classes)")
     return _Guidance(float(cfg_scale), (float(low), float(high)), float(cls_scale), guide_channels, null_label,
                      guidance_rule, rg_scale, latent_channels)
+
+
+def _check_representation_guidance(rg_scale, cfg_scale, guidance_rule, cls, latent_channels, channels) -> None:
+    if rg_scale < 1:
+        raise ValueError(f"representation_guidance_scale must be >= 1 (1 = off), got {rg_scale}")
+    if cfg_scale != 1 or guidance_rule != "standard":
+        raise ValueError("representation guidance excludes classifier-free guidance (as in ReDi's sample_ddp.py): "
+                         "use cfg_scale 1 and guidance_rule 'standard' with representation_guidance_scale > 1")
+    if cls is not None:
+        raise ValueError("representation guidance is defined for ReDi-style models without a [CLS] token")
+    if not 1 <= latent_channels < channels:
+        raise ValueError(f"representation guidance zeroes the channels from latent_channels={latent_channels} on; "
+                         f"x has {channels} channels, so it has no semantic channels to drop")
 
 
 def _check_inputs(model, x, y, cls, path, num_steps, min_steps):

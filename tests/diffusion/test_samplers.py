@@ -381,11 +381,20 @@ def test_no_cls_token_and_low_precision_inputs():
     (dict(guide_channels=0), "guide_channels"),
     (dict(guide_channels=4), "guide_channels"),
     (dict(path="vp"), "path"),
+    (dict(guidance_rule="vae"), "guidance_rule must be one of"),
+    (dict(cfg_scale=2.0, guidance_rule="reglue-vae-cfg"), "pass guide_channels"),
+    (dict(sampler="heun", cfg_scale=2.0, guidance_rule="reglue-vae-cfg", guide_channels=2), "SDE sampler only"),
+    (dict(representation_guidance_scale=0.5), "representation_guidance_scale must be >= 1"),
+    (dict(representation_guidance_scale=2.0, cfg_scale=2.0), "excludes classifier-free guidance"),
+    (dict(representation_guidance_scale=2.0, with_cls=True), r"without a \[CLS\] token"),
+    (dict(representation_guidance_scale=2.0), "no semantic channels"),  # x has 3 channels, all "latent"
 ])
 def test_bad_arguments_fail_with_a_clear_message(options, message):
     x1, y, cls1 = make_inputs(2)
+    options = dict(options)
+    with_cls = options.pop("with_cls", "representation_guidance_scale" not in options)
     with pytest.raises(ValueError, match=message):
-        sample(make_model(), x1, y, cls1, **options)
+        sample(make_model(), x1, y, cls1 if with_cls else None, **options)
 
 
 def test_bad_models_fail_with_a_clear_message():
