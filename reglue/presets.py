@@ -8,9 +8,8 @@ published repositories, read at the commits given) and where it differs from the
 What every published recipe shares, and so every method preset: AdamW, lr 1e-4, betas (0.9,
 0.999), eps 1e-8, no weight decay, constant lr; global batch 256; EMA 0.9999; label dropout 0.1;
 the linear path, uniform t, velocity prediction; SD-VAE ft-EMA latents scaled by 0.18215; a
-250-step Euler-Maruyama SDE for evaluation. SiT-B/2 runs are compared at 400K iterations (REPA,
-REG, ReDi and REGLUE all report B/2 at 400K without guidance); the XL presets run to the length
-of each paper's headline result.
+250-step Euler-Maruyama SDE for evaluation. SiT-B/2 runs are compared at 400K iterations without
+guidance (:data:`B_STEPS`); the XL presets run to the length of each paper's headline result.
 
 Deliberate differences from every published execution (``--reference`` undoes the first):
 
@@ -54,7 +53,8 @@ STEPS_PER_EPOCH = IMAGENET_TRAIN_IMAGES // PUBLISHED_BATCH
 """5004: the published loaders drop the last incomplete batch of an epoch."""
 
 B_STEPS = 400_000
-"""SiT-B/2 comparison length: REPA Table 2, REG, ReDi and REGLUE all report B/2 at 400K iterations."""
+"""SiT-B/2 comparison length: the papers' B/2 tables (REPA Table 2, and REG, ReDi, REGLUE after it) are at
+400K iterations, without guidance; the repositories publish no B/2 evaluation script."""
 
 # The two DINOv2-B/14 of the published methods, as (timm architecture, weights).
 DINOV2_B14 = ("vit_base_patch14_dinov2", DINOV2_NOREG_HUB_WEIGHTS)  # torch.hub dinov2_vitb14
