@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reglue.diffusion.transport import PATHS, interpolant, score_from_velocity
+from reglue.diffusion.transport import PATHS, score_from_velocity
 
 SAMPLERS = ("sde", "euler", "heun")
 GUIDANCE_RULES = ("standard", "reglue-vae-cfg")
