@@ -115,6 +115,11 @@ class MethodConfig:
     """(step, factor) pairs: from ``step`` on, λs is multiplied by ``factor`` (XL: halved at 250k, quartered at 500k)."""
     lambda_cls: float = 0.03
     lambda_align: float = 0.5
+    semantic_dropout_prob: float = 0.0
+    """ReDi ``--dino-drop-prob``: probability that a sample's clean semantic channels are zeroed and
+    its semantic loss dropped (per sample; see ``reglue.diffusion.transport.training_losses``). What
+    representation guidance (``sample.representation_guidance_scale``) needs; ReDi's README uses
+    0.2 for it, its default recipe 0 (off)."""
 
     def __post_init__(self):
         _choice(self.name, "method.name", METHODS)
@@ -126,6 +131,10 @@ class MethodConfig:
         _require(self.semantic_channels > 0, "method.semantic_channels", "must be positive")
         for name in ("lambda_semantic", "lambda_cls", "lambda_align"):
             _require(getattr(self, name) >= 0, f"method.{name}", "must be >= 0")
+        _require(0 <= self.semantic_dropout_prob < 1, "method.semantic_dropout_prob",
+                 f"must be in [0, 1), got {self.semantic_dropout_prob}")
+        _require(self.semantic_dropout_prob == 0 or self.semantic != "none", "method.semantic_dropout_prob",
+                 f"method {self.name!r} has no semantic channels to drop (redi and reglue have)")
         self.semantic_milestones = tuple(tuple(m) for m in self.semantic_milestones)
         steps = [m[0] for m in self.semantic_milestones]
         _require(all(len(m) == 2 for m in self.semantic_milestones), "method.semantic_milestones", "must be (step, factor) pairs")
@@ -261,6 +270,7 @@ class ParallelConfig:
 
 
 SAMPLERS = ("sde", "euler", "heun")
+GUIDANCE_RULES = ("standard", "reglue-vae-cfg")
 
 
 @dataclass
@@ -268,10 +278,10 @@ class SampleConfig:
     """How images are drawn from a model: each preset carries the sampler its paper evaluates with.
 
     ``reglue generate``, ``reglue sample`` and the run's sample grids use it unless flags override.
-    Guidance is ``uncond + cfg_scale (cond - uncond)`` (1 = none) at times t in
+    Guidance (``reglue.diffusion.samplers``) uses ``cfg_scale`` (1 = none) at times t in
     ``guidance_interval`` (t = 1 is noise), on the first ``guide_channels`` channels (None = all;
-    4 = the VAE latents only); the [CLS] token uses ``cls_cfg_scale`` (None = cfg_scale,
-    0 = conditional only).
+    4 = the VAE latents only; 3 = SiT's published first three), combined by ``guidance_rule``; the
+    [CLS] token uses ``cls_cfg_scale`` (None = cfg_scale, 0 = conditional only).
     """
 
     sampler: str = "sde"
@@ -281,6 +291,15 @@ class SampleConfig:
     cls_cfg_scale: Optional[float] = None
     guidance_interval: Tuple[float, float] = (0.0, 1.0)
     guide_channels: Optional[int] = None
+    guidance_rule: str = "standard"
+    """standard: ``uncond + s (cond - uncond)`` at every guided step. reglue-vae-cfg: the published
+    REGLUE sampler with ``--vae_cfg true`` exactly: ``cond + s (cond - uncond)`` on the first
+    ``guide_channels`` (4) channels on every stochastic step, then the standard formula on all
+    channels on the last, deterministic step; nothing guided unless s > 1. SDE only."""
+    representation_guidance_scale: float = 1.0
+    """ReDi's representation guidance (``sample_ddp.py --rg-scale``; 1 = off): the prediction with
+    the semantic channels of x zeroed is the unconditional branch. Needs a model trained with
+    ``method.semantic_dropout_prob`` > 0 and cfg_scale 1 (the published code uses one or the other)."""
 
     def __post_init__(self):
         _choice(self.sampler, "sample.sampler", SAMPLERS)
@@ -294,12 +313,25 @@ class SampleConfig:
         _require(0 <= low <= high <= 1, "sample.guidance_interval", f"needs 0 <= low <= high <= 1, got {low, high}")
         _require(self.guide_channels is None or self.guide_channels >= 1, "sample.guide_channels",
                  f"must be None (all channels) or >= 1, got {self.guide_channels}")
+        _choice(self.guidance_rule, "sample.guidance_rule", GUIDANCE_RULES)
+        if self.guidance_rule == "reglue-vae-cfg":
+            _require(self.sampler == "sde", "sample.guidance_rule",
+                     f"'reglue-vae-cfg' is the published SDE sampler's rule; sample.sampler is {self.sampler!r}")
+            _require(self.guide_channels is not None, "sample.guidance_rule",
+                     "'reglue-vae-cfg' guides the VAE channels: set sample.guide_channels=4 (as published)")
+        _require(self.representation_guidance_scale >= 1, "sample.representation_guidance_scale",
+                 f"must be >= 1 (1 = off), got {self.representation_guidance_scale}")
+        if self.representation_guidance_scale != 1:
+            _require(self.cfg_scale == 1 and self.guidance_rule == "standard", "sample.representation_guidance_scale",
+                     "representation guidance excludes classifier-free guidance (as in ReDi's sample_ddp.py): "
+                     "set sample.cfg_scale=1")
 
     def sampler_options(self) -> Dict[str, Any]:
         """Keyword arguments of :func:`reglue.diffusion.samplers.sample` for these settings."""
         return {"sampler": self.sampler, "num_steps": self.steps, "cfg_scale": self.cfg_scale,
                 "cls_cfg_scale": self.cls_cfg_scale, "guidance_interval": self.guidance_interval,
-                "guide_channels": self.guide_channels}
+                "guide_channels": self.guide_channels, "guidance_rule": self.guidance_rule,
+                "representation_guidance_scale": self.representation_guidance_scale}
 
 
 @dataclass
@@ -384,6 +416,14 @@ class Config:
         if self.sample.guide_channels is not None:
             _require(self.sample.guide_channels <= self.in_channels, "sample.guide_channels",
                      f"{self.sample.guide_channels} exceeds the model's {self.in_channels} input channels")
+        if self.sample.representation_guidance_scale != 1:
+            _require(self.method.semantic != "none" and not self.method.use_cls, "sample.representation_guidance_scale",
+                     f"representation guidance needs semantic channels and no [CLS] token (redi); method is {self.method.name!r}")
+            _require(self.method.semantic_dropout_prob > 0, "sample.representation_guidance_scale",
+                     "needs a model trained with method.semantic_dropout_prob > 0 (ReDi: --dino-drop-prob 0.2)")
+        if self.sample.guidance_rule == "reglue-vae-cfg" and self.train.eval_every:
+            _require(self.train.eval_sampler == "sde", "train.eval_sampler",
+                     "sample.guidance_rule 'reglue-vae-cfg' needs the SDE sampler for in-training evaluation too")
         if self.method.use_align:
             grid = latent // sizes["patch_size"]
             enc_grid = (self.data.image_size * 224 // 256) // 14

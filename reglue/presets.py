@@ -1,12 +1,38 @@
-"""Named runs. Each preset is a function returning a full :class:`~reglue.config.Config`.
+"""Named runs: each method's published ImageNet 256² recipe on SiT-B/2 and SiT-XL/2, and ``tiny``.
 
-Method presets exist for SiT-B/2 and SiT-XL/2 (encoder_depth 4 for B, 8 for XL):
 ``sit-{b,xl}-2``, ``repa-sit-{b,xl}-2``, ``redi-sit-{b,xl}-2``, ``reg-sit-{b,xl}-2``,
-``reglue-sit-{b,xl}-2``; and ``tiny`` (REGLUE on a tiny SiT with tiny random encoders, CPU demo).
+``reglue-sit-{b,xl}-2``: each is a function below whose docstring names its sources (the
+published repositories, read at the commits given) and where it differs from them, and why.
+``tiny`` is REGLUE on a tiny SiT with tiny random encoders (CPU demo).
+
+What every published recipe shares, and so every method preset: AdamW, lr 1e-4, betas (0.9,
+0.999), eps 1e-8, no weight decay, constant lr; global batch 256; EMA 0.9999; label dropout 0.1;
+the linear path, uniform t, velocity prediction; SD-VAE ft-EMA latents scaled by 0.18215; a
+250-step Euler-Maruyama SDE for evaluation. SiT-B/2 runs are compared at 400K iterations without
+guidance (:data:`B_STEPS`); the XL presets run to the length of each paper's headline result.
+
+Deliberate differences from every published execution (``--reference`` undoes the first):
+
+- Precision and parallelism: FSDP2 with bf16 parameters and fp32 master weights, optimizer and
+  gradient reduction, and the frozen encoders in bf16 under autocast. REPA, REG and REGLUE train
+  with fp16 autocast and a loss scaler under DDP (accelerate ``--mixed-precision fp16``), their
+  DINOv2 (and REGLUE's compressor) under the same fp16 autocast; SiT and ReDi train in fp32 with
+  TF32 matmuls under DDP. bf16 has fp32's exponent range, so no loss scaling and no skipped
+  overflow steps, and FSDP2 shards the model over any number of GPUs.
+- Randomness: t, noise, label dropout and latent sampling are drawn for the whole global batch
+  from a generator seeded by (seed, step), and the data order is a function of (seed, step), so a
+  run is reproducible at any world size and across restarts; the published loops seed each rank
+  (seed + rank) and shuffle with a DataLoader.
+- Data: ``reglue prepare`` stores ADM centre crops and their SD-VAE moments once, and each step
+  samples a latent from the stored moments: the published REPA/REG/REGLUE/ReDi pipeline (the
+  edm2-style ``images/`` + ``vae-sd/`` layout, also loadable directly). SiT alone encodes
+  randomly flipped crops on the fly (see :func:`sit`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable, Dict
 
 from reglue.config import (
@@ -15,28 +41,160 @@ from reglue.config import (
     EncoderConfig,
     MethodConfig,
     ModelConfig,
+    OptimConfig,
     SampleConfig,
     TrainConfig,
 )
+from reglue.models.encoders import DINOV2_HUB_WEIGHTS, DINOV2_NOREG_HUB_WEIGHTS
 
-from reglue.models.encoders import DINOV2_HUB_WEIGHTS
+IMAGENET_TRAIN_IMAGES = 1_281_167
+PUBLISHED_BATCH = 256
+STEPS_PER_EPOCH = IMAGENET_TRAIN_IMAGES // PUBLISHED_BATCH
+"""5004: the published loaders drop the last incomplete batch of an epoch."""
+
+B_STEPS = 400_000
+"""SiT-B/2 comparison length: the papers' B/2 tables (REPA Table 2, and REG, ReDi, REGLUE after it) are at
+400K iterations, without guidance; the repositories publish no B/2 evaluation script."""
+
+# The two DINOv2-B/14 of the published methods, as (timm architecture, weights).
+DINOV2_B14 = ("vit_base_patch14_dinov2", DINOV2_NOREG_HUB_WEIGHTS)  # torch.hub dinov2_vitb14
+DINOV2_B14_REG4 = ("vit_base_patch14_reg4_dinov2", DINOV2_HUB_WEIGHTS)  # torch.hub dinov2_vitb14_reg
 
 
-def _paper(size: str, method: str) -> Config:
-    """ImageNet 256² recipe of the published code: batch 256, lr 1e-4, 250-step SDE sampling."""
+def _dinov2(model, feature_layers, **kwargs) -> EncoderConfig:
+    arch, weights = model
+    return EncoderConfig(dinov2=arch, dinov2_weights=weights, feature_layers=feature_layers, **kwargs)
+
+
+def _recipe(size: str, method: MethodConfig, *, encoders: EncoderConfig, grad_clip: float, xl_steps: int,
+            sample: SampleConfig) -> Config:
+    """A method preset at SiT-``size``/2; ``sample`` is the XL evaluation sampler (B runs evaluate
+    it unguided, as the papers report B/2; ``--set sample.cfg_scale=S`` guides it)."""
     xl = size == "XL"
-    semantic_channels = {"redi": 8}.get(method, 16)
-    milestones = ((250_000, 0.5), (500_000, 0.25)) if (xl and method == "reglue") else ()
-    slug = f"{method}-sit-{size.lower()}-2" if method != "sit" else f"sit-{size.lower()}-2"
+    slug = "sit" if method.name == "sit" else f"{method.name}-sit"
+    if not xl:
+        sample = dataclasses.replace(sample, cfg_scale=1.0, cls_cfg_scale=None)
     return Config(
+        # encoder_depth: REPA/REG/REGLUE README "4 for SiT-B/2, 8 for SiT-XL/2" (unused without alignment).
         model=ModelConfig(arch=f"SiT-{size}/2", encoder_depth=8 if xl else 4),
-        method=MethodConfig(name=method, semantic_channels=semantic_channels, semantic_milestones=milestones),
-        # ReDi reduces the last block's tokens only; REGLUE compresses blocks 8-11.
-        encoders=EncoderConfig(dinov2_weights=DINOV2_HUB_WEIGHTS, feature_layers=(11,) if method == "redi" else (8, 9, 10, 11)),
+        method=method,
+        encoders=encoders,
         data=DataConfig(image_size=256),
-        train=TrainConfig(name=slug),
-        # REPA's evaluation setting (README): SDE 250 steps, CFG 1.8 on t in [0, 0.7].
+        optim=OptimConfig(grad_clip=grad_clip),
+        train=TrainConfig(name=f"{slug}-{size.lower()}-2", max_steps=xl_steps if xl else B_STEPS),
+        sample=sample,
+    )
+
+
+def sit(size: str) -> Config:
+    """SiT (willisma/SiT @ 947f95b): latents only.
+
+    Recipe: no gradient clipping (``train.py`` L251-253: backward, step); 1400 epochs (``train.py``
+    L324) = 7,005,600 steps, the length of the FID-2.06 model (``README.md`` L55). Evaluation: SDE,
+    250 steps, diffusion sigma_t, last step "Mean" 0.04 (``train_utils.py`` L25-31, our "sde"
+    sampler exactly), cfg 1.5 (SiT paper, arXiv 2401.08740, the FID-2.06 row; the scripts default to
+    1.0), at every t, on the **first 3 latent channels only** (``models.py`` L261
+    ``model_out[:, :3]``): ``guide_channels=3``.
+
+    Differences: SiT trains in fp32 (TF32), encodes randomly flipped ADM crops with the VAE every
+    step (``train.py`` L186, L247); we train from prepared unflipped crops (one VAE pass at
+    preparation, the pipeline every other method here uses, so comparisons share the data;
+    ``reglue prepare --flip`` stores flipped copies as extra images, not the same thing). Its model
+    predicts 8 channels (``learn_sigma=True``, ``models.py`` L157) of which the loss uses 4: the
+    other 4 get no gradient, so training is the same with our 4-channel output.
+    """
+    return _recipe(
+        size, MethodConfig(name="sit"), encoders=EncoderConfig(), grad_clip=0.0,
+        xl_steps=1400 * STEPS_PER_EPOCH,
+        sample=SampleConfig(sampler="sde", steps=250, cfg_scale=1.5, guide_channels=3),
+    )
+
+
+def repa(size: str) -> Config:
+    """REPA (sihyun-yu/REPA @ 67f7145): latents + alignment of block ``encoder_depth`` to DINOv2.
+
+    Recipe: DINOv2-B/14 **without registers** (``--enc-type dinov2-vit-b``, ``utils.py`` L93
+    ``dinov2_vit{b}14``), its final-layer normed patch tokens as the target (``train.py`` L303
+    ``x_norm_patchtokens``, no [CLS]); λalign 0.5 (``README.md`` L51); clipping 1.0 (``train.py``
+    L423); 4M iterations for the headline model (``README.md`` L138). Evaluation (``README.md``
+    L129-135): SDE 250 steps, cfg 1.8 on all channels for t in [0, 0.7].
+
+    Differences: precision and parallelism (module docstring; fp16 autocast + DDP published).
+    """
+    return _recipe(
+        size, MethodConfig(name="repa", lambda_align=0.5),
+        encoders=_dinov2(DINOV2_B14, (11,)), grad_clip=1.0, xl_steps=4_000_000,
         sample=SampleConfig(sampler="sde", steps=250, cfg_scale=1.8, guidance_interval=(0.0, 0.7)),
+    )
+
+
+def redi(size: str) -> Config:
+    """ReDi (zelaki/ReDi @ 58c65a8): latents ⊕ the first 8 PCA components of DINOv2 patch tokens.
+
+    Recipe: DINOv2-B/14 **with registers** (``train_redi.py`` L67 ``dinov2_vitb14_reg``), its
+    final-layer normed patch tokens (L300), standardised, PCA rank 8 (L396), bilinearly resized to
+    the latent grid (L311); λs 1 (``transport/transport.py`` L161); no alignment, no [CLS]; no
+    gradient clipping (``train_redi.py`` L337-339); 600 epochs (``README.md`` L76, the FID-1.64
+    model) = 3,002,400 steps. Evaluation (``README.md`` L97): SDE 250 steps, cfg 2.4 with
+    ``--cfg-vae True``: ``forward_with_cfg_vae`` (``models.py`` L309-327) guides the 4 VAE
+    channels with the standard formula at every t; the semantic channels take the conditional
+    prediction (the unconditional half of the state is discarded at every step): ``guide_channels=4``.
+
+    Options, off as published: ``method.semantic_dropout_prob`` (``--dino-drop-prob``, README L135:
+    0.2 to use) and ``sample.representation_guidance_scale`` (``--rg-scale``, README L101).
+
+    Differences: ReDi trains in fp32 (TF32), its DINOv2 in fp32, with activation checkpointing on
+    every block (``models.py`` L272); feature dropout is drawn per sample, not per GPU batch
+    (``reglue.diffusion.transport.training_losses``).
+    """
+    return _recipe(
+        size, MethodConfig(name="redi", semantic_channels=8, lambda_semantic=1.0),
+        encoders=_dinov2(DINOV2_B14_REG4, (11,)), grad_clip=0.0, xl_steps=600 * STEPS_PER_EPOCH,
+        sample=SampleConfig(sampler="sde", steps=250, cfg_scale=2.4, guide_channels=4),
+    )
+
+
+def reg(size: str) -> Config:
+    """REG (Martinser/REG @ 021ea2e): latents + a noisy DINOv2 [CLS] token + alignment.
+
+    Recipe: DINOv2-B/14 **without registers** (``--enc-type dinov2-vit-b``: ``utils.py`` L101
+    ``dinov2_vit{b}14``; the ``_reg`` model only for an encoder type containing "reg"); [CLS]
+    (``x_norm_clstoken``) as the entangled token and [CLS] + patch tokens as the alignment target
+    (``train.py`` L304-308); λcls 0.03, λalign 0.5 (``train.sh`` L15, L21); clipping 1.0
+    (``train.py`` L420); 4M iterations for the headline model (``eval.sh`` L4, README "4M (800
+    epochs)"). Evaluation (``eval.sh`` L7-11, L23): SDE 250 steps, cfg 2.3 on all channels and
+    [CLS] cfg 2.3, for t in [0, 0.85].
+
+    Differences: precision and parallelism (module docstring; fp16 autocast + DDP published).
+    """
+    return _recipe(
+        size, MethodConfig(name="reg", lambda_cls=0.03, lambda_align=0.5),
+        encoders=_dinov2(DINOV2_B14, (11,)), grad_clip=1.0, xl_steps=4_000_000,
+        sample=SampleConfig(sampler="sde", steps=250, cfg_scale=2.3, cls_cfg_scale=2.3, guidance_interval=(0.0, 0.85)),
+    )
+
+
+def reglue(size: str) -> Config:
+    """REGLUE (giorgospets/reglue @ 90a20d4): latents ⊕ compressed DINOv2 blocks 8-11 + [CLS] + alignment.
+
+    Recipe: DINOv2-B/14 **with registers** (``utils.py`` L64 ``dinov2_vit{b}14_reg``); blocks 8-11
+    after the final norm, standardised and compressed 3072 -> 256 -> 16 (``train.sh`` L21-23);
+    λs 1, for XL halved from 250k and quartered from 500k steps (``train.py`` L349-355); λcls 0.03,
+    λalign 0.5 (``train.sh`` L12, L18); clipping 1.0 (``train.py`` L458); 1M iterations for XL
+    (``eval.sh`` L2, README "SiT-XL/2, 1M steps"), so both λs milestones are reached. Evaluation
+    (``eval.sh`` L4-10, L23): SDE 250 steps, cfg 2.3 on all 20 channels (``VAE_CFG='false'``) and
+    [CLS] cfg 2.3, for t in [0, 0.9]. The ``VAE_CFG='true'`` variant is
+    ``--set sample.guidance_rule=reglue-vae-cfg --set sample.guide_channels=4``.
+
+    Differences: precision and parallelism (module docstring; fp16 autocast + DDP published).
+    """
+    milestones = ((250_000, 0.5), (500_000, 0.25)) if size == "XL" else ()
+    return _recipe(
+        size, MethodConfig(name="reglue", semantic_channels=16, lambda_semantic=1.0, semantic_milestones=milestones,
+                           lambda_cls=0.03, lambda_align=0.5),
+        encoders=_dinov2(DINOV2_B14_REG4, (8, 9, 10, 11), compressor_channels=(3072, 256, 16)),
+        grad_clip=1.0, xl_steps=1_000_000,
+        sample=SampleConfig(sampler="sde", steps=250, cfg_scale=2.3, cls_cfg_scale=2.3, guidance_interval=(0.0, 0.9)),
     )
 
 
@@ -64,11 +222,12 @@ def tiny() -> Config:
     )
 
 
+METHOD_PRESETS: Dict[str, Callable[[str], Config]] = {"sit": sit, "repa": repa, "redi": redi, "reg": reg, "reglue": reglue}
+
 PRESETS: Dict[str, Callable[[], Config]] = {"tiny": tiny}
-for _size in ("B", "XL"):
-    for _method in ("sit", "repa", "redi", "reg", "reglue"):
-        _cfg = _paper(_size, _method)
-        PRESETS[_cfg.train.name] = (lambda s=_size, m=_method: _paper(s, m))
+for _method, _build in METHOD_PRESETS.items():
+    for _size in ("B", "XL"):
+        PRESETS[_build(_size).train.name] = functools.partial(_build, _size)
 
 
 def get_preset(name: str) -> Config:

@@ -61,27 +61,37 @@ class Noise:
     """All the randomness of one training step for a batch, drawn up front so it is a pure
     function of (seed, step, sample index) and independent of world size and micro-batching.
 
-    t: (N,); eps: like x0; cls_eps: (N, cls_dim) or None; drop: (N,) bool label-dropout mask.
+    t: (N,); eps: like x0; cls_eps: (N, cls_dim) or None; drop: (N,) bool label-dropout mask;
+    semantic_drop: (N,) bool mask of the samples whose semantic channels are dropped (ReDi
+    ``--dino-drop-prob``), or None.
     """
 
     t: torch.Tensor
     eps: torch.Tensor
     cls_eps: Optional[torch.Tensor]
     drop: Optional[torch.Tensor]
+    semantic_drop: Optional[torch.Tensor] = None
 
     def slice(self, start: int, stop: int) -> "Noise":
         pick = lambda v: None if v is None else v[start:stop]  # noqa: E731
-        return Noise(self.t[start:stop], self.eps[start:stop], pick(self.cls_eps), pick(self.drop))
+        return Noise(self.t[start:stop], self.eps[start:stop], pick(self.cls_eps), pick(self.drop),
+                     pick(self.semantic_drop))
 
 
 def draw_noise(n: int, x_shape, cls_dim: int, dropout_prob: float, generator: torch.Generator, device,
-               t_sampling: str = "uniform", t_mean: float = 0.0, t_std: float = 1.0, path: str = "linear") -> Noise:
-    """Draw the step's randomness for ``n`` samples (x_shape excludes the batch dimension)."""
+               t_sampling: str = "uniform", t_mean: float = 0.0, t_std: float = 1.0, path: str = "linear",
+               semantic_dropout_prob: float = 0.0) -> Noise:
+    """Draw the step's randomness for ``n`` samples (x_shape excludes the batch dimension).
+
+    The semantic-dropout mask is drawn last, so enabling it leaves every other draw unchanged."""
     t = sample_t(n, t_sampling, generator=generator, device=device, mean=t_mean, std=t_std, path=path)
     eps = torch.randn((n, *x_shape), generator=generator, device=device)
     cls_eps = torch.randn((n, cls_dim), generator=generator, device=device) if cls_dim else None
     drop = torch.rand(n, generator=generator, device=device) < dropout_prob if dropout_prob > 0 else None
-    return Noise(t, eps, cls_eps, drop)
+    semantic_drop = None
+    if semantic_dropout_prob > 0:
+        semantic_drop = torch.rand(n, generator=generator, device=device) < semantic_dropout_prob
+    return Noise(t, eps, cls_eps, drop, semantic_drop)
 
 
 def alignment_loss(zs_pred, zs_target) -> torch.Tensor:
@@ -96,6 +106,13 @@ def alignment_loss(zs_pred, zs_target) -> torch.Tensor:
         target = F.normalize(target.float(), dim=-1)
         total = total + (-(pred * target).sum(dim=-1)).mean()
     return total / len(zs_pred)
+
+
+def _semantic_loss(err: torch.Tensor, dropped: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean squared error (N, k, h, w) -> (), dropped samples counting as zero."""
+    if dropped is None:
+        return err.mean()
+    return (err.mean(dim=(1, 2, 3)) * (~dropped).to(err.dtype)).mean()
 
 
 def training_losses(
@@ -117,7 +134,17 @@ def training_losses(
     latents: (N, 4, h, w) scaled VAE latents; semantic: (N, k, h, w) or None; cls: (N, C) global
     token or None; align_targets: list of (N, T, C) frozen encoder tokens (empty: no alignment).
     Returns ``latent``, ``semantic``, ``cls``, ``align`` (zero when unused) and ``total``.
+
+    Semantic dropout (``noise.semantic_drop``, ReDi ``transport.py`` ``dino_drop_prob``): a dropped
+    sample's clean semantic channels are zero, so the model sees only their noise, and its
+    semantic error is left out of the mean (the mean still divides by N). ReDi draws one coin per
+    GPU batch and zeroes that whole batch's features and λs; we draw one per sample from the step's
+    seeded generator, so the result does not depend on the world size. The expected loss is the same:
+    latent + (1 - p) λs semantic.
     """
+    semantic_drop = noise.semantic_drop
+    if semantic_drop is not None and semantic is not None:
+        semantic = semantic * (~semantic_drop).to(semantic.dtype).view(-1, 1, 1, 1)
     x0 = latents if semantic is None else torch.cat([latents, semantic.to(latents.dtype)], dim=1)
     if noise.eps.shape != x0.shape:
         raise ValueError(f"noise {tuple(noise.eps.shape)} does not match the model input {tuple(x0.shape)}")
@@ -138,7 +165,7 @@ def training_losses(
     n_latent = latents.shape[1]
     losses = {
         "latent": err[:, :n_latent].mean(),
-        "semantic": err[:, n_latent:].mean() if semantic is not None else zero,
+        "semantic": _semantic_loss(err[:, n_latent:], semantic_drop) if semantic is not None else zero,
         "cls": ((cls_out.float() - cls_target.float()) ** 2).mean() if cls is not None else zero,
         "align": alignment_loss(zs, align_targets) if len(align_targets) else zero,
     }

@@ -1,8 +1,8 @@
 """Frozen encoders and the semantic target built from them.
 
-- :class:`DINOv2Encoder`: DINOv2-B/14 with 4 registers (timm `vit_base_patch14_reg4_dinov2`),
-  returning the multi-layer patch features REGLUE compresses, the final [CLS] token, and the
-  final-layer tokens REPA aligns to.
+- :class:`DINOv2Encoder`: DINOv2-B/14 with 4 registers (timm `vit_base_patch14_reg4_dinov2`:
+  REGLUE, ReDi) or without (`vit_base_patch14_dinov2`: REPA, REG), returning the multi-layer patch
+  features REGLUE compresses, the final [CLS] token, and the final-layer tokens REPA aligns to.
 - :class:`FeatureStats` / :class:`RunningMoments` / :func:`compute_feature_stats`: per-channel
   mean and std of those features, streamed in float64.
 - :class:`PCA`: the ReDi alternative to the learned compressor.
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 __all__ = [
     "LATENT_SCALE",
     "DINOV2_HUB_WEIGHTS",
+    "DINOV2_NOREG_HUB_WEIGHTS",
     "EncoderOutput",
     "DINOv2Encoder",
     "build_dinov2",
@@ -57,6 +58,9 @@ LATENT_SCALE = 0.18215
 
 DINOV2_HUB_WEIGHTS = "hf-hub:timm/vit_base_patch14_reg4_dinov2.lvd142m"
 """The published DINOv2-B/14-reg4 weights on the Hugging Face hub, in timm's layout."""
+
+DINOV2_NOREG_HUB_WEIGHTS = "hf-hub:timm/vit_base_patch14_dinov2.lvd142m"
+"""The published DINOv2-B/14 weights without registers (torch.hub ``dinov2_vitb14``), in timm's layout."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,7 +91,7 @@ class EncoderOutput(NamedTuple):
 
 
 class DINOv2Encoder(nn.Module):
-    """Frozen timm DINOv2 with registers; see the module docstring for what it returns.
+    """Frozen timm DINOv2, with registers or without; see the module docstring for what it returns.
 
     model: a timm VisionTransformer with `img_size = image_size * 224 / 256`.
     image_size: the side of the uint8 images it is given (256 -> 224 ViT input, 512 -> 448).
@@ -146,7 +150,7 @@ class DINOv2Encoder(nn.Module):
             final, intermediates = self.model.forward_intermediates(
                 x, indices=list(self.layers), norm=True, output_fmt="NCHW"
             )
-        prefix = self.model.num_prefix_tokens  # [CLS] then the registers
+        prefix = self.model.num_prefix_tokens  # [CLS] then the registers (if any)
         return EncoderOutput(
             features=torch.cat(intermediates, dim=1),
             cls=final[:, 0],

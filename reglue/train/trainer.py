@@ -139,6 +139,7 @@ class Trainer:
             n, self.x_shape, self.config.encoders.embed_dim if cfg.method.use_cls else 0,
             cfg.model.class_dropout_prob, g, self.dist.device, cfg.method.t_sampling,
             cfg.method.t_lognormal_mean, cfg.method.t_lognormal_std, cfg.method.path,
+            semantic_dropout_prob=cfg.method.semantic_dropout_prob,
         )
         latent_eps = torch.randn((n, 4, *self.x_shape[1:]), generator=g, device=self.dist.device)
         return noise, latent_eps

@@ -95,14 +95,15 @@ def sampler_times(scheme, num_steps):
 def exact_law(scheme, num_steps, path, cond, uncond=None, scale=1.0, interval=(0.0, 1.0)):
     """(k, c, q): a sampler started at x1 returns k x1 + c + N(0, q) for one coordinate.
 
-    cond, uncond: (mu, s) of the conditional and null-label Gaussians; guidance with ``scale`` at
-    evaluation times inside ``interval``.
+    cond, uncond: (mu, s) of the conditional and null-label Gaussians; guidance with ``scale`` on
+    steps whose start time lies inside ``interval`` (both Heun evaluations of a step, as REPA's
+    ``euler_sampler`` decides by ``t_cur``).
     """
     sde = scheme == "sde"
 
-    def coeffs(t):
+    def coeffs(t, step_start):
         a, b = affine_coeffs(t, path, *cond, sde)
-        if scale != 1 and interval[0] <= t <= interval[1]:
+        if scale != 1 and interval[0] <= step_start <= interval[1]:
             a_u, b_u = affine_coeffs(t, path, *uncond, sde)
             a, b = a_u + scale * (a - a_u), b_u + scale * (b - b_u)
         return a, b
@@ -111,9 +112,9 @@ def exact_law(scheme, num_steps, path, cond, uncond=None, scale=1.0, interval=(0
     k, c, q = 1.0, 0.0, 0.0
     for i, (t0, t1) in enumerate(zip(times[:-1], times[1:])):
         dt = t1 - t0
-        a0, b0 = coeffs(t0)
+        a0, b0 = coeffs(t0, t0)
         if scheme == "heun" and i < num_steps - 1:
-            a1, b1 = coeffs(t1)
+            a1, b1 = coeffs(t1, t0)
             step_k = 1 + 0.5 * dt * (a0 + a1 * (1 + a0 * dt))
             step_c = 0.5 * dt * (b0 + a1 * b0 * dt + b1)
         else:
@@ -268,13 +269,14 @@ def test_heun_beats_euler_and_both_converge_at_their_order(path):
 # ---------------------------------------------------------------- evaluations and guidance plumbing
 
 
-def expected_eval_times(sampler, num_steps):
+def expected_evaluations(sampler, num_steps):
+    """(evaluation time, start time of its step) of every model call."""
     times = sampler_times("sde" if sampler == "sde" else "ode", num_steps)
     if sampler != "heun":
-        return times[:num_steps]
+        return [(t, t) for t in times[:num_steps]]
     evals = []
     for i in range(num_steps):
-        evals += [times[i], times[i + 1]] if i < num_steps - 1 else [times[i]]
+        evals += [(times[i], times[i]), (times[i + 1], times[i])] if i < num_steps - 1 else [(times[i], times[i])]
     return evals
 
 
@@ -283,15 +285,15 @@ def expected_eval_times(sampler, num_steps):
 ])
 def test_evaluation_count_times_and_guided_batches(sampler, num_steps, nfe):
     """NFE: sde and euler num_steps, heun 2 num_steps - 1; a call is a 2N batch [y; null] exactly
-    when its time lies in the guidance interval, else N with y; t is (N,) float32."""
+    when its step's start time lies in the guidance interval, else N with y; t is (N,) float32."""
     model = make_model()
     x1, y, cls1 = make_inputs(6)
     low, high = 0.33, 0.71  # no grid point on either end
     sample(model, x1, y, cls1, sampler=sampler, num_steps=num_steps, cfg_scale=2.0, guidance_interval=(low, high))
-    times = expected_eval_times(sampler, num_steps)
-    assert len(model.calls) == len(times) == nfe
-    for call, t in zip(model.calls, times):
-        guided = low <= t <= high
+    evaluations = expected_evaluations(sampler, num_steps)
+    assert len(model.calls) == len(evaluations) == nfe
+    for call, (t, step_start) in zip(model.calls, evaluations):
+        guided = low <= step_start <= high
         assert call["batch"] == (12 if guided else 6)
         assert call["t"].dtype == torch.float32 and call["t"].shape == (call["batch"],)
         assert torch.equal(call["t"], torch.full((call["batch"],), t, dtype=torch.float32))
@@ -379,11 +381,20 @@ def test_no_cls_token_and_low_precision_inputs():
     (dict(guide_channels=0), "guide_channels"),
     (dict(guide_channels=4), "guide_channels"),
     (dict(path="vp"), "path"),
+    (dict(guidance_rule="vae"), "guidance_rule must be one of"),
+    (dict(cfg_scale=2.0, guidance_rule="reglue-vae-cfg"), "pass guide_channels"),
+    (dict(sampler="heun", cfg_scale=2.0, guidance_rule="reglue-vae-cfg", guide_channels=2), "SDE sampler only"),
+    (dict(representation_guidance_scale=0.5), "representation_guidance_scale must be >= 1"),
+    (dict(representation_guidance_scale=2.0, cfg_scale=2.0), "excludes classifier-free guidance"),
+    (dict(representation_guidance_scale=2.0, with_cls=True), r"without a \[CLS\] token"),
+    (dict(representation_guidance_scale=2.0), "no semantic channels"),  # x has 3 channels, all "latent"
 ])
 def test_bad_arguments_fail_with_a_clear_message(options, message):
     x1, y, cls1 = make_inputs(2)
+    options = dict(options)
+    with_cls = options.pop("with_cls", "representation_guidance_scale" not in options)
     with pytest.raises(ValueError, match=message):
-        sample(make_model(), x1, y, cls1, **options)
+        sample(make_model(), x1, y, cls1 if with_cls else None, **options)
 
 
 def test_bad_models_fail_with_a_clear_message():

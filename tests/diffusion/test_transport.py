@@ -5,6 +5,7 @@ import torch
 
 from reglue.config import MethodConfig
 from reglue.diffusion.transport import (
+    Noise,
     alignment_loss,
     draw_noise,
     interpolant,
@@ -147,3 +148,77 @@ def test_lognormal_t_has_lognormal_snr(path):
     alpha, sigma, _, _ = interpolant(t.double(), path)
     z = torch.log(sigma / alpha)
     assert abs(z.mean().item() + 0.4) < 0.03 and abs(z.std().item() - 1.2) < 0.03
+
+
+# ---------------------------------------------------------------- ReDi semantic (feature) dropout
+
+
+def test_semantic_dropout_mask_is_drawn_last_and_at_its_rate():
+    """Turning the option on changes no other draw (t, noise, label dropout), so runs without it are unchanged."""
+    args = (4096, (6, 2, 2), 5, 0.1)
+    off = draw_noise(*args, torch.Generator().manual_seed(4), "cpu")
+    on = draw_noise(*args, torch.Generator().manual_seed(4), "cpu", semantic_dropout_prob=0.2)
+    assert off.semantic_drop is None
+    for name in ("t", "eps", "cls_eps", "drop"):
+        assert torch.equal(getattr(off, name), getattr(on, name)), name
+    assert on.semantic_drop.dtype == torch.bool and abs(on.semantic_drop.float().mean().item() - 0.2) < 0.03
+    assert torch.equal(on.slice(5, 9).semantic_drop, on.semantic_drop[5:9])
+
+
+class Recorder(torch.nn.Module):
+    """A fixed function of its input (so losses are non-trivial) that keeps the inputs it saw."""
+
+    def forward(self, xt, t, y, cls_token=None, force_drop=None):
+        self.xt = xt
+        return torch.tanh(xt) * 0.5, [], None
+
+
+def redi_batch_loss(latents, semantic, eps, t, dropped: bool):
+    """ReDi ``transport.training_losses`` for one batch (zelaki/ReDi @ 58c65a8 L134-161), written in
+    SiT's time s = 1 - t (x_s = s x1 + (1 - s) x0, u = x1 - x0) with the model above read in our
+    time: a dropped batch has its clean features zeroed and lam = 0."""
+    x1 = torch.cat([latents, semantic], 1).clone()
+    lam = 1.0
+    if dropped:
+        lam = 0.0
+        x1[:, 4:] = 0
+    s = (1 - t).view(-1, 1, 1, 1)
+    xs = s * x1 + (1 - s) * eps
+    u = x1 - eps
+    out = -(torch.tanh(xs) * 0.5)  # our velocity d x / d t is minus SiT's d x / d s
+    per_sample = ((out[:, :4] - u[:, :4]) ** 2).mean(dim=(1, 2, 3)) + lam * ((out[:, 4:] - u[:, 4:]) ** 2).mean(dim=(1, 2, 3))
+    return per_sample.mean()
+
+
+def test_semantic_dropout_is_redis_rule_applied_per_sample():
+    """Our per-sample dropout equals ReDi's per-batch rule run on batches of one sample, averaged:
+    dropped samples see only noise in the semantic channels and add no semantic loss."""
+    n = 64
+    noise = draw_noise(n, (6, 2, 2), 0, 0.0, torch.Generator().manual_seed(5), "cpu", semantic_dropout_prob=0.5)
+    assert 0 < noise.semantic_drop.sum() < n
+    latents, semantic = torch.randn(n, 4, 2, 2), torch.randn(n, 2, 2, 2)
+    model = Recorder()
+    losses = training_losses(model, latents, torch.zeros(n, dtype=torch.long), noise, semantic=semantic)
+    dropped = noise.semantic_drop
+    t = noise.t.view(-1, 1, 1, 1)
+    assert_close(model.xt[dropped][:, 4:], (t * noise.eps)[dropped][:, 4:])
+    assert_close(model.xt[~dropped][:, 4:], ((1 - t) * semantic + t * noise.eps[:, 4:])[~dropped])
+    want = torch.stack([redi_batch_loss(latents[i:i + 1], semantic[i:i + 1], noise.eps[i:i + 1], noise.t[i:i + 1],
+                                        bool(dropped[i])) for i in range(n)]).mean()
+    assert_close(losses["total"], want, atol=1e-6, rtol=1e-6)
+    kept = ~dropped
+    err = (torch.tanh(model.xt) * 0.5 - (noise.eps - torch.cat([latents, semantic * kept.view(-1, 1, 1, 1)], 1))) ** 2
+    assert_close(losses["semantic"], (err[:, 4:].mean(dim=(1, 2, 3)) * kept).sum() / n, atol=1e-6, rtol=1e-6)
+
+
+def test_semantic_dropout_of_every_sample_leaves_the_latent_loss_alone():
+    n = 8
+    g = torch.Generator().manual_seed(6)
+    base = draw_noise(n, (6, 2, 2), 0, 0.0, g, "cpu")
+    all_dropped = Noise(base.t, base.eps, None, None, torch.ones(n, dtype=torch.bool))
+    latents, semantic = torch.randn(n, 4, 2, 2), torch.randn(n, 2, 2, 2)
+    with_drop = training_losses(Recorder(), latents, torch.zeros(n, dtype=torch.long), all_dropped, semantic=semantic)
+    without = training_losses(Recorder(), latents, torch.zeros(n, dtype=torch.long), base, semantic=semantic)
+    assert with_drop["semantic"] == 0 and with_drop["total"] == with_drop["latent"]
+    assert_close(with_drop["latent"], without["latent"])
+    assert without["semantic"] > 0
