@@ -277,11 +277,12 @@ def generate_share(sampler: ImageSampler, plan: BlockPlan, rank: int = 0, world_
 def sample_grid(config: Config, state: Dict[str, torch.Tensor], vae, device: torch.device, num: int, seed: int,
                 settings: Optional[SampleConfig] = None) -> torch.Tensor:
     """uint8 (num, 3, H, W) images drawn with ``settings`` (default: the run's ``sample``
-    section): block 0 of a ``num``-sample plan, balanced labels (sample i has class i mod classes).
+    section): block 0 of a ``num``-sample plan, balanced labels (sample i has class i mod classes),
+    eager kernels (a grid is small; no kernel launch or interpreter cost to amortise).
 
     The semantic channels and the [CLS] token are sampled jointly and discarded; only the VAE
     channels are decoded."""
-    sampler = ImageSampler.from_state(config, state, vae, device, settings)
+    sampler = ImageSampler.from_state(config, state, vae, device, settings, kernels="eager")
     plan = BlockPlan(num=num, batch_size=num, seed=seed, num_classes=label_classes(config))
     images, _ = sampler.sample_block(plan, 0)
     return images.permute(0, 3, 1, 2)
@@ -528,10 +529,9 @@ def _read_weight_file(path: Path, model) -> None:
 
         reader = lambda: load_file(str(path))  # noqa: E731
     else:
-        import argparse as _argparse
 
         def reader():
-            with torch.serialization.safe_globals([_argparse.Namespace]):  # the published train.py stores its args
+            with torch.serialization.safe_globals([argparse.Namespace]):  # the published train.py stores its args
                 return torch.load(path, map_location="cpu", weights_only=True)
 
     try:
@@ -628,7 +628,9 @@ def add_parser(subparsers) -> None:
                "--out samples.npz; then: reglue evaluate --ref VIRTUAL_imagenet256_labeled.npz --samples samples.npz",
     )
     source = p.add_argument_group("weights")
-    source.add_argument("--run", help="run directory: its latest checkpoint's EMA weights")
+    source.add_argument("--run", "--run-dir", dest="run",
+                        help="run directory: its latest checkpoint's EMA weights (under torchrun write --run-dir: "
+                             "torchrun's own parser takes --run for its --run-path)")
     source.add_argument("--checkpoint", help="a checkpoint directory (step-XXXXXXXX) instead of the latest")
     source.add_argument("--weights", help="an exported .safetensors (`reglue export`) or a published checkpoint "
                                           "(.pt with an 'ema' entry; needs --preset or --config)")
@@ -667,7 +669,7 @@ def add_parser(subparsers) -> None:
 
 
 def generation_manifest(source: Source, plan: BlockPlan, settings: SampleConfig, vae: str, device: torch.device,
-                        fingerprint: str) -> Dict:
+                        autocast: bool, fingerprint: str) -> Dict:
     """What determines the blocks' content (except ``num``, which only cuts the last block), as
     JSON reads it back. ``weights`` (where they came from) is informational: the hash decides."""
     return json.loads(json.dumps({
@@ -675,7 +677,7 @@ def generation_manifest(source: Source, plan: BlockPlan, settings: SampleConfig,
         "arch": source.config.model.arch, "method": source.config.method.name, "path": source.config.method.path,
         "image_size": source.config.data.image_size, "vae": vae, "sample": dataclasses.asdict(settings),
         "seed": plan.seed, "batch_size": plan.batch_size, "labels": plan.labels, "num_classes": plan.num_classes,
-        "device_type": device.type,
+        "device_type": device.type, "precision": "bf16-autocast" if autocast and device.type == "cuda" else "fp32",
     }))
 
 
@@ -703,7 +705,8 @@ def main(args) -> int:
     plan = BlockPlan(num=args.num, batch_size=args.batch_size, seed=args.seed,
                      num_classes=args.num_classes or source.num_classes, labels=args.labels)
     vae_name = args.vae or config.encoders.vae
-    manifest = generation_manifest(source, plan, settings, vae_name, device, weights_fingerprint(source.model.state_dict()))
+    manifest = generation_manifest(source, plan, settings, vae_name, device, args.precision == "bf16",
+                                   weights_fingerprint(source.model.state_dict()))
     image_shape = (config.data.image_size, config.data.image_size, 3)
     rank = int(os.environ.get("RANK", "0"))
     if store.check(manifest, plan, image_shape):

@@ -257,6 +257,21 @@ def test_sample_flags_cover_every_sample_config_field():
         apply_overrides(get_preset("tiny"), generate.sample_overrides(parser.parse_args(["--cfg-scale", "0.5"])))
 
 
+def test_every_flag_has_a_spelling_torchrun_passes_through():
+    """torchrun's parser takes abbreviations of its own options (--num of --numa-binding, --run of
+    --run-path) even after the module name: each generate option needs a spelling that is none."""
+    from torch.distributed.run import get_args_parser
+
+    from reglue.cli import build_parser
+
+    torchrun = [o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")]
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices["generate"]._actions:
+        spellings = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+        if spellings:
+            assert any(not any(t.startswith(o) for t in torchrun) for o in spellings), spellings
+
+
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err
