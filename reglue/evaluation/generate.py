@@ -392,6 +392,7 @@ class SampleStore:
         if self.out.exists():
             finished = self._read_json(self.sidecar)
             if finished is not None and _same_generation(finished.get("generation", {}), manifest) and finished.get("num") == plan.num:
+                shutil.rmtree(self.parts, ignore_errors=True)  # blocks left by a kill after the .npz was complete
                 return True
             raise ValueError(f"--out {self.out} already exists (not from these settings): delete it or choose another --out")
         recorded = self._read_json(self.manifest_path())
@@ -426,8 +427,23 @@ class SampleStore:
     # ---- blocks -------------------------------------------------------------------------------
 
     def pending(self, plan: BlockPlan) -> List[int]:
-        """Blocks without a finished file (leftover ``.tmp`` files do not count)."""
-        return [k for k in range(plan.num_blocks) if not self.block_path(k).is_file()]
+        """Blocks without a finished file (leftover ``.tmp`` files do not count). A block file
+        whose zip directory does not read (truncated on a damaged disk: writes are atomic) is
+        drawn again, with a warning."""
+        return [k for k in range(plan.num_blocks) if not self._block_complete(k)]
+
+    def _block_complete(self, block: int) -> bool:
+        path = self.block_path(block)
+        if not path.is_file():
+            return False
+        try:  # reads the central directory at the end of the file only
+            with zipfile.ZipFile(path) as archive:
+                if {"images.npy", "labels.npy"} <= set(archive.namelist()):
+                    return True
+        except (zipfile.BadZipFile, OSError):
+            pass
+        log.warning("block file %s is damaged: drawing that block again", path)
+        return False
 
     def write_block(self, block: int, images: np.ndarray, labels: np.ndarray) -> None:
         _save_npz_atomic(self.block_path(block), images=images, labels=labels)
@@ -461,19 +477,23 @@ class SampleStore:
     # ---- the final .npz -------------------------------------------------------------------------
 
     def assemble(self, plan: BlockPlan, image_shape: Tuple[int, int, int], manifest: Dict) -> None:
-        """Stream every block into ``OUT``, write ``OUT.json`` and remove ``OUT.parts``."""
+        """Write ``OUT.json``, stream every block into ``OUT``, then remove ``OUT.parts``. In this
+        order a kill at any point leaves either the blocks (the same command assembles again) or
+        a complete ``OUT`` with its record (the same command finds it done)."""
 
         def pieces(key):
             for k in range(plan.num_blocks):
                 yield self.read_block(k, key)[: plan.rows(k)]
 
+        record = {"num": plan.num, "arrays": {"arr_0": "uint8 images (N, H, W, 3)", "arr_1": "int64 labels (N,)"},
+                  "generation": manifest}
+        tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        os.replace(tmp, self.sidecar)
         write_npz_streamed(self.out, {
             "arr_0": (np.uint8, (plan.num, *image_shape), pieces("images")),
             "arr_1": (np.int64, (plan.num,), pieces("labels")),
         })
-        record = {"num": plan.num, "arrays": {"arr_0": "uint8 images (N, H, W, 3)", "arr_1": "int64 labels (N,)"},
-                  "generation": manifest}
-        self.sidecar.write_text(json.dumps(record, indent=2, sort_keys=True))
         shutil.rmtree(self.parts)
 
 

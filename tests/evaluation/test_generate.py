@@ -189,9 +189,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(exported, reference, tmp
     assert all(np.array_equal(np.asarray(Image.open(png / f"{i:06d}.png")), straight["arr_0"][i]) for i in range(16))
 
 
-def test_blocks_of_other_settings_are_not_mixed_in(exported, tmp_path, monkeypatch, capsys):
+def test_blocks_of_other_settings_are_not_mixed_in(exported, reference, tmp_path, monkeypatch, capsys):
     """A failure before assembly keeps the finished blocks; a re-run with another seed refuses to
-    use them, naming what differs; the same seed finishes."""
+    use them, naming what differs; the same seed redraws a truncated block and finishes."""
     out = tmp_path / "s.npz"
 
     def fail(*_):
@@ -208,8 +208,14 @@ def test_blocks_of_other_settings_are_not_mixed_in(exported, tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "drawn with other settings" in err and "seed: 0 there, 1 here" in err and err.count("\n") == 1
     assert sorted(Path(str(out) + ".parts").glob("block-*.npz")) == blocks
+    blocks[1].write_bytes(blocks[1].read_bytes()[:1000])  # disk damage
+    drawn = []
+    real_sample_block = ImageSampler.sample_block
+    monkeypatch.setattr(ImageSampler, "sample_block", lambda self, plan, k: drawn.append(k) or real_sample_block(self, plan, k))
     assert run_generate("--weights", exported["safetensors"], "--out", out, "--num", 8, *FAST) == 0
-    assert load(out)["arr_0"].shape == (8, 64, 64, 3)
+    assert drawn == [1]
+    got, want = load(out), load(reference)
+    assert np.array_equal(got["arr_0"], want["arr_0"][:8]) and np.array_equal(got["arr_1"], want["arr_1"][:8])
 
 
 def test_streamed_npz_memory_does_not_grow_with_n(tmp_path):
