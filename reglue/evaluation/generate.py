@@ -713,7 +713,7 @@ def _sampling_device() -> torch.device:
 
 def main(args) -> int:
     from reglue.models.encoders import build_vae
-    from reglue.runtime import barrier, broadcast_object, init_distributed, shutdown
+    from reglue.runtime import all_reduce_mean, barrier, broadcast_object, init_distributed, shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     store = SampleStore(args.out, args.png)
@@ -724,6 +724,8 @@ def main(args) -> int:
     device = _sampling_device()
     plan = BlockPlan(num=args.num, batch_size=args.batch_size, seed=args.seed,
                      num_classes=args.num_classes or source.num_classes, labels=args.labels)
+    if plan.num_classes > config.model.num_classes:
+        raise ValueError(f"--num-classes {plan.num_classes}: the model knows {config.model.num_classes} classes")
     vae_name = args.vae or config.encoders.vae
     manifest = generation_manifest(source, plan, settings, vae_name, device, args.precision == "bf16",
                                    weights_fingerprint(source.model.state_dict()))
@@ -748,6 +750,10 @@ def main(args) -> int:
         if dist_info.is_main:
             store.write_manifest(manifest)
         pending = broadcast_object(store.pending(plan) if dist_info.is_main else None)
+        seen = all_reduce_mean(torch.tensor([float(store.manifest_path().is_file())], device=device))
+        if seen.item() < 1:  # every rank raises, none waits at a barrier
+            raise ValueError(f"{store.parts} (written by rank 0) is not visible on every rank: put --out on a "
+                             "filesystem all nodes share")
         on_cuda = device.type == "cuda"
         sampler = ImageSampler.from_state(
             config, source.model.state_dict(), vae, device, settings,
