@@ -88,12 +88,16 @@ step bench "$PY" -m pytest bench/bench_kernels.py bench/bench_attention.py bench
 step bench-step "$PY" -m pytest bench/bench_step.py -q -rs ${BENCH_STEP_K:+-k "$BENCH_STEP_K"} \
     --benchmark-json="$OUT/bench-step.json" --benchmark-columns=median,iqr,rounds
 
+# Sampling: SiT-XL/2 REGLUE, 250-step SDE with CFG on [0, 0.9], ours vs the published generate.py execution.
+step bench-sample "$PY" -m pytest bench/bench_sample.py -q -rs \
+    --benchmark-json="$OUT/bench-sample.json" --benchmark-columns=median,iqr,rounds
+
 # 4. Summary (printed last).
-JSONS=$(for f in "$OUT/bench.json" "$OUT/bench-step.json"; do [ -s "$f" ] && echo "$f"; done)
+JSONS=$(for f in "$OUT/bench.json" "$OUT/bench-step.json" "$OUT/bench-sample.json"; do [ -s "$f" ] && echo "$f"; done)
 if [ -n "$JSONS" ]; then
     # shellcheck disable=SC2086
     "$PY" bench/summarize.py $JSONS --ceilings "$OUT/ceilings.json" --versions "$OUT/versions.txt" \
-        --log "$OUT/bench.log" --log "$OUT/bench-step.log" --log "$OUT/gpu-tests.log" --log "$OUT/kernel-tests-cuda.log" \
+        --log "$OUT/bench.log" --log "$OUT/bench-step.log" --log "$OUT/bench-sample.log" --log "$OUT/gpu-tests.log" --log "$OUT/kernel-tests-cuda.log" \
         --out "$OUT/summary.md" > /dev/null
 else
     echo "# reglue GPU validation — $GPU_NAME (no benchmark JSON: see bench.log)" > "$OUT/summary.md"
@@ -106,7 +110,7 @@ fi
     echo ""
     echo "Test result lines:"
     echo ""
-    for log in gpu-tests kernel-tests-cuda train-smoke train-sit-b bench bench-step; do
+    for log in gpu-tests kernel-tests-cuda train-smoke train-sit-b bench bench-step bench-sample; do
         [ -f "$OUT/$log.log" ] && echo "    $log: $(grep -E "(passed|failed|error|skipped|deselected)[^ ]* .*in [0-9.]+s" "$OUT/$log.log" | tail -1)"
     done
 } >> "$OUT/summary.md"

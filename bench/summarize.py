@@ -29,6 +29,7 @@ TARGETS = [
 THROUGHPUT_TARGETS = [
     ("train-step reglue-sit-xl-2", "ours", "mfu", 0.5, "SiT-XL/2 REGLUE train step >= 50% MFU (issue 4)"),
     ("train-step reglue-sit-xl-2", "ours", "vs_reference", 3.5, "SiT-XL/2 REGLUE >= 3.5x the reference path (issue 4)"),
+    ("sample reglue-sit-xl-2", "ours", "vs_reference", 3.0, "SiT-XL/2 REGLUE 250-step SDE sampling >= 3x the published generate.py execution (issue 8)"),
     ("data", "dali-mixed", "img_per_s", 8000.0, "DALI mixed decode >= 8,000 img/s at 256px (issue 5)"),
     ("data", "dali-cpu", "vs_torch", 1.5, "DALI >= 1.5x the torch loader on CPU (issue 5)"),
 ]

@@ -1,10 +1,9 @@
 """The ``reglue`` console script: train, export, sample (data subcommands: prepare, stats,
-train-compressor, come from ``reglue.data``)."""
+train-compressor, come from ``reglue.data``; generate from ``reglue.evaluation``)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -32,16 +31,16 @@ def cmd_export(args) -> int:
 
 def cmd_sample(args) -> int:
     from reglue.checkpoint import load_run_weights
+    from reglue.config import apply_overrides
+    from reglue.evaluation.generate import sample_grid, sample_overrides
     from reglue.models.encoders import build_vae
     from reglue.train.metrics import save_grid
-    from reglue.train.sampling import sample_from_state
 
     config, model, path = load_run_weights(args.run, args.checkpoint, "ema")
+    config = apply_overrides(config, sample_overrides(args))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = build_vae(args.vae or config.encoders.vae, seed=config.train.seed).to(device)
-    overrides = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg_scale", args.cfg_scale)) if v is not None}
-    images = sample_from_state(config, model.state_dict(), vae, device, args.num, args.seed,
-                               dataclasses.replace(config.sample, **overrides))
+    images = sample_grid(config, model.state_dict(), vae, device, args.num, args.seed)
     save_grid(images, Path(args.out), nrow=max(1, int(args.num**0.5)))
     print(f"wrote {args.num} samples from {path} to {args.out}")
     return 0
@@ -66,17 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--num", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=("sde", "euler", "heun"), help="default: the run's sample.sampler")
-    p.add_argument("--steps", type=int, help="default: the run's sample.steps")
-    p.add_argument("--cfg-scale", type=float, help="default: the run's sample.cfg_scale")
     p.add_argument("--vae", help="override the run's VAE (hub name or folder)")
     p.add_argument("--device")
+    from reglue.evaluation.generate import add_sample_arguments
+
+    add_sample_arguments(p)
     p.set_defaults(func=cmd_sample)
 
     from reglue.data import prepare, stats, train_compressor
+    from reglue.evaluation import generate
 
-    for data_command in (prepare, stats, train_compressor):
-        data_command.add_parser(sub)
+    for command_module in (prepare, stats, train_compressor, generate):
+        command_module.add_parser(sub)
     return parser
 
 

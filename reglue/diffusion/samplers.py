@@ -201,7 +201,8 @@ def _velocity(model, x, cls, t: float, y, guidance: _Guidance, dtypes, final_ste
 def _em_step(x, v, t: float, dt: float, diffusion: float, noisy: bool, path: str, generator):
     """One Euler-Maruyama step ``x + (v - diffusion/2 score) dt [+ sqrt(diffusion |dt|) eps]``,
     the score implied by ``v`` at ``(x, t)``."""
-    t_ = torch.tensor(t, dtype=x.dtype, device=x.device)
+    # torch.full launches a fill; torch.tensor(t, device=...) would copy from the host and wait for the GPU every step
+    t_ = torch.full((), t, dtype=x.dtype, device=x.device)
     x_next = x + (v - 0.5 * diffusion * score_from_velocity(v, x, t_, path)) * dt
     if noisy:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -1,36 +1,7 @@
-"""Sampling images from (EMA) weights of a run: build the model, run the sampler, decode."""
+"""The trainer's sample grids: EMA weights -> uint8 images, by the evaluation layer's sampler
+(:func:`reglue.evaluation.generate.sample_grid`; one implementation of model + noise + sampler +
+decode for the trainer, ``reglue sample`` and ``reglue generate``)."""
 
-from __future__ import annotations
+from reglue.evaluation.generate import sample_grid as sample_from_state
 
-from typing import Dict, Optional
-
-import torch
-
-from reglue.config import Config, SampleConfig
-from reglue.diffusion.samplers import sample
-from reglue.models import build_model
-
-
-@torch.no_grad()
-def sample_from_state(config: Config, state: Dict[str, torch.Tensor], vae, device: torch.device, num: int, seed: int,
-                      settings: Optional[SampleConfig] = None) -> torch.Tensor:
-    """uint8 (num, 3, H, W) images, class labels cycling through the classes, drawn with
-    ``settings`` (default: the run's ``sample`` section).
-
-    The semantic channels and the [CLS] token are sampled jointly and discarded; only the VAE
-    channels are decoded.
-    """
-    settings = settings or config.sample
-    model = build_model(config, kernels="eager")
-    model.load_state_dict(state, strict=True)
-    model = model.to(device).eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    size = config.data.latent_size
-    x = torch.randn((num, config.in_channels, size, size), generator=g, device=device)
-    cls = torch.randn((num, model.cls_token_dim), generator=g, device=device) if model.cls_token_dim else None
-    classes = config.data.synthetic_classes if config.data.path is None else config.model.num_classes
-    y = torch.arange(num, device=device) % classes
-    # bf16 autocast on GPU (the sampler keeps its state in fp64; only the network runs in bf16)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        latents, _ = sample(model, x, y, cls, generator=g, path=config.method.path, **settings.sampler_options())
-    return vae.decode(latents[:, :4].float()).cpu()
+__all__ = ["sample_from_state"]
