@@ -159,6 +159,8 @@ def _cases(sizes: CheckSizes, device: torch.device):
 def check_op(op: str, device: torch.device, dtype: torch.dtype, sizes: CheckSizes = CheckSizes()) -> Optional[str]:
     """None when ``op`` compiles, launches and agrees with its reference on ``device`` in
     ``dtype``; otherwise the error (exception or mismatch) as text."""
+    if not _utils.can_run_triton(torch.empty(0, device=device)):  # the "kernel" would be the reference itself
+        return "Triton cannot run here (not installed, or a CPU device without TRITON_INTERPRET=1)"
     kernel_fn, ref_fn, inputs, grads, in_names, out_names, ulps = _cases(sizes, device)[op]
     poison = _utils.poison_outputs
     _utils.poison_outputs = True

@@ -56,8 +56,11 @@ class Execution:
     failed_ops: Dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> Dict:
-        return {"fused_ops": sorted(self.fused_ops), "eager_ops": sorted(self.eager_ops), "compile": self.compile,
-                "reference": self.reference}
+        record = {"fused_ops": sorted(self.fused_ops), "eager_ops": sorted(self.eager_ops), "compile": self.compile,
+                  "reference": self.reference}
+        if self.failed_ops:  # the first line of each op's self-check error
+            record["self_check_failed"] = {op: error.splitlines()[0] for op, error in sorted(self.failed_ops.items())}
+        return record
 
 
 def ops_used(config: Config) -> FrozenSet[str]:

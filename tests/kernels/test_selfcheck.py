@@ -120,3 +120,9 @@ def test_real_kernels_pass_at_sit_xl_sizes_gpu():
     sizes = selfcheck.CheckSizes(hidden_size=1152, head_dim=72, tokens=257, conv_channels=(3072, 256))
     results = selfcheck.check_fused_ops(DEVICE, (torch.float32, torch.bfloat16, torch.float16), sizes)
     assert results == {op: None for op in _utils.FUSED_OPS}
+
+
+def test_no_triton_means_nothing_runs_fused(monkeypatch):
+    monkeypatch.setattr(_utils, "_TRITON_AVAILABLE", False)
+    results = selfcheck.check_fused_ops(DEVICE, ops=("adaln_modulate",))
+    assert "Triton cannot run here" in results["adaln_modulate"] and selfcheck.passed(results) == set()

@@ -46,3 +46,16 @@ def test_regions_compile_once_and_train_like_eager(tmp_path, monkeypatch):
     assert records[0]["compile"] is True
     want = [json.loads(line)["loss/total"] for line in (eager / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss/total"] for r in records] == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_regions_under_fsdp2_two_processes(tmp_path):
+    """The default GPU path's structure (FSDP2 root and blocks around the compiled regions) on
+    gloo: two compiled ranks train like one eager process."""
+    from tests.train.test_distributed import launch, losses
+
+    eager = launch(tmp_path, "eager", 3, extra=["--no-compile"])
+    fsdp = launch(tmp_path, "fsdp", 3, nproc=2, extra=["--compile"])
+    records = [json.loads(line) for line in (fsdp / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["compiled_graphs"] for r in records}) == 1
+    assert losses(fsdp) == pytest.approx(losses(eager), rel=1e-4, abs=1e-5)

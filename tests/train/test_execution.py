@@ -96,5 +96,6 @@ def test_failed_self_check_runs_eager_and_is_logged_and_recorded(tmp_path, monke
     first = records[0]
     assert first["eager_ops"] == ["gated_residual_adaln"]
     assert first["fused_ops"] == ["adaln_modulate", "fused_conv2d", "gated_residual"]
+    assert "injected launch failure" in first["self_check_failed"]["gated_residual_adaln"]
     want = [json.loads(line)["loss/total"] for line in (eager / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss/total"] for r in records] == pytest.approx(want, rel=1e-4, abs=1e-5)
