@@ -25,7 +25,7 @@ from reglue.models.encoders import DINOV2_HUB_WEIGHTS
 
 def _activation_checkpointing(size: str) -> str:
     """Activation checkpointing of the paper presets: ``off`` for both sizes, because at the
-    published batch (256 over 8 GPUs = 32 per GPU) SiT-XL/2 REGLUE needs about 16 GB of an 80 GB
+    published batch (256 over 8 GPUs = 32 per GPU) SiT-XL/2 REGLUE needs about 17 GB of an 80 GB
     device, and recomputing blocks would only cost time (full AC: +1 forward, about +33% FLOPs).
 
     Estimate per GPU, N = 32 images, T = 257 tokens (256 patches + [CLS]), D = hidden size:
@@ -37,8 +37,8 @@ def _activation_checkpointing(size: str) -> str:
       bf16 weights of the current and prefetched block, 2 x 23.9 M x 2 B = 0.1 GB, and one
       block's fp32 gradient before its reduce-scatter, 0.1 GB.
     - Activations kept for backward, per block: about 20 (N, T, D) bf16 tensors (the saved
-      tensors of one block counted with ``torch.autograd.graph.saved_tensors_hooks``: 20.07 x NTD
-      for the eager block, B/2 and XL/2 alike; the fused kernels keep fewer): the block input and
+      tensors of one block counted with ``torch.autograd.graph.saved_tensors_hooks``: 20.05 x NTD
+      for the eager block, B/2 and XL/2 alike, 18.04 with the fused kernels): the block input and
       LN-modulated input, q, k, v and the attention output (3 + 1), the attention projection
       input, the gated-residual operands (2), the MLP input, fc1 output and GELU output (1 + 4 + 4),
       the MLP output. XL/2: NTD x 2 B = 32 x 257 x 1152 x 2 B = 18.9 MB, x 20 = 379 MB per block,
