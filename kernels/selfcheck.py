@@ -120,8 +120,9 @@ class CheckSizes:
     conv_channels: Tuple[int, int] = (32, 16)
 
 
-def _cases(sizes: CheckSizes, device: torch.device):
-    """op -> (kernel_fn, ref_fn, inputs, grad_outputs or None, input names, output names, ulps)."""
+def _case(op: str, sizes: CheckSizes, device: torch.device):
+    """(kernel_fn, ref_fn, inputs, grad_outputs or None, input names, output names) for ``op``,
+    random inputs from a seeded generator on ``device``."""
     from .adaln import adaln_modulate, adaln_modulate_ref, gated_residual, gated_residual_adaln
     from .adaln import gated_residual_adaln_ref, gated_residual_ref
     from .conv import fused_conv2d, fused_conv2d_ref
@@ -133,27 +134,24 @@ def _cases(sizes: CheckSizes, device: torch.device):
         return torch.randn(shape, generator=g, device=device) * std + mean
 
     n, t, d = 2, sizes.tokens, sizes.hidden_size
+    if op == "fused_conv2d":  # inference only: the forward, every epilogue (bias, residual, ReLU) on
+        c_in, c_out = sizes.conv_channels
+        inputs = [randn(1, c_in, 6, 6), randn(c_out, c_in, 3, 3, std=1 / (3 * c_in**0.5)), randn(c_out), randn(1, c_out, 6, 6)]
+        return (lambda *a: fused_conv2d(*a, relu=True), lambda *a, upcast: fused_conv2d_ref(*a, relu=True, upcast=upcast),
+                inputs, None, ["x", "weight", "bias", "residual"], ["out"])
+    if op == "rms_norm":  # QK-norm: (N, heads, T, head_dim) rows
+        x = randn(n, 2, t, sizes.head_dim)
+        return rms_norm, rms_norm_ref, [x, randn(sizes.head_dim, std=0.5, mean=1.0)], [randn(*x.shape)], ["x", "weight"], ["y"]
     x, y = randn(n, t, d, std=2.0, mean=0.5), randn(n, t, d)
     gate, shift, scale = (randn(n, d, std=0.5) for _ in range(3))
-    heads = randn(n, 2, t, sizes.head_dim)
-    c_in, c_out = sizes.conv_channels
-    image = randn(1, c_in, 6, 6)
-    weight = randn(c_out, c_in, 3, 3, std=1 / (3 * c_in**0.5))
-    return {
-        "adaln_modulate": (adaln_modulate, adaln_modulate_ref, [x, shift, scale], [randn(n, t, d)],
-                           ["x", "shift", "scale"], ["h"], 1),
-        "gated_residual": (gated_residual, gated_residual_ref, [x, y, gate], [randn(n, t, d)],
-                           ["x", "y", "gate"], ["out"], 1),
-        "gated_residual_adaln": (gated_residual_adaln, gated_residual_adaln_ref, [x, y, gate, shift, scale],
-                                 [randn(n, t, d), randn(n, t, d)], ["x", "y", "gate", "shift", "scale"], ["r", "h"], 1),
-        "rms_norm": (rms_norm, rms_norm_ref, [heads, randn(sizes.head_dim, std=0.5, mean=1.0)],
-                     [randn(*heads.shape)], ["x", "weight"], ["y"], 1),
-        # inference only: forward, with every epilogue (bias, residual, ReLU) switched on
-        "fused_conv2d": (lambda *a: fused_conv2d(*a, relu=True),
-                         lambda *a, upcast: fused_conv2d_ref(*a, relu=True, upcast=upcast),
-                         [image, weight, randn(c_out), randn(1, c_out, 6, 6)], None,
-                         ["x", "weight", "bias", "residual"], ["out"], 1),
-    }
+    if op == "adaln_modulate":
+        return adaln_modulate, adaln_modulate_ref, [x, shift, scale], [randn(n, t, d)], ["x", "shift", "scale"], ["h"]
+    if op == "gated_residual":
+        return gated_residual, gated_residual_ref, [x, y, gate], [randn(n, t, d)], ["x", "y", "gate"], ["out"]
+    if op == "gated_residual_adaln":
+        return (gated_residual_adaln, gated_residual_adaln_ref, [x, y, gate, shift, scale], [randn(n, t, d), randn(n, t, d)],
+                ["x", "y", "gate", "shift", "scale"], ["r", "h"])
+    raise ValueError(f"unknown fused op {op!r}; known: {list(_utils.FUSED_OPS)}")
 
 
 def check_op(op: str, device: torch.device, dtype: torch.dtype, sizes: CheckSizes = CheckSizes()) -> Optional[str]:
@@ -161,11 +159,11 @@ def check_op(op: str, device: torch.device, dtype: torch.dtype, sizes: CheckSize
     ``dtype``; otherwise the error (exception or mismatch) as text."""
     if not _utils.can_run_triton(torch.empty(0, device=device)):  # the "kernel" would be the reference itself
         return "Triton cannot run here (not installed, or a CPU device without TRITON_INTERPRET=1)"
-    kernel_fn, ref_fn, inputs, grads, in_names, out_names, ulps = _cases(sizes, device)[op]
+    kernel_fn, ref_fn, inputs, grads, in_names, out_names = _case(op, sizes, device)
     poison = _utils.poison_outputs
     _utils.poison_outputs = True
     try:
-        return compare_op(kernel_fn, ref_fn, inputs, grads, dtype, in_names, out_names, ulps)
+        return compare_op(kernel_fn, ref_fn, inputs, grads, dtype, in_names, out_names)
     except Exception as exc:  # a compile, launch or resource failure: the op must not run fused
         return f"{type(exc).__name__}: {exc}".strip()
     finally:
