@@ -163,11 +163,26 @@ def check_op(op: str, device: torch.device, dtype: torch.dtype, sizes: CheckSize
     poison = _utils.poison_outputs
     _utils.poison_outputs = True
     try:
-        return compare_op(kernel_fn, ref_fn, inputs, grads, dtype, in_names, out_names)
+        return compare_op(kernel_fn, ref_fn, inputs, grads, dtype, in_names, out_names)  # syncs: reads results
     except Exception as exc:  # a compile, launch or resource failure: the op must not run fused
+        _check_device_usable(device, op, exc)
         return f"{type(exc).__name__}: {exc}".strip()
     finally:
         _utils.poison_outputs = poison
+
+
+def _check_device_usable(device: torch.device, op: str, exc: Exception) -> None:
+    """A device-side fault (illegal address, ...) leaves the CUDA context unusable for the rest of
+    the process: eager fallback is impossible then, so say which kernel did it and how to run."""
+    if device.type != "cuda":
+        return
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:
+        raise RuntimeError(
+            f"reglue.kernels.{op} crashed the GPU during its self-check ({type(exc).__name__}: {exc}); the CUDA "
+            "context cannot be used any more in this process. Run with --kernels eager (and report this)."
+        ) from exc
 
 
 _results: Dict[tuple, Dict[str, Optional[str]]] = {}

@@ -126,3 +126,13 @@ def test_no_triton_means_nothing_runs_fused(monkeypatch):
     monkeypatch.setattr(_utils, "_TRITON_AVAILABLE", False)
     results = selfcheck.check_fused_ops(DEVICE, ops=("adaln_modulate",))
     assert "Triton cannot run here" in results["adaln_modulate"] and selfcheck.passed(results) == set()
+
+
+def test_a_kernel_that_breaks_the_cuda_context_is_named(monkeypatch):
+    """Device-side faults leave no eager fallback: the run stops with the op's name and the fix."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    selfcheck._check_device_usable(cuda, "gated_residual", RuntimeError("out of resources"))  # recoverable
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: (_ for _ in ()).throw(RuntimeError("sticky")))
+    with pytest.raises(RuntimeError, match=r"reglue.kernels.gated_residual crashed the GPU.*--kernels eager"):
+        selfcheck._check_device_usable(cuda, "gated_residual", RuntimeError("an illegal memory access was encountered"))
