@@ -64,7 +64,8 @@ def _batch(config, batch: int, device):
 def test_train_step(benchmark, tmp_path, preset, batch, variant):
     device = torch.device("cuda" if ON_GPU else "cpu")
     config = _config(tmp_path, preset, batch, VARIANTS[variant])
-    torch._dynamo.reset()  # each variant compiles its own graphs, never against another's recompile limit
+    torch._dynamo.reset()  # each variant compiles its own graphs, never against another's recompile limit,
+    torch._dynamo.utils.counters.clear()  # and counts only its own
     trainer = Trainer(config, DistInfo(device=device))
     data = _batch(config, batch, device)
     _, latent_eps = trainer._step_randomness(0)
