@@ -66,23 +66,28 @@ cat "$OUT/versions.txt"
 
 step ceilings "$PY" bench/_roofline.py --out "$OUT/ceilings.json"
 
-# 2. GPU tests: kernels compiled for real at SiT-XL/2 sizes, attention backends, model-level checks.
+# 2. The runtime self-check every run does on first CUDA use (each fused op against its reference,
+# forward and backward, fp32 and bf16, SiT-XL/2 widths): which ops this GPU runs fused.
+step selfcheck "$PY" -m reglue.kernels.selfcheck
+# GPU tests: kernels compiled for real at SiT-XL/2 sizes, attention backends, model-level checks.
 step gpu-tests "$PY" -m pytest -m gpu tests/ -q -rs
 # The kernel and attention tests' small/odd shapes (D = 72, 100, 4096; partial tiles) on CUDA too:
 # on a GPU they run the compiled kernels instead of the interpreter.
 step kernel-tests-cuda "$PY" -m pytest -m "not gpu" tests/kernels tests/models/test_attention.py \
     tests/models/test_sit_kernels.py -q -rs
 
-# A few training steps with the fused kernels under torch.compile: the tiny preset, and SiT-B/2
-# REGLUE at real shapes (random DINOv2-B and compressor: no downloads on the device).
-step train-smoke "$PY" train.py --preset tiny --kernels triton --compile --max-steps 20 --out "$OUT/train-smoke"
-step train-sit-b "$PY" train.py --preset reglue-sit-b-2 --kernels triton --compile --max-steps 10 \
+# A few training steps with the defaults (on CUDA: the self-checked fused kernels and regional
+# compile; the log's "execution on cuda" line and the metrics' fused_ops/eager_ops say what ran):
+# the tiny preset, and SiT-B/2 REGLUE at real shapes (random DINOv2-B and compressor: no downloads).
+step train-smoke "$PY" train.py --preset tiny --max-steps 20 --out "$OUT/train-smoke"
+step train-sit-b "$PY" train.py --preset reglue-sit-b-2 --max-steps 10 \
     --global-batch-size 32 --out "$OUT/train-smoke" --set encoders.dinov2_weights=none \
     --set encoders.vae=tiny-random --set data.synthetic_size=256 --set train.log_every=5 \
     --set sample.steps=10 --set train.num_sample_images=4 --set train.ckpt_every=10
 
-# 3. Benchmarks at GPU sizes: kernels, attention and data; then whole train steps (long: compiles
-# SiT-B/2 and SiT-XL/2 in several variants; BENCH_STEP_K narrows it, e.g. "xl-2 and b32").
+# 3. Benchmarks at GPU sizes: kernels, attention and data; then whole train steps, the defaults
+# against --reference (long: compiles SiT-B/2 and SiT-XL/2 in several variants; BENCH_STEP_K
+# narrows it, e.g. "xl-2 and b32 and (defaults or reference)").
 step bench "$PY" -m pytest bench/bench_kernels.py bench/bench_attention.py bench/bench_data.py -q -rs \
     --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds
 step bench-step "$PY" -m pytest bench/bench_step.py -q -rs ${BENCH_STEP_K:+-k "$BENCH_STEP_K"} \
@@ -108,6 +113,12 @@ fi
     echo ""
     sed 's/^/- /' "$STATUS"
     echo ""
+    if [ -f "$OUT/selfcheck.log" ]; then
+        echo "Kernel self-check on this GPU:"
+        echo ""
+        grep -E "^[a-z_0-9]+ +(fused|EAGER)" "$OUT/selfcheck.log" | sed 's/^/    /'
+        echo ""
+    fi
     echo "Test result lines:"
     echo ""
     for log in gpu-tests kernel-tests-cuda train-smoke train-sit-b bench bench-step bench-sample; do

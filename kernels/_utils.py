@@ -17,10 +17,22 @@ def _import_triton() -> bool:
 KERNEL_CHOICES = ("eager", "triton")
 """Implementations of the fused ops: ``triton`` kernels or their ``eager`` PyTorch references."""
 
+FUSED_OPS = ("adaln_modulate", "gated_residual", "gated_residual_adaln", "rms_norm", "fused_conv2d")
+"""The ops with a Triton kernel; each can run fused or as its ``*_ref`` on its own."""
 
-def check_kernels(kernels: str) -> None:
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+
+def fused_op_set(kernels) -> frozenset:
+    """The ops that run as Triton kernels for a ``kernels`` setting: ``"eager"`` none, ``"triton"``
+    all, or a collection of names from FUSED_OPS (e.g. the ops that passed the self-check)."""
+    if isinstance(kernels, str):
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES} or a set of op names, got {kernels!r}")
+        return frozenset(FUSED_OPS) if kernels == "triton" else frozenset()
+    ops = frozenset(kernels)
+    unknown = sorted(ops - set(FUSED_OPS))
+    if unknown:
+        raise ValueError(f"unknown fused ops {unknown}; known: {list(FUSED_OPS)}")
+    return ops
 
 
 # Probed once at import: a cached probe function would be re-traced by torch.compile.

@@ -15,9 +15,9 @@ from ._utils import (
     can_run_triton,
     cdiv,
     check_dtypes,
-    check_kernels,
     device_guard,
     empty_output,
+    fused_op_set,
     reduction_programs,
     row_tile,
     triton_available,
@@ -160,20 +160,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 class RMSNorm(nn.Module):
     """RMSNorm with a learned ``weight`` (state-dict key as torch.nn.RMSNorm and timm).
 
-    ``kernels="triton"`` runs the fused kernel, ``"eager"`` the PyTorch reference.
+    ``kernels``: ``"triton"`` runs the fused kernel, ``"eager"`` the PyTorch reference; or a set of
+    fused op names (see ``fused_op_set``), fused when it holds ``"rms_norm"``.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, kernels: str = "eager"):
+    def __init__(self, dim: int, eps: float = 1e-6, kernels="eager"):
         super().__init__()
-        check_kernels(kernels)
         self.eps = eps
-        self.kernels = kernels
+        self.fused = "rms_norm" in fused_op_set(kernels)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels == "triton":
+        if self.fused:
             return rms_norm(x, self.weight, self.eps)
         return rms_norm_ref(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}, kernels={self.kernels!r}"
+        return f"{self.weight.shape[0]}, eps={self.eps}, fused={self.fused}"

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 from reglue.kernels._utils import KERNEL_CHOICES
 
@@ -31,6 +31,7 @@ def _choice(value, name: str, choices) -> None:
 
 
 METHODS = ("sit", "repa", "redi", "reg", "reglue")
+KERNEL_SETTINGS = ("auto",) + KERNEL_CHOICES
 ATTENTION = ("auto", "fa3", "fa2", "xformers", "sdpa", "math")
 
 
@@ -51,8 +52,10 @@ class ModelConfig:
     """Block whose output the REPA projector reads (4 for B/2, 8 for XL/2)."""
     projector_dim: int = 2048
     qk_norm: bool = False
-    kernels: str = "eager"
-    """``eager`` PyTorch or ``triton`` fused adaLN/gate/RMSNorm kernels."""
+    kernels: str = "auto"
+    """Fused adaLN/gate/RMSNorm/compressor-conv ops: ``triton`` kernels, ``eager`` PyTorch, or
+    ``auto``: the kernels on CUDA (each checked once against its reference on the device; one that
+    fails runs eager), eager on the CPU. Resolved at run start (``reglue.train.parallelize``)."""
     attention: str = "auto"
     """Attention backend: auto (FA3 -> FA2 -> xformers -> SDPA), or one of them by name."""
 
@@ -71,7 +74,7 @@ class ModelConfig:
         _require(0.0 <= self.class_dropout_prob < 1.0, "model.class_dropout_prob", "must be in [0, 1)")
         _require(self.mlp_ratio > 0, "model.mlp_ratio", "must be positive")
         _require(self.projector_dim > 0, "model.projector_dim", "must be positive")
-        _choice(self.kernels, "model.kernels", KERNEL_CHOICES)
+        _choice(self.kernels, "model.kernels", KERNEL_SETTINGS)
         _choice(self.attention, "model.attention", ATTENTION)
         sizes = self.sizes()
         _require(sizes["hidden_size"] % sizes["num_heads"] == 0, "model.num_heads",
@@ -253,10 +256,14 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    """Activation checkpointing -> per-block compile -> FSDP2, in that order."""
+    """Activation checkpointing -> regional compile -> FSDP2, in that order."""
 
-    compile: bool = False
+    compile: Union[bool, str] = "auto"
+    """torch.compile what the step runs, region by region (each SiT block, the embedders, projectors
+    and final layer, the loss, the frozen DINOv2 blocks and the semantic target): true, false, or
+    ``auto``: on CUDA yes, on the CPU no. Resolved at run start."""
     activation_checkpointing: str = "off"
+    """off, full or selective (keep matmul and attention outputs, recompute the rest), per SiT block."""
     reshard_after_forward: bool = True
     param_dtype: str = "bf16"
     """Mixed precision of the sharded parameters on CUDA (fp32 on CPU)."""
@@ -265,6 +272,8 @@ class ParallelConfig:
     no compile, fp16 autocast with a grad scaler on CUDA, DDP, a host sync every step for logging."""
 
     def __post_init__(self):
+        _require(self.compile == "auto" or isinstance(self.compile, bool), "parallel.compile",
+                 f"must be true, false or 'auto', got {self.compile!r}")
         _choice(self.activation_checkpointing, "parallel.activation_checkpointing", ("off", "full", "selective"))
         _choice(self.param_dtype, "parallel.param_dtype", ("bf16", "fp32"))
 
@@ -405,6 +414,9 @@ class Config:
 
     def validate(self) -> None:
         """Cross-section checks (each section validated itself already)."""
+        if self.parallel.reference:
+            _require(self.model.kernels != "triton" and self.parallel.compile is not True, "parallel.reference",
+                     "runs the published execution (eager, no compile): drop --kernels triton / --compile, or --reference")
         sizes = self.model.sizes()
         latent = self.data.latent_size
         _require(latent % sizes["patch_size"] == 0, "model.patch_size",
@@ -466,6 +478,13 @@ def _coerce(value: str, annotation, name: str):
             return None
         annotation = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:  # e.g. Union[bool, str] ("auto"): the first type that parses
+        for choice in args[:-1]:
+            try:
+                return _coerce(value, choice, name)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], name)
     try:
         if annotation is bool:
             if value.lower() in ("1", "true", "yes", "on"):

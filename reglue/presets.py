@@ -42,6 +42,7 @@ from reglue.config import (
     MethodConfig,
     ModelConfig,
     OptimConfig,
+    ParallelConfig,
     SampleConfig,
     TrainConfig,
 )
@@ -59,6 +60,39 @@ B_STEPS = 400_000
 # The two DINOv2-B/14 of the published methods, as (timm architecture, weights).
 DINOV2_B14 = ("vit_base_patch14_dinov2", DINOV2_NOREG_HUB_WEIGHTS)  # torch.hub dinov2_vitb14
 DINOV2_B14_REG4 = ("vit_base_patch14_reg4_dinov2", DINOV2_HUB_WEIGHTS)  # torch.hub dinov2_vitb14_reg
+
+
+def _activation_checkpointing(size: str) -> str:
+    """Activation checkpointing of the paper presets: ``off`` for both sizes, because at the
+    published batch (256 over 8 GPUs = 32 per GPU) SiT-XL/2 REGLUE needs about 17 GB of an 80 GB
+    device, and recomputing blocks would only cost time (full AC: +1 forward, about +33% FLOPs).
+
+    Estimate per GPU, N = 32 images, T = 257 tokens (256 patches + [CLS]), D = hidden size:
+
+    - Parameters (trainable, from the meta-device model): SiT-XL/2 REGLUE 684.9 M (28 blocks of
+      23.9 M: qkv 3D², proj D², MLP 8D², adaLN 6D²; 15.5 M outside the blocks); SiT-B/2 138.9 M.
+    - Per parameter, FSDP2-sharded over 8 GPUs: fp32 weight 4 B + fp32 gradient 4 B + AdamW m, v
+      8 B + fp32 EMA 4 B = 20 B -> XL 684.9 M x 20 B / 8 = 1.71 GB (B/2: 0.35 GB). In flight: the
+      bf16 weights of the current and prefetched block, 2 x 23.9 M x 2 B = 0.1 GB, and one
+      block's fp32 gradient before its reduce-scatter, 0.1 GB.
+    - Activations kept for backward, per block: about 20 (N, T, D) bf16 tensors (the saved
+      tensors of one block counted with ``torch.autograd.graph.saved_tensors_hooks``: 20.05 x NTD
+      for the eager block, B/2 and XL/2 alike, 18.04 with the fused kernels): the block input and
+      LN-modulated input, q, k, v and the attention output (3 + 1), the attention projection
+      input, the gated-residual operands (2), the MLP input, fc1 output and GELU output (1 + 4 + 4),
+      the MLP output. XL/2: NTD x 2 B = 32 x 257 x 1152 x 2 B = 18.9 MB, x 20 = 379 MB per block,
+      x 28 blocks = 10.6 GB. B/2 (D = 768, 12 blocks): 12.6 MB x 20 x 12 = 3.0 GB.
+    - Frozen encoders (replicated, no gradients): DINOv2-B 85.7 M fp32 = 0.34 GB, SD-VAE 83.7 M
+      bf16 = 0.17 GB, compressor 0.03 GB; their no-grad forward and the backward's transient
+      gradients (the largest, fc1's, 4 NTD = 76 MB) add well under 1 GB.
+
+    XL/2 total ~ 1.7 + 0.2 + 10.6 + 0.6 + 1 = 14 GB, ~17 GB with 20% allocator slack: 63 GB free
+    on an 80 GB H100 (B/2 ~ 5 GB). Activations grow by 0.33 GB per image, so ``off`` holds to
+    about 128 images per GPU; beyond that (or on fewer GPUs without ``--micro-batch-size``) use
+    ``--activation-checkpointing selective`` (keeps matmul and attention outputs, about half the
+    activations, recomputes only elementwise ops) before ``full`` (keeps 1 NTD per block).
+    """
+    return {"B": "off", "XL": "off"}[size]
 
 
 def _dinov2(model, feature_layers, **kwargs) -> EncoderConfig:
@@ -81,6 +115,7 @@ def _recipe(size: str, method: MethodConfig, *, encoders: EncoderConfig, grad_cl
         encoders=encoders,
         data=DataConfig(image_size=256),
         optim=OptimConfig(grad_clip=grad_clip),
+        parallel=ParallelConfig(activation_checkpointing=_activation_checkpointing(size)),
         train=TrainConfig(name=f"{slug}-{size.lower()}-2", max_steps=xl_steps if xl else B_STEPS),
         sample=sample,
     )

@@ -115,31 +115,19 @@ def _semantic_loss(err: torch.Tensor, dropped: Optional[torch.Tensor]) -> torch.
     return (err.mean(dim=(1, 2, 3)) * (~dropped).to(err.dtype)).mean()
 
 
-def training_losses(
-    model,
-    latents: torch.Tensor,
-    y: torch.Tensor,
-    noise: Noise,
-    *,
-    semantic: Optional[torch.Tensor] = None,
-    cls: Optional[torch.Tensor] = None,
-    align_targets: Sequence[torch.Tensor] = (),
-    path: str = "linear",
-    semantic_weight: float = 1.0,
-    cls_weight: float = 0.03,
-    align_weight: float = 0.5,
-) -> Dict[str, torch.Tensor]:
-    """The joint REGLUE loss; methods without a component simply pass ``None``/empty for it.
+def loss_inputs(latents: torch.Tensor, noise: Noise, semantic: Optional[torch.Tensor] = None,
+                cls: Optional[torch.Tensor] = None, path: str = "linear"):
+    """What the model sees and what it should predict, before the model runs.
 
-    latents: (N, 4, h, w) scaled VAE latents; semantic: (N, k, h, w) or None; cls: (N, C) global
-    token or None; align_targets: list of (N, T, C) frozen encoder tokens (empty: no alignment).
-    Returns ``latent``, ``semantic``, ``cls``, ``align`` (zero when unused) and ``total``.
+    Returns (xt, t, target, cls_t, cls_target): noisy input (N, C, h, w) with C = 4 latent
+    (+ k semantic) channels, times (N,), velocity target like xt, noisy [CLS] (N, C_cls) and its
+    velocity target (both None without ``cls``).
 
     Semantic dropout (``noise.semantic_drop``, ReDi ``transport.py`` ``dino_drop_prob``): a dropped
-    sample's clean semantic channels are zero, so the model sees only their noise, and its
-    semantic error is left out of the mean (the mean still divides by N). ReDi draws one coin per
-    GPU batch and zeroes that whole batch's features and λs; we draw one per sample from the step's
-    seeded generator, so the result does not depend on the world size. The expected loss is the same:
+    sample's clean semantic channels are zero, so the model sees only their noise (and
+    :func:`loss_terms` leaves its semantic error out). ReDi draws one coin per GPU batch and zeroes
+    that whole batch's features and λs; we draw one per sample from the step's seeded generator, so
+    the result does not depend on the world size. The expected loss is the same:
     latent + (1 - p) λs semantic.
     """
     semantic_drop = noise.semantic_drop
@@ -159,16 +147,54 @@ def training_losses(
         cls_eps = noise.cls_eps.to(cls.dtype)
         cls_t = ca * cls + cs * cls_eps
         cls_target = cda * cls + cds * cls_eps
-    out, zs, cls_out = model(xt, t, y, cls_token=cls_t, force_drop=noise.drop)
+    return xt, t, target, cls_t, cls_target
+
+
+def loss_terms(out: torch.Tensor, target: torch.Tensor, n_latent: int, cls_out: Optional[torch.Tensor] = None,
+               cls_target: Optional[torch.Tensor] = None, zs: Sequence[torch.Tensor] = (),
+               align_targets: Sequence[torch.Tensor] = (), semantic_drop: Optional[torch.Tensor] = None
+               ) -> Dict[str, torch.Tensor]:
+    """The unweighted loss components (fp32 scalars) from the model's outputs: ``latent`` (MSE
+    over the first ``n_latent`` channels), ``semantic`` (the rest; samples in ``semantic_drop``
+    count as zero), ``cls``, ``align``; zero when unused."""
     err = (out.float() - target.float()) ** 2
     zero = err.new_zeros(())
-    n_latent = latents.shape[1]
-    losses = {
+    return {
         "latent": err[:, :n_latent].mean(),
-        "semantic": _semantic_loss(err[:, n_latent:], semantic_drop) if semantic is not None else zero,
-        "cls": ((cls_out.float() - cls_target.float()) ** 2).mean() if cls is not None else zero,
+        "semantic": _semantic_loss(err[:, n_latent:], semantic_drop) if target.shape[1] > n_latent else zero,
+        "cls": ((cls_out.float() - cls_target.float()) ** 2).mean() if cls_target is not None else zero,
         "align": alignment_loss(zs, align_targets) if len(align_targets) else zero,
     }
+
+
+def training_losses(
+    model,
+    latents: torch.Tensor,
+    y: torch.Tensor,
+    noise: Noise,
+    *,
+    semantic: Optional[torch.Tensor] = None,
+    cls: Optional[torch.Tensor] = None,
+    align_targets: Sequence[torch.Tensor] = (),
+    path: str = "linear",
+    semantic_weight: float = 1.0,
+    cls_weight: float = 0.03,
+    align_weight: float = 0.5,
+    inputs_fn=loss_inputs,
+    terms_fn=loss_terms,
+) -> Dict[str, torch.Tensor]:
+    """The joint REGLUE loss; methods without a component simply pass ``None``/empty for it.
+
+    latents: (N, 4, h, w) scaled VAE latents; semantic: (N, k, h, w) or None; cls: (N, C) global
+    token or None; align_targets: list of (N, T, C) frozen encoder tokens (empty: no alignment).
+    Returns ``latent``, ``semantic``, ``cls``, ``align`` (zero when unused) and ``total``.
+    ``inputs_fn``/``terms_fn``: :func:`loss_inputs` and :func:`loss_terms`, or compiled versions
+    of them (``reglue.train.parallelize.loss_fn``); the weighting stays outside them, so a weight
+    that changes during training (λs milestones) never recompiles anything.
+    """
+    xt, t, target, cls_t, cls_target = inputs_fn(latents, noise, semantic, cls, path)
+    out, zs, cls_out = model(xt, t, y, cls_token=cls_t, force_drop=noise.drop)
+    losses = terms_fn(out, target, latents.shape[1], cls_out, cls_target, zs, align_targets, noise.semantic_drop)
     losses["total"] = (
         losses["latent"]
         + semantic_weight * losses["semantic"]

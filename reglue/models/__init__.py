@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 
-def build_model(config, kernels: str | None = None, attention: str | None = None):
-    """The SiT of ``config`` (``reglue.config.Config``): input channels, [CLS] and projectors follow the method."""
+def build_model(config, kernels=None, attention: str | None = None):
+    """The SiT of ``config`` (``reglue.config.Config``): input channels, [CLS] and projectors follow the method.
+
+    ``kernels``: "eager", "triton" or the set of fused ops (a run passes the set it resolved for its
+    device, ``reglue.train.parallelize.resolve_execution``); None takes ``model.kernels``, where
+    "auto" builds eager (a model built outside a run, for sampling or export, has no device yet).
+    """
     from reglue.models.sit import SiT
+
+    if kernels is None:
+        kernels = "eager" if config.model.kernels == "auto" else config.model.kernels
 
     sizes = config.model.sizes()
     method = config.method
@@ -21,7 +29,7 @@ def build_model(config, kernels: str | None = None, attention: str | None = None
         projector_dim=config.model.projector_dim,
         cls_token_dim=enc_dim if method.use_cls else 0,
         qk_norm=config.model.qk_norm,
-        kernels=kernels or config.model.kernels,
+        kernels=kernels,
         attention=attention or config.model.attention,
         **sizes,
     )

@@ -1,6 +1,7 @@
 """One attention entry point: FlashAttention-3 -> FlashAttention-2 -> xformers -> SDPA.
 
-``attention(q, k, v, backend="auto")`` with q, k, v: (N, H, T, head_dim) returns (N, H, T, head_dim),
+``Attention`` is the multi-head self-attention module of the SiT and of the frozen DINOv2 (which
+gets it in place of timm's, same parameters), so both run through ``attention(q, k, v, backend="auto")`` with q, k, v: (N, H, T, head_dim) returns (N, H, T, head_dim),
 softmax(q kᵀ / sqrt(head_dim)) v, no mask, no dropout. ``backend``:
 
   auto      the first available of fa3, fa2, xformers, sdpa for these tensors
@@ -24,6 +25,7 @@ import logging
 from typing import Callable, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
@@ -170,3 +172,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if not torch.compiler.is_compiling():
         _log_choice(chosen, backend, q)
     return _IMPLS[chosen](q, k, v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv splits as (3, heads, head_dim); optional RMSNorm on q and k
+    (``kernels`` picks its implementation); ``attention`` with ``backend`` in between.
+
+    Parameter names (``qkv``, ``proj``, ``q_norm``, ``k_norm``) are those of timm's Attention and
+    of the published SiT checkpoints. x: (N, T, dim) -> (N, T, dim).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, kernels="eager", backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        if qk_norm:
+            from reglue.kernels.rmsnorm import RMSNorm
+
+            self.q_norm = RMSNorm(self.head_dim, eps=1e-6, kernels=kernels)
+            self.k_norm = RMSNorm(self.head_dim, eps=1e-6, kernels=kernels)
+        else:
+            self.q_norm = nn.Identity()
+            self.k_norm = nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = attention(q, k, v, backend=self.backend)  # (N, H, T, hd)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reglue.models.attention import Attention
+
 __all__ = [
     "LATENT_SCALE",
     "DINOV2_HUB_WEIGHTS",
@@ -98,12 +100,14 @@ class DINOv2Encoder(nn.Module):
     layers: block indices whose outputs form `features` (0-based; (8, 9, 10, 11) for ViT-B).
     """
 
-    def __init__(self, model: nn.Module, image_size: int, layers: Sequence[int]):
+    def __init__(self, model: nn.Module, image_size: int, layers: Sequence[int], attention: str = "auto"):
         super().__init__()
         depth = len(model.blocks)
         layers = tuple(int(i) for i in layers)
         if not layers or any(not 0 <= i < depth for i in layers):
             raise ValueError(f"layers must be block indices in [0, {depth}), got {layers}")
+        for block in model.blocks:
+            block.attn = _dispatched_attention(block.attn, attention)
         self.model = model
         self.image_size = int(image_size)
         self.layers = layers
@@ -158,6 +162,36 @@ class DINOv2Encoder(nn.Module):
         )
 
 
+class ViTAttention(Attention):
+    """Our attention called the way timm's Block calls it (``attn_mask``, ``is_causal``: DINOv2 sets neither)."""
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("the frozen DINOv2 runs unmasked, non-causal attention only")
+        return super().forward(x)
+
+
+def _dispatched_attention(timm_attention: nn.Module, backend: str) -> nn.Module:
+    """Our :class:`~reglue.models.attention.Attention` holding timm's own ``qkv``/``proj`` layers,
+    so DINOv2 runs the same arithmetic through the one attention entry point (FA3/FA2 on a GPU).
+
+    Only timm's plain attention (no QK-norm, output norm or gate, head_dim · heads = width) has
+    this form; anything else is an error rather than a silent change of the encoder.
+    """
+    plain = (
+        all(isinstance(getattr(timm_attention, name, nn.Identity()), nn.Identity) for name in ("q_norm", "k_norm", "norm"))
+        and getattr(timm_attention, "gate", None) is None
+        and timm_attention.qkv.out_features == 3 * timm_attention.proj.in_features
+        and timm_attention.num_heads * timm_attention.head_dim == timm_attention.proj.in_features
+    )
+    if not plain:
+        raise ValueError(f"unsupported DINOv2 attention layout for our attention dispatch: {timm_attention}")
+    with torch.device("meta"):  # its own layers are replaced by timm's at once
+        attention = ViTAttention(timm_attention.proj.in_features, timm_attention.num_heads, backend=backend)
+    attention.qkv, attention.proj = timm_attention.qkv, timm_attention.proj
+    return attention
+
+
 def _load_vit_weights(model: nn.Module, path: str) -> None:
     """Load a local DINOv2 state dict (timm layout, or the original facebookresearch layout,
     which timm's filter converts) and resample its positional embeddings to the model's grid."""
@@ -182,6 +216,7 @@ def build_dinov2(
     weights: str | os.PathLike | None = None,
     image_size: int = 256,
     layers: Sequence[int] = (8, 9, 10, 11),
+    attention: str = "auto",
     **timm_overrides,
 ) -> DINOv2Encoder:
     """Build the frozen DINOv2 encoder through timm (never torch.hub).
@@ -191,6 +226,7 @@ def build_dinov2(
         (downloads through timm / huggingface_hub; the name then also fixes the architecture).
     image_size: side of the uint8 input images; must be a multiple of 16 so that the resized
         side 224 * image_size / 256 is a multiple of the 14-pixel patch.
+    attention: backend of ``reglue.models.attention.attention`` its blocks run (auto: FA3 -> ... -> SDPA).
     timm_overrides: extra `timm.create_model` keywords (embed_dim, depth, num_heads, ...).
     """
     import timm
@@ -207,7 +243,7 @@ def build_dinov2(
         raise FileNotFoundError(f"DINOv2 weights file not found: {weights}")
     else:
         model = timm.create_model(str(weights), pretrained=True, **kwargs)
-    return DINOv2Encoder(model, image_size=image_size, layers=layers)
+    return DINOv2Encoder(model, image_size=image_size, layers=layers, attention=attention)
 
 
 def tiny_dinov2(
@@ -581,7 +617,8 @@ def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def build_frozen_dinov2(config, device: torch.device, image_size: int | None = None) -> DINOv2Encoder:
+def build_frozen_dinov2(config, device: torch.device, image_size: int | None = None,
+                        attention: str = "auto") -> DINOv2Encoder:
     """The frozen DINOv2 of a run config (``reglue.config.Config``) on ``device``, fp32 weights run
     under autocast in the frozen dtype on CUDA, for images of ``image_size`` (default ``data.image_size``).
 
@@ -591,7 +628,7 @@ def build_frozen_dinov2(config, device: torch.device, image_size: int | None = N
     enc = config.encoders
     with _seeded(config.train.seed):
         encoder = build_dinov2(enc.dinov2, enc.dinov2_weights, image_size=image_size or config.data.image_size,
-                               layers=enc.feature_layers, **enc.dinov2_overrides)
+                               layers=enc.feature_layers, attention=attention, **enc.dinov2_overrides)
     dtype = frozen_dtype(enc.dtype, device)
     encoder.autocast_dtype = dtype if dtype != torch.float32 else None
     return encoder.to(device=device).eval()

@@ -19,21 +19,15 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from reglue.kernels._utils import check_kernels
-from reglue.models.attention import attention
+from reglue.kernels import select_ops
+from reglue.models.attention import Attention
 from reglue.models.state import check_state_dict
 from reglue.runtime import clean_name, seeded_generator
 
 def param_generator(seed: int, name: str) -> torch.Generator:
     """CPU generator for one parameter's initialisation, seeded by (seed, name)."""
     return seeded_generator(seed, zlib.crc32(name.encode()))
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x: (N, T, D); shift, scale: (N, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,37 +115,10 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention; qkv splits as (3, heads, head_dim); optional RMSNorm on q and k."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, kernels: str = "eager", backend: str = "auto"):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.backend = backend
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        if qk_norm:
-            from reglue.kernels.rmsnorm import RMSNorm
-
-            self.q_norm = RMSNorm(self.head_dim, eps=1e-6, kernels=kernels)
-            self.k_norm = RMSNorm(self.head_dim, eps=1e-6, kernels=kernels)
-        else:
-            self.q_norm = nn.Identity()
-            self.k_norm = nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = attention(q, k, v, backend=self.backend)  # (N, H, T, hd)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
-
-
 class SiTBlock(nn.Module):
-    """adaLN-Zero transformer block; ``kernels="triton"`` runs the norm/modulate/gate/residual fused."""
+    """adaLN-Zero transformer block. The norm/modulate/gate/residual steps are the fused ops of
+    ``reglue.kernels``; ``kernels`` ("eager", "triton" or the set of ops that run fused) picks, op
+    by op, the Triton kernel or its eager reference (which is the published block's arithmetic)."""
 
     def __init__(
         self,
@@ -159,40 +126,34 @@ class SiTBlock(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         qk_norm: bool = False,
-        kernels: str = "eager",
+        kernels="eager",
         attention_backend: str = "auto",
     ):
         super().__init__()
-        check_kernels(kernels)
-        self.kernels = kernels
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.ops = select_ops(kernels)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, kernels=kernels, backend=attention_backend)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (N, T, D) tokens; c: (N, D) conditioning."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        if self.kernels == "triton":
-            from reglue.kernels import adaln_modulate, gated_residual, gated_residual_adaln
+        """x: (N, T, D) tokens; c: (N, D) conditioning.
 
-            h = adaln_modulate(x, shift_msa, scale_msa, eps=1e-6)
-            x, h = gated_residual_adaln(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, eps=1e-6)
-            return gated_residual(x, self.mlp(h), gate_mlp)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x + g_msa·attn(LN(x)·(1 + s_msa) + b_msa), then the same with the MLP; the residual of
+        the first half and the modulated LN of the second come out of one op."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        ops = self.ops
+        h = ops.adaln_modulate(x, shift_msa, scale_msa, eps=1e-6)
+        x, h = ops.gated_residual_adaln(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, eps=1e-6)
+        return ops.gated_residual(x, self.mlp(h), gate_mlp)
 
 
 class FinalLayer(nn.Module):
     """Final adaLN modulation, then ``linear`` for patch tokens and ``linear_cls`` for the [CLS] token."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, cls_token_dim: int = 0, kernels: str = "eager"):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, cls_token_dim: int = 0, kernels="eager"):
         super().__init__()
-        check_kernels(kernels)
-        self.kernels = kernels
+        self.ops = select_ops(kernels)
         self.has_cls = bool(cls_token_dim)
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         if self.has_cls:
             self.linear_cls = nn.Linear(hidden_size, cls_token_dim, bias=True)
@@ -201,12 +162,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor):
         """x: (N, T[+1], D) -> (patch outputs (N, T, p·p·C), cls output (N, cls_dim) or None)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        if self.kernels == "triton":
-            from reglue.kernels import adaln_modulate
-
-            x = adaln_modulate(x, shift, scale, eps=1e-6)
-        else:
-            x = modulate(self.norm_final(x), shift, scale)
+        x = self.ops.adaln_modulate(x, shift, scale, eps=1e-6)
         if self.has_cls:
             return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
         return self.linear(x), None
@@ -283,11 +239,10 @@ class SiT(nn.Module):
         projector_dim: int = 2048,
         cls_token_dim: Optional[int] = 768,
         qk_norm: bool = False,
-        kernels: str = "eager",
+        kernels="eager",
         attention: str = "auto",
     ):
         super().__init__()
-        check_kernels(kernels)
         z_dims = tuple(z_dims or ())
         if z_dims and not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in [1, depth={depth}] when projectors are used, got {encoder_depth}")
@@ -374,16 +329,26 @@ class SiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop)
         return x, c
 
+    def project(self, x: torch.Tensor) -> list:
+        """REPA projector outputs [(N, T[+1], z_dim)] of block ``encoder_depth``'s tokens."""
+        return [proj(x) for proj in self.projectors]
+
+    def head(self, x: torch.Tensor, c: torch.Tensor):
+        """Final layer: velocity (N, C, H, W) and the [CLS] output (N, cls_dim) or None."""
+        out, cls_out = self.final_layer(x, c)
+        return self.unpatchify(out), cls_out
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cls_token: Optional[torch.Tensor] = None,
                 force_drop: Optional[torch.Tensor] = None):
+        # embed / blocks / project / head are the regions the trainer compiles one by one
         x, c = self.embed(x, t, y, cls_token, force_drop)
         zs = []
         for i, block in enumerate(self.blocks):
             x = block(x, c)
             if i + 1 == self.encoder_depth:
-                zs = [proj(x) for proj in self.projectors]
-        out, cls_out = self.final_layer(x, c)
-        return self.unpatchify(out), zs, cls_out
+                zs = self.project(x)
+        out, cls_out = self.head(x, c)
+        return out, zs, cls_out
 
 
 # --------------------------------------------------------------------------------------------

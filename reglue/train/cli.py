@@ -7,8 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-from reglue.config import Config, ConfigError, apply_overrides
-from reglue.kernels._utils import KERNEL_CHOICES
+from reglue.config import KERNEL_SETTINGS, Config, ConfigError, apply_overrides
 from reglue.presets import PRESETS, get_preset
 
 
@@ -29,9 +28,11 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, help="per-rank batch per forward (gradient accumulation fills the rest)")
     p.add_argument("--seed", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--kernels", choices=KERNEL_CHOICES)
+    p.add_argument("--kernels", choices=KERNEL_SETTINGS, help="fused Triton ops (default auto: on CUDA, self-checked)")
     p.add_argument("--attention", choices=("auto", "fa3", "fa2", "xformers", "sdpa", "math"))
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each SiT block")
+    p.add_argument("--compile", nargs="?", const="true", choices=("auto", "true", "false"),
+                   help="torch.compile the step region by region (default auto: on CUDA)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="false", help="run eager (no torch.compile)")
     p.add_argument("--activation-checkpointing", choices=("off", "full", "selective"))
     p.add_argument("--reference", action="store_true", default=None,
                    help="run the published recipe's execution (eager, fp16 autocast, DDP, per-step syncs) for comparison")

@@ -1,5 +1,15 @@
-"""Apply, in torchtitan's order: activation checkpointing per block -> ``block.compile()`` ->
-``fully_shard`` per block then the root (FSDP2, bf16 params / fp32 reductions on CUDA).
+"""How a run executes, decided in one place.
+
+- :func:`resolve_execution`: ``model.kernels``, ``parallel.compile`` and ``parallel.reference``
+  resolved for the device at run start. ``auto`` = on CUDA the fused Triton ops (each checked
+  once against its reference on this GPU; one that fails runs eager, loudly) and regional
+  compile; on the CPU eager without compile. ``reference`` = the published execution.
+- :func:`build_parallel_model`, in torchtitan's order: activation checkpointing per block ->
+  regional ``torch.compile`` (each block, then the embedders, projectors and final layer) ->
+  ``fully_shard`` per block then the root (FSDP2, bf16 params / fp32 reductions on CUDA).
+- :func:`loss_fn`: the training loss with its elementwise stages compiled; the frozen encoders
+  compile their own regions (``reglue.train.targets``).
+- :func:`execution_metrics`: what a metrics record says about all this.
 
 The model holds architecture only; everything about execution is decided here.
 """
@@ -8,14 +18,157 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, FrozenSet
 
 import torch
 import torch.nn as nn
 
-from reglue.config import ParallelConfig
+from reglue.config import Config, ParallelConfig
+from reglue.diffusion.transport import loss_inputs, loss_terms, training_losses
 from reglue.runtime import DistInfo
 
 log = logging.getLogger("reglue.parallelize")
+
+COMPILE_OPTIONS = {"fullgraph": True, "dynamic": False}
+"""Every region: one graph, no graph breaks; static shapes (each step has the same shapes)."""
+
+
+# --------------------------------------------------------------------------------------------
+# What runs: kernels, compile, reference
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Execution:
+    """The resolved execution of a run on one device.
+
+    fused_ops: ops of ``reglue.kernels`` that run as Triton kernels (the model's ``kernels``);
+    eager_ops: ops the run uses that run as their PyTorch reference; failed_ops: op -> why it
+    failed the device self-check; compile: regional torch.compile; attention: the SiT's backend.
+    """
+
+    fused_ops: FrozenSet[str]
+    eager_ops: FrozenSet[str]
+    compile: bool
+    attention: str
+    reference: bool = False
+    failed_ops: Dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> Dict:
+        record = {"fused_ops": sorted(self.fused_ops), "eager_ops": sorted(self.eager_ops), "compile": self.compile,
+                  "reference": self.reference}
+        if self.failed_ops:  # the first line of each op's self-check error
+            record["self_check_failed"] = {op: error.splitlines()[0] for op, error in sorted(self.failed_ops.items())}
+        return record
+
+
+def ops_used(config: Config) -> FrozenSet[str]:
+    """The fused ops a run of ``config`` calls: the adaLN ops always, RMSNorm with QK-norm, the
+    convolutions with the REGLUE compressor."""
+    ops = {"adaln_modulate", "gated_residual", "gated_residual_adaln"}
+    if config.model.qk_norm:
+        ops.add("rms_norm")
+    if config.method.semantic == "compressor":
+        ops.add("fused_conv2d")
+    return frozenset(ops)
+
+
+def _needs_self_check(device: torch.device) -> bool:
+    """Kernels meet the device before a run trusts them on CUDA; on the CPU they only run in the
+    Triton interpreter (tests), which the kernel tests cover."""
+    return device.type == "cuda"
+
+
+def _check_sizes(config: Config):
+    from reglue.kernels.selfcheck import CheckSizes
+
+    sizes = config.model.sizes()
+    grid = config.data.latent_size // sizes["patch_size"]
+    channels = config.encoders.compressor_channels
+    return CheckSizes(hidden_size=sizes["hidden_size"], head_dim=sizes["hidden_size"] // sizes["num_heads"],
+                      tokens=grid * grid + int(config.method.use_cls), conv_channels=(channels[0], channels[1]))
+
+
+def _self_checked(config: Config, device: torch.device, ops: FrozenSet[str]) -> Dict[str, str]:
+    """op -> error for the ops that fail the self-check on ``device`` in the dtypes the run uses,
+    agreed over ranks (an op runs fused only where it passed on every rank, so all ranks run the
+    same arithmetic)."""
+    from reglue.kernels.selfcheck import check_fused_ops
+    from reglue.models.encoders import frozen_dtype
+
+    dtypes = {torch.float32, compute_param_dtype(config.parallel, device), frozen_dtype(config.encoders.dtype, device)}
+    order = sorted(ops)
+    results = check_fused_ops(device, sorted(dtypes, key=str), _check_sizes(config), order)
+    passed = torch.tensor([results[op] is None for op in order], dtype=torch.int32, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(passed, op=torch.distributed.ReduceOp.MIN)
+    return {op: results[op] or "failed the self-check on another rank" for op, ok in zip(order, passed.tolist()) if not ok}
+
+
+_resolved: Dict[tuple, Execution] = {}
+
+
+def resolve_execution(config: Config, device: torch.device) -> Execution:
+    """The execution of ``config`` on ``device`` (cached: the self-check runs once per process)."""
+    model, par = config.model, config.parallel
+    key = (str(device), model.kernels, par.compile, par.reference, model.attention, ops_used(config),
+           _check_sizes(config), par.param_dtype, config.encoders.dtype)
+    if key in _resolved:
+        return _resolved[key]
+    used = ops_used(config)
+    failed: Dict[str, str] = {}
+    if par.reference:  # the published code runs timm attention (SDPA) and eager PyTorch
+        execution = Execution(frozenset(), used, compile=False, attention="sdpa", reference=True)
+    else:
+        wants_kernels = model.kernels == "triton" or (model.kernels == "auto" and device.type == "cuda")
+        if wants_kernels and _needs_self_check(device):
+            failed = _self_checked(config, device, used)
+        fused = used - set(failed) if wants_kernels else frozenset()
+        compile_ = device.type == "cuda" if par.compile == "auto" else par.compile
+        execution = Execution(frozenset(fused), used - fused, compile_, model.attention, failed_ops=failed)
+    log.info("execution on %s: fused kernels %s, eager %s%s; compile %s%s", device, sorted(execution.fused_ops) or "none",
+             sorted(execution.eager_ops) or "none", f" (failed the self-check: {sorted(failed)})" if failed else "",
+             "per region" if execution.compile else "off", "; published reference execution" if par.reference else "")
+    _resolved[key] = execution
+    return execution
+
+
+def execution_metrics(config: Config, device: torch.device) -> Dict:
+    """For a metrics record: which ops run fused / eager, whether the step is compiled and, if it
+    is, how many graphs have been compiled so far (constant after the first steps: no recompiles)."""
+    execution = resolve_execution(config, device)
+    record = execution.summary()
+    if execution.compile:
+        from torch._dynamo.utils import counters
+
+        record["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+    return record
+
+
+def compile_region(fn: Callable) -> Callable:
+    """``torch.compile`` with :data:`COMPILE_OPTIONS`; a module compiles in place (``module.compile``
+    keeps its state-dict keys free of ``_orig_mod.``) and is returned."""
+    if isinstance(fn, nn.Module):
+        fn.compile(**COMPILE_OPTIONS)
+        return fn
+    return torch.compile(fn, **COMPILE_OPTIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_loss() -> Callable:
+    return functools.partial(training_losses, inputs_fn=compile_region(loss_inputs), terms_fn=compile_region(loss_terms))
+
+
+def loss_fn(config: Config, device: torch.device) -> Callable:
+    """``training_losses``, with its stages before and after the model compiled when the run
+    compiles (the model's own regions are compiled separately); same signature."""
+    return _compiled_loss() if resolve_execution(config, device).compile else training_losses
+
+
+# --------------------------------------------------------------------------------------------
+# The model: activation checkpointing -> compile -> FSDP2
+# --------------------------------------------------------------------------------------------
 
 
 def _sac_policy():
@@ -61,7 +214,7 @@ def use_fsdp(dist_info: DistInfo) -> bool:
     return dist_info.distributed or dist_info.device.type == "cuda"
 
 
-def build_parallel_model(config, dist_info: DistInfo) -> nn.Module:
+def build_parallel_model(config: Config, dist_info: DistInfo) -> nn.Module:
     """The run's SiT, built on the meta device, parallelised, and materialised on the device.
 
     ``parallel.reference`` instead reproduces the published execution: an eager model wrapped in
@@ -70,26 +223,36 @@ def build_parallel_model(config, dist_info: DistInfo) -> nn.Module:
     from reglue.models import build_model
 
     cfg = config.parallel
+    execution = resolve_execution(config, dist_info.device)
     with torch.device("meta"):
-        # The published code runs timm attention (SDPA) and eager PyTorch.
-        model = build_model(config, kernels="eager" if cfg.reference else None, attention="sdpa" if cfg.reference else None)
-    if cfg.reference:
+        model = build_model(config, kernels=execution.fused_ops, attention=execution.attention)
+    if execution.reference:
         materialize(model, dist_info.device, config.train.seed)
         if dist_info.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(model, device_ids=[dist_info.device] if dist_info.device.type == "cuda" else None)
         return model
-    return materialize(parallelize(model, cfg, dist_info), dist_info.device, config.train.seed)
+    return materialize(parallelize(model, cfg, dist_info, execution.compile), dist_info.device, config.train.seed)
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo) -> nn.Module:
+def compile_model(model: nn.Module) -> None:
+    """Regional compile of a SiT: every block (one graph shared by all of them), then the embedders
+    (``embed``), the REPA projectors (``project``) and the final layer (``head``)."""
+    for block in model.blocks:
+        compile_region(block)
+    model.embed = compile_region(model.embed)
+    if len(model.projectors):
+        model.project = compile_region(model.project)
+    model.head = compile_region(model.head)
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo, compile: bool) -> nn.Module:
     """AC -> compile -> FSDP2 on a (meta-device) SiT; parameters are materialised afterwards."""
     for i, block in enumerate(model.blocks):
-        block = apply_activation_checkpointing(block, cfg.activation_checkpointing)
-        if cfg.compile:
-            block.compile(fullgraph=True, dynamic=False)
-        model.blocks[i] = block
+        model.blocks[i] = apply_activation_checkpointing(block, cfg.activation_checkpointing)
+    if compile:
+        compile_model(model)
     if use_fsdp(dist_info):
         import warnings
 

@@ -1,7 +1,10 @@
 """Frozen encoders of a run and the training targets they produce from a batch.
 
 Outside the optimizer and the checkpoint; small, so replicated (not sharded) on every rank; run
-under ``no_grad`` in bf16 on CUDA (fp32 on CPU); computed once per step. Randomly initialised
+under ``no_grad`` in bf16 on CUDA (fp32 on CPU); computed once per step. When the run compiles
+(``reglue.train.parallelize.resolve_execution``), the DINOv2 blocks (one graph for all of them,
+attention through our dispatch) and the semantic target (standardise -> compressor or PCA ->
+resize, the fused convolutions inside) are compiled regions. Randomly initialised
 encoders (tests, the tiny demo) are seeded from the run seed, so every rank and every resume
 builds the same ones. Statistics and PCA fitted at start are saved in the run directory and
 re-used on resume.
@@ -18,6 +21,7 @@ import torch
 
 from reglue.config import Config
 from reglue.runtime import broadcast_object
+from reglue.train.parallelize import compile_region, resolve_execution
 from reglue.models.encoders import (
     PCA,
     FeatureStats,
@@ -62,15 +66,26 @@ class FrozenEncoders:
         self.is_main = is_main
         enc, method = config.encoders, config.method
         self.dtype = frozen_dtype(enc.dtype, device)
+        self.execution = resolve_execution(config, device)
         self.vae = build_vae(enc.vae, seed=config.train.seed).to(device=device, dtype=self.dtype)
         self.dinov2 = self.reducer = self.stats = None
+        self.semantic_target = semantic_target
         if method.needs_dinov2:
-            self.dinov2 = build_frozen_dinov2(config, device)
+            self.dinov2 = build_frozen_dinov2(config, device, attention=self.execution.attention)
             if self.dinov2.embed_dim != enc.embed_dim:
                 raise ValueError(f"encoders.dinov2 has width {self.dinov2.embed_dim} but the config expects {enc.embed_dim} "
                                  "(set encoders.dinov2_overrides.embed_dim)")
         if method.semantic != "none":
             self._build_semantic(run_dir, calibration_images)
+        if self.execution.compile:  # after any calibration at start, so only the step's shapes compile
+            self._compile()
+
+    def _compile(self) -> None:
+        if self.dinov2 is not None:
+            for block in self.dinov2.model.blocks:
+                compile_region(block)
+        if self.reducer is not None:
+            self.semantic_target = compile_region(semantic_target)
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         return self.dinov2(images.to(self.device)).features.float()
@@ -151,7 +166,7 @@ class FrozenEncoders:
         if compressor.in_channels != self.dinov2.feature_channels:
             raise ValueError(f"compressor expects {compressor.in_channels} feature channels, DINOv2 gives {self.dinov2.feature_channels}")
         compressor = compressor.eval().fold_batchnorm().to(device=self.device, dtype=self.dtype)
-        return _FusedCompressor(compressor) if self.config.model.kernels == "triton" else compressor
+        return _FusedCompressor(compressor) if "fused_conv2d" in self.execution.fused_ops else compressor
 
     @torch.no_grad()
     def targets(self, batch: Dict[str, torch.Tensor], latent_eps: torch.Tensor) -> Dict[str, object]:
@@ -166,7 +181,7 @@ class FrozenEncoders:
             enc = self.dinov2(images)
             if self.reducer is not None:
                 features = enc.features.float() if isinstance(self.reducer, PCA) else enc.features.to(self.dtype)
-                out["semantic"] = semantic_target(features, self.stats, self.reducer, latents.shape[-1]).float()
+                out["semantic"] = self.semantic_target(features, self.stats, self.reducer, latents.shape[-1]).float()
             if method.use_cls:
                 out["cls"] = enc.cls.float()
             if method.use_align:

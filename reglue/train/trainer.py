@@ -23,12 +23,12 @@ from tqdm import tqdm
 
 from reglue.config import Config
 from reglue.data import build_loader, open_dataset
-from reglue.diffusion.transport import draw_noise, training_losses
+from reglue.diffusion.transport import draw_noise
 from reglue import checkpoint as ckpt
 from reglue.runtime import DistInfo, all_reduce_mean, barrier, init_distributed, per_rank_batch, seeded_generator
 from reglue.train.ema import EMA
 from reglue.train.metrics import MetricsWriter, count_flops, device_peak_flops, plot_losses, read_metrics, save_grid
-from reglue.train.parallelize import build_parallel_model, use_fsdp
+from reglue.train.parallelize import build_parallel_model, execution_metrics, loss_fn, use_fsdp
 from reglue.train.targets import FrozenEncoders
 
 log = logging.getLogger("reglue.train")
@@ -147,7 +147,7 @@ class Trainer:
     def _micro_losses(self, batch, noise, latent_eps, step: int) -> Dict[str, torch.Tensor]:
         cfg = self.config
         targets = self.frozen.targets(batch, latent_eps)
-        return training_losses(
+        return loss_fn(cfg, self.dist.device)(
             self.model, targets["latents"], batch["label"].to(self.dist.device), noise,
             semantic=targets["semantic"], cls=targets["cls"], align_targets=targets["align"],
             path=cfg.method.path, semantic_weight=cfg.method.semantic_weight(step),
@@ -320,10 +320,7 @@ class Trainer:
             import resource
 
             record["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        if cfg.parallel.compile:
-            from torch._dynamo.utils import counters
-
-            record["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+        record.update(execution_metrics(cfg, d.device))
         return record
 
 
