@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     from reglue.data import prepare, stats, train_compressor
+    from reglue.evaluation import evaluate
 
-    for data_command in (prepare, stats, train_compressor):
+    for data_command in (prepare, stats, train_compressor, evaluate):
         data_command.add_parser(sub)
     return parser
 
