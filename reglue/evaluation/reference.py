@@ -143,7 +143,7 @@ class NpzImages:
                     raise NpzError(self.path, [f"'{self.key}' could not be read at image {start} ({err})"]) from err
                 if len(data) != count * row_bytes:
                     raise NpzError(self.path, [f"'{self.key}' ends at image {start + len(data) // row_bytes}: truncated"])
-                yield np.frombuffer(data, dtype=np.uint8).reshape(count, *self.shape[1:])
+                yield np.frombuffer(data, dtype=np.uint8).reshape(count, *self.shape[1:]).copy()
 
 
 class NpzWriter:

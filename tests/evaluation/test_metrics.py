@@ -233,3 +233,48 @@ def test_fp16_overflow_of_the_dot_product_alone_gives_zero_distances_as_in_the_e
 def test_precision_recall_need_more_than_k_vectors():
     with pytest.raises(ValueError, match="more than k=3"):
         precision_recall(torch.rand(3, 8), torch.rand(10, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# FeatureSet across ranks (gloo)
+# --------------------------------------------------------------------------------------------
+
+
+def rank_features(rank: int, n: int = 9):
+    g = torch.Generator().manual_seed(100 + rank)
+    pool = torch.randn(n + rank, 2048, generator=g) + rank  # ranks differ in count and mean
+    return InceptionFeatures(pool=pool, spatial=pool[:, :2023] * 2, logits=pool[:, :1008])
+
+
+def gather_worker(rank: int, world_size: int, init_file: str, out_dir: str):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        features = FeatureSet(keep_pool=True, keep_logits=True)
+        batch = rank_features(rank)
+        features.add(InceptionFeatures(*(t[:4] for t in batch)))
+        features.add(InceptionFeatures(*(t[4:] for t in batch)))
+        merged = features.gather(dst=0)
+        stats = merged.fid_stats()
+        torch.save({"mu": stats.mu, "sigma": stats.sigma, "count": merged.count,
+                    "pool": merged.pool if rank == 0 else None, "logits": merged.logits if rank == 0 else None},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_feature_set_gather_merges_statistics_on_every_rank_and_rows_on_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    everything = [rank_features(0), rank_features(1)]
+    pool = torch.cat([f.pool for f in everything])
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in results:
+        assert result["count"] == len(pool) == 19
+        np.testing.assert_allclose(result["mu"].numpy(), pool.double().numpy().mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(result["sigma"].numpy(), np.cov(pool.double().numpy(), rowvar=False), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(results[0]["pool"], pool, rtol=0, atol=0)  # in rank order
+    torch.testing.assert_close(results[0]["logits"], torch.cat([f.logits for f in everything]), rtol=0, atol=0)
+    assert results[1]["pool"] is None
