@@ -87,9 +87,10 @@ step bench "$PY" -m pytest bench/bench_kernels.py bench/bench_attention.py bench
     --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds
 step bench-step "$PY" -m pytest bench/bench_step.py -q -rs ${BENCH_STEP_K:+-k "$BENCH_STEP_K"} \
     --benchmark-json="$OUT/bench-step.json" --benchmark-columns=median,iqr,rounds
+step bench-evaluate "$PY" -m pytest bench -k bench_evaluate -q -rs --benchmark-json="$OUT/bench-evaluate.json"  # Inception img/s; 50k-sample evaluate (<= 60 s)
 
 # 4. Summary (printed last).
-JSONS=$(for f in "$OUT/bench.json" "$OUT/bench-step.json"; do [ -s "$f" ] && echo "$f"; done)
+JSONS=$(for f in "$OUT/bench.json" "$OUT/bench-step.json" "$OUT/bench-evaluate.json"; do [ -s "$f" ] && echo "$f"; done)
 if [ -n "$JSONS" ]; then
     # shellcheck disable=SC2086
     "$PY" bench/summarize.py $JSONS --ceilings "$OUT/ceilings.json" --versions "$OUT/versions.txt" \
@@ -106,7 +107,7 @@ fi
     echo ""
     echo "Test result lines:"
     echo ""
-    for log in gpu-tests kernel-tests-cuda train-smoke train-sit-b bench bench-step; do
+    for log in gpu-tests kernel-tests-cuda train-smoke train-sit-b bench bench-step bench-evaluate; do
         [ -f "$OUT/$log.log" ] && echo "    $log: $(grep -E "(passed|failed|error|skipped|deselected)[^ ]* .*in [0-9.]+s" "$OUT/$log.log" | tail -1)"
     done
 } >> "$OUT/summary.md"

@@ -54,7 +54,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from reglue.evaluation.inception import InceptionFeatures
+from reglue.evaluation.inception import InceptionFeatures, ieee_fp32
 from reglue.models.encoders import RunningMoments
 
 __all__ = [
@@ -202,11 +202,15 @@ def adm_pairwise_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     u16, v16 = _fp16(u), _fp16(v)
     norm_u = _fp16(_fp16(u16 * u16).sum(dim=1))
     norm_v = _fp16(_fp16(v16 * v16).sum(dim=1))
-    twice_dot = _fp16(2 * _fp16(u16 @ v16.T))
+    with ieee_fp32():  # products of fp16 values are exact in fp32, not in TF32 (a trainer may have it on)
+        dot = u16 @ v16.T
+    twice_dot = _fp16(2 * _fp16(dot))
     distances = _fp16(_fp16(norm_u[:, None] - twice_dot) + norm_v[None, :]).clamp_min_(0)
     if torch.isfinite(distances).all():
         return distances
-    return ((u * u).sum(dim=1)[:, None] - 2 * (u @ v.T) + (v * v).sum(dim=1)[None, :]).clamp_min_(0)
+    with ieee_fp32():
+        dot = u @ v.T
+    return ((u * u).sum(dim=1)[:, None] - 2 * dot + (v * v).sum(dim=1)[None, :]).clamp_min_(0)
 
 
 def _check_pr_features(features: torch.Tensor, k: int, what: str) -> None:
