@@ -227,7 +227,8 @@ def _stats_problems(arrays: dict, key: str, shape: Optional[Tuple[int, ...]]) ->
 
 
 def load_reference(path, need_images: bool = True) -> Reference:
-    """Open and validate a reference batch; NpzError listing every problem (one per line)."""
+    """Open and validate a reference batch; NpzError listing every problem (one per line).
+    Its images (``arr_0``) are opened when present and required with ``need_images``."""
     path = Path(path)
     with _open_zip(path) as zf:
         names = {n.removesuffix(".npy") for n in zf.namelist()}
@@ -250,7 +251,7 @@ def load_reference(path, need_images: bool = True) -> Reference:
         else:
             problems += _stats_problems(arrays, "mu_dinov2", (dim,)) + _stats_problems(arrays, "sigma_dinov2", (dim, dim))
     images = None
-    if need_images:
+    if need_images or "arr_0" in names:
         try:
             images = NpzImages(path)
         except NpzError as err:

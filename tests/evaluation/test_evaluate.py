@@ -247,3 +247,12 @@ def test_unknown_metric_and_missing_weights(fake_ref, tmp_path):
     assert_one_error(code, err, "unknown kid")
     code, _, err = run_cli("--ref", fake_ref, "--samples", samples, "--metrics", "fid", "--inception-weights", MISSING_WEIGHTS)
     assert_one_error(code, err, MISSING_WEIGHTS, "no such file")
+
+
+def test_reference_images_are_opened_when_present_and_required_when_needed(fake_ref, tmp_path):
+    assert len(load_reference(fake_ref, need_images=False).images) == 5  # FD_DINOv2 may need them
+    with np.load(fake_ref) as npz:
+        np.savez(tmp_path / "stats-only.npz", **{k: npz[k] for k in ("mu", "sigma", "mu_s", "sigma_s")})
+    assert load_reference(tmp_path / "stats-only.npz", need_images=False).images is None
+    with pytest.raises(ValueError, match="no 'arr_0' array"):
+        load_reference(tmp_path / "stats-only.npz", need_images=True)
