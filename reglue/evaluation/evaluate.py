@@ -180,7 +180,7 @@ def score_features(reference: Reference, samples: FeatureSet, reference_features
         _warn_rank_deficient(samples.count, reference.sfid.dim, "sFID")
         results["sfid"] = frechet_distance(samples.sfid_stats(), reference.sfid, device)
     if "is" in metrics:
-        results["inception_score"] = inception_score(samples.logits, is_split_size)
+        results["inception_score"] = inception_score(samples.logits.to(device or "cpu"), is_split_size)
     if "pr" in metrics:
         results["precision"], results["recall"] = precision_recall(reference_features.pool, samples.pool, device=device)
     if "fd_dinov2" in metrics:
