@@ -46,7 +46,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Union
+from typing import Dict, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
