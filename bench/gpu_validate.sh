@@ -92,13 +92,15 @@ step bench "$PY" -m pytest bench/bench_kernels.py bench/bench_attention.py bench
     --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds
 step bench-step "$PY" -m pytest bench/bench_step.py -q -rs ${BENCH_STEP_K:+-k "$BENCH_STEP_K"} \
     --benchmark-json="$OUT/bench-step.json" --benchmark-columns=median,iqr,rounds
-
 # Sampling: SiT-XL/2 REGLUE, 250-step SDE with CFG on [0, 0.9], ours vs the published generate.py execution.
 step bench-sample "$PY" -m pytest bench/bench_sample.py -q -rs \
     --benchmark-json="$OUT/bench-sample.json" --benchmark-columns=median,iqr,rounds
+# Evaluation: Inception img/s and the whole evaluate of 50,000 samples (target <= 60 s on one H100).
+step bench-evaluate "$PY" -m pytest bench/bench_evaluate.py -q -rs \
+    --benchmark-json="$OUT/bench-evaluate.json" --benchmark-columns=median,iqr,rounds
 
 # 4. Summary (printed last).
-JSONS=$(for f in "$OUT/bench.json" "$OUT/bench-step.json" "$OUT/bench-sample.json"; do [ -s "$f" ] && echo "$f"; done)
+JSONS=$(for f in "$OUT/bench.json" "$OUT/bench-step.json" "$OUT/bench-sample.json" "$OUT/bench-evaluate.json"; do [ -s "$f" ] && echo "$f"; done)
 if [ -n "$JSONS" ]; then
     # shellcheck disable=SC2086
     "$PY" bench/summarize.py $JSONS --ceilings "$OUT/ceilings.json" --versions "$OUT/versions.txt" \
@@ -121,7 +123,7 @@ fi
     fi
     echo "Test result lines:"
     echo ""
-    for log in gpu-tests kernel-tests-cuda train-smoke train-sit-b bench bench-step bench-sample; do
+    for log in gpu-tests kernel-tests-cuda train-smoke train-sit-b bench bench-step bench-sample bench-evaluate; do
         [ -f "$OUT/$log.log" ] && echo "    $log: $(grep -E "(passed|failed|error|skipped|deselected)[^ ]* .*in [0-9.]+s" "$OUT/$log.log" | tail -1)"
     done
 } >> "$OUT/summary.md"

@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     from reglue.data import prepare, stats, train_compressor
-    from reglue.evaluation import generate
+    from reglue.evaluation import evaluate, generate
 
-    for command_module in (prepare, stats, train_compressor, generate):
+    for command_module in (prepare, stats, train_compressor, generate, evaluate):
         command_module.add_parser(sub)
     return parser
 

@@ -344,12 +344,16 @@ class RunningMoments:
 
     `update` folds in a batch; `merge` combines two partial results (Chan et al.'s parallel
     update), so shards computed on different ranks or files can be reduced in any order.
+    With `covariance=True`, M2 is the full (C, C) co-moment matrix Σ (x - mean)(x - mean)ᵀ
+    instead of its diagonal (C,): the streamed covariance of FID statistics.
     """
 
-    def __init__(self, count: int = 0, mean: torch.Tensor | None = None, m2: torch.Tensor | None = None):
+    def __init__(self, count: int = 0, mean: torch.Tensor | None = None, m2: torch.Tensor | None = None,
+                 covariance: bool = False):
         self.count = int(count)
         self.mean = mean
         self.m2 = m2
+        self.covariance = covariance
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, max_chunk_elements: int = 1 << 24) -> "RunningMoments":
@@ -360,8 +364,9 @@ class RunningMoments:
         for chunk in rows.split(step):
             chunk = chunk.double()
             mean = chunk.mean(dim=0)
-            m2 = (chunk - mean).square().sum(dim=0)
-            self.merge(RunningMoments(chunk.shape[0], mean, m2))
+            centered = chunk - mean
+            m2 = centered.T @ centered if self.covariance else centered.square().sum(dim=0)
+            self.merge(RunningMoments(chunk.shape[0], mean, m2, self.covariance))
         return self
 
     @torch.no_grad()
@@ -375,7 +380,8 @@ class RunningMoments:
         n = n_a + n_b
         delta = other.mean.to(self.mean) - self.mean
         self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + other.m2.to(self.m2) + delta.square() * (n_a * n_b / n)
+        spread = torch.outer(delta, delta) if self.m2.ndim == 2 else delta.square()
+        self.m2 = self.m2 + other.m2.to(self.m2) + spread * (n_a * n_b / n)
         self.count = n
         return self
 
