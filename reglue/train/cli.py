@@ -1,4 +1,9 @@
-"""Command-line flags of ``train.py`` (and ``reglue train``) -> a validated Config."""
+"""Command-line flags of ``train.py`` (and ``reglue train``) -> a validated Config.
+
+Exit status: 0 done; 2 bad input (config, data, checkpoint, run directory); 3 aborted after too
+many non-finite steps; 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (run the
+same command again to continue).
+"""
 
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                    help="run the published recipe's execution (eager, fp16 autocast, DDP, per-step syncs) for comparison")
     p.add_argument("--wandb-project", help="also log to Weights & Biases")
     p.add_argument("--resume", help="auto (latest checkpoint of the run, default), none, or a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if OUT/NAME holds another run: the old run is moved aside (OUT/NAME.replaced-TIME)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set model.qk_norm=true (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -83,10 +90,14 @@ def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
         return 0
     from reglue.data.shards import DatasetError
     from reglue.checkpoint import CheckpointError
+    from reglue.train.preemption import Preempted
     from reglue.train.trainer import NonFiniteError, run
 
     try:
-        run(config)
+        run(config, overwrite=args.overwrite)
+    except Preempted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, ValueError, NonFiniteError) as exc:
         if os.environ.get("REGLUE_DEBUG"):
             raise

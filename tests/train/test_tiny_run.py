@@ -82,12 +82,15 @@ def test_nonfinite_step_is_skipped_then_aborts(tmp_path):
     trainer.train_step(0, next(batches))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     ema_before = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+    optim_before = [{k: v.clone() for k, v in s.items()} for s in trainer.optimizer.state.values()]
     out = trainer.train_step(1, next(batches))
     assert out["skipped"] == 1 and trainer.skipped_steps == 1
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     assert all(torch.equal(ema_before[k], v) for k, v in trainer.ema.state_dict().items())
+    optim_after = list(trainer.optimizer.state.values())
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(optim_before, optim_after) for k in a)  # moments and step count
     trainer.train_step(2, next(batches))
-    assert trainer.nonfinite_in_row == 0
+    assert int(trainer.skips.in_row) == 0 and trainer.skips.read() == (1, 1)
 
     with pytest.raises(NonFiniteError, match="3 consecutive steps"):
         Trainer(tiny(tmp_path, "nan", **{"train.max_steps": 8, "train.inject_nonfinite_steps": "(2, 3, 4)",
