@@ -64,23 +64,31 @@ def config_from_args(argv: Optional[List[str]] = None, prog: str = "train.py") -
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
-        if args.config:
-            import json
-
-            with open(args.config) as f:
-                config = Config.from_dict(json.load(f))
-        else:
-            config = get_preset(args.preset)
+        config = Config.from_file(args.config) if args.config else get_preset(args.preset)
         overrides = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
         for item in args.set:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
             overrides[key.strip()] = value
+        if args.data and not args.config and "data.image_size" not in overrides:
+            _follow_dataset_image_size(args.data, config, overrides)
         config = apply_overrides(config, overrides)
     except (ConfigError, KeyError, FileNotFoundError) as exc:
         parser.error(str(exc))
     return config, args
+
+
+def _follow_dataset_image_size(data: str, config: Config, overrides: dict) -> None:
+    """``data.image_size`` not set explicitly (by --set or --config): take the prepared dataset's."""
+    from reglue.data.shards import peek_image_size
+
+    size = peek_image_size(data)
+    if size is not None and size != config.data.image_size:
+        overrides["data.image_size"] = size
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"data.image_size = {size}, as {data} holds (set --set data.image_size=N to insist on another)",
+                  file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
