@@ -104,7 +104,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
     try:
         run(config, overwrite=args.overwrite)
     except Preempted as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{prog}: {exc}", file=sys.stderr)
         return exc.exit_code
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, ValueError, NonFiniteError) as exc:
         if os.environ.get("REGLUE_DEBUG"):

@@ -30,7 +30,7 @@ from reglue.data import build_loader, open_dataset
 from reglue.data.sampler import GlobalBatchOrder, sample_indices
 from reglue.diffusion.transport import draw_noise, training_losses
 from reglue.outputs import MetricsWriter, OutputError, ensure_output_dir, read_metrics
-from reglue.runtime import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, seeded_generator
+from reglue.runtime import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, seeded_generator, shutdown
 from reglue.train.ema import EMA
 from reglue.train.metrics import count_flops, device_peak_flops, plot_losses, save_grid
 from reglue.train.parallelize import build_parallel_model, use_fsdp
@@ -377,5 +377,9 @@ class Trainer:
 
 
 def run(config: Config, overwrite: bool = False) -> Path:
-    """Train ``config`` to ``train.max_steps`` (resuming per ``train.resume``); returns the run dir."""
-    return Trainer(config, overwrite=overwrite).fit()
+    """Train ``config`` to ``train.max_steps`` (resuming per ``train.resume``); returns the run dir.
+    The process group is taken down at the end (its threads must not outlive the interpreter)."""
+    try:
+        return Trainer(config, overwrite=overwrite).fit()
+    finally:
+        shutdown()

@@ -117,7 +117,8 @@ def test_export_loads_into_sit_strict(tmp_path):
     assert reglue_main(["export", "--run", str(run_dir), "--out", str(both), "--weights", "both"]) == 0
     load_sit_checkpoint(build_model(get_preset("tiny")), both, key="model")
     assert reglue_main(["export", "--run", str(tmp_path / "missing"), "--out", str(out)]) == 2
-    grid = tmp_path / "grid.png"
+    assert reglue_main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "grid")]) == 2  # no image suffix: fails at once
+    grid = tmp_path / "new" / "dir" / "grid.png"  # folders are created before sampling
     for sampler in ("sde", "heun"):
         assert reglue_main(["sample", "--run", str(run_dir), "--out", str(grid), "--num", "4", "--steps", "3",
                             "--sampler", sampler, "--cfg-scale", "2.0"]) == 0
@@ -137,10 +138,18 @@ def test_triton_kernels_train_like_eager(tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
 
 
-def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, capsys, caplog):
+    """A truncated shard of the newest checkpoint: resume and export use the one before, say so, and
+    keep the damaged one."""
     Trainer(tiny(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 1})).fit()
-    (tmp_path / "run" / "checkpoints" / "step-00000002" / "meta.json").write_text("{damaged")
+    damaged = tmp_path / "run" / "checkpoints" / "step-00000002"
+    shard = damaged / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert reglue_main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "w.safetensors")]) == 0
+    assert "step-00000001 to" in capsys.readouterr().out
+    assert any(str(damaged) in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
     assert Trainer(tiny(tmp_path, **{"train.max_steps": 3})).step == 1
+    assert shard.is_file()
 
 
 def test_train_cli_reports_bad_input_without_traceback(tmp_path, capsys):
