@@ -147,3 +147,17 @@ def test_lognormal_t_has_lognormal_snr(path):
     alpha, sigma, _, _ = interpolant(t.double(), path)
     z = torch.log(sigma / alpha)
     assert abs(z.mean().item() + 0.4) < 0.03 and abs(z.std().item() - 1.2) < 0.03
+
+
+@pytest.mark.parametrize("cls_dim, dropout", [(4, 0.5), (0, 0.0)])
+def test_noise_slice_takes_the_same_rows_of_every_field(cls_dim, dropout):
+    """Every field of a slice is rows [start, stop) of the global draw (t, eps, [CLS] noise,
+    label-dropout mask), and absent fields stay absent."""
+    noise = draw_noise(10, (3, 2, 2), cls_dim, dropout, torch.Generator().manual_seed(4), "cpu")
+    for start, stop in ((0, 10), (3, 7), (9, 10)):
+        part = noise.slice(start, stop)
+        assert torch.equal(part.t, noise.t[start:stop]) and torch.equal(part.eps, noise.eps[start:stop])
+        if cls_dim:
+            assert torch.equal(part.cls_eps, noise.cls_eps[start:stop]) and torch.equal(part.drop, noise.drop[start:stop])
+        else:
+            assert part.cls_eps is None and part.drop is None
