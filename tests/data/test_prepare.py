@@ -281,3 +281,24 @@ def test_prepare_checks_its_output_before_listing_the_source(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="--out .*file"):
         prepare(tmp_path / "does-not-matter", tmp_path / "file" / "out", OPTIONS, num_workers=0, progress=False)
+
+
+def test_image_size_follows_the_prepared_dataset_unless_set(prepared, caplog):
+    """`train.py --data DIR` takes DIR's resolution when data.image_size was not set; an explicit
+    mismatch is an error naming the flag; fewer classes than model.num_classes is one log line."""
+    import logging
+
+    from reglue.data import open_dataset
+    from reglue.train.cli import config_from_args
+
+    followed, _ = config_from_args(["--preset", "sit-b-2", "--data", str(prepared)])
+    assert followed.data.image_size == IMAGE_SIZE != 256
+    explicit, _ = config_from_args(["--preset", "sit-b-2", "--data", str(prepared), "--set", "data.image_size=256"])
+    assert explicit.data.image_size == 256
+    with pytest.raises(ValueError, match=f"holds {IMAGE_SIZE}x{IMAGE_SIZE} images: set --set data.image_size={IMAGE_SIZE}"):
+        open_dataset(explicit)
+    tiny, _ = config_from_args(["--data", str(prepared)])
+    with caplog.at_level(logging.INFO, logger="reglue.data"):
+        open_dataset(tiny)
+    lines = [r.getMessage() for r in caplog.records if "class embeddings stay unused" in r.getMessage()]
+    assert len(lines) == 1 and "has 3 classes, model.num_classes is 8" in lines[0]

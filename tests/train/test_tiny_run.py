@@ -158,3 +158,11 @@ def test_train_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no such dataset directory" in err and "Traceback" not in err
+    for text, message in (("[]", "expected a JSON object of sections, got a list"),
+                          ('{"train": {"max_steps": "10"}}', 'train.max_steps: expected an integer, got "10"'),
+                          ("{", "not valid JSON")):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            main(["--config", str(tmp_path / "config.json")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
