@@ -14,8 +14,9 @@ SIGTERM,SIGINT,SIGUSR1 --shutdown-timeout 300 ...`` (torchrun's default is to SI
 30 s after it forwards a signal).
 
 Ranks agree on the stop step without a host sync of their own: each rank adds its flag to the
-all-reduce every step already does (:class:`StopVote`), and the host reads the reduced flag one
-step late, from a pinned host copy, after the next step has been queued.
+all-reduce every step already does (:class:`StopVote`), and on CUDA the host reads the reduced
+flag one step late, from a pinned host copy, after the next step has been queued (on the CPU,
+where nothing is queued, right after the step).
 """
 
 from __future__ import annotations
@@ -81,39 +82,40 @@ class StopSignals:
 
 
 class StopVote:
-    """The stop flag that rides on the step's all-reduce, read by the host one step late.
+    """The stop flag that rides on the step's all-reduce, read by the host ``lag`` steps late.
 
     ``flag()`` is this rank's vote as a device scalar (a fill, not a host-to-device copy), to be
     summed with the step's other values; ``publish(reduced)`` copies the reduced vote into a pinned
-    host slot without blocking; ``agreed()`` reads the vote of the step before the one just
-    published, after waiting for that step's copy only. Every rank reads the same sum for the
-    same step, so all ranks stop after the same step.
+    host slot without blocking; ``agreed()`` reads the vote of the step ``lag`` steps before the
+    last published one, waiting for that step's copy only. On CUDA the lag is 1, so the host never
+    waits for the step it has just queued; on the CPU nothing is queued and the lag is 0. Every
+    rank reads the same sum for the same step, so all ranks stop after the same step.
     """
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, lag: Optional[int] = None):
         on_cuda = device.type == "cuda"
+        self.lag = (1 if on_cuda else 0) if lag is None else lag
         self._local = torch.zeros((), device=device)
-        self._host = torch.zeros(2, pin_memory=on_cuda)
+        self._host = torch.zeros(self.lag + 1, pin_memory=on_cuda)
         self._host_view = self._host.numpy()  # read as a NumPy view: the value is already on the host
-        self._events = [torch.cuda.Event() for _ in range(2)] if on_cuda else None
+        self._events = [torch.cuda.Event() for _ in range(self.lag + 1)] if on_cuda else None
         self._published = 0
 
     def flag(self, requested: bool) -> torch.Tensor:
         return self._local.fill_(1.0 if requested else 0.0)
 
     def publish(self, reduced: torch.Tensor) -> None:
-        slot = self._published % 2
+        slot = self._published % len(self._host)
         self._host[slot : slot + 1].copy_(reduced.reshape(1), non_blocking=True)
         if self._events is not None:
             self._events[slot].record()
         self._published += 1
 
     def agreed(self) -> bool:
-        """True when some rank had asked to stop by the step before the last published one."""
-        if self._published < 2:
+        """True when some rank had asked to stop by the step ``lag`` before the last published one."""
+        if self._published <= self.lag:
             return False
-        slot = self._published % 2  # the older of the two slots
+        slot = (self._published - 1 - self.lag) % len(self._host)
         if self._events is not None:
             self._events[slot].synchronize()
         return bool(self._host_view[slot] > 0)

@@ -29,7 +29,7 @@ from reglue.config import Config
 from reglue.data import build_loader, open_dataset
 from reglue.data.sampler import GlobalBatchOrder, sample_indices
 from reglue.diffusion.transport import draw_noise, training_losses
-from reglue.outputs import MetricsWriter, OutputError, ensure_output_dir, read_metrics
+from reglue.outputs import MetricsWriter, ensure_output_dir, read_metrics
 from reglue.runtime import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, seeded_generator, shutdown
 from reglue.train.ema import EMA
 from reglue.train.metrics import count_flops, device_peak_flops, plot_losses, save_grid
@@ -81,7 +81,7 @@ class Trainer:
             try:
                 result = plan_run(self.config, self.run_dir, overwrite)
                 ensure_output_dir(self.run_dir, "--out/--name")
-            except (ckpt.CheckpointError, OutputError) as exc:
+            except Exception as exc:  # every rank raises it, rather than waiting for rank 0 forever
                 result = exc
         result = broadcast_object(result)
         if isinstance(result, Exception):
@@ -251,7 +251,7 @@ class Trainer:
             for batch in batches:
                 self.run_step(batch, signals.requested)
                 self.bar.update(1)
-                if self.stop_vote.agreed():
+                if self.stop_vote.agreed() and self.step < end:  # at the end, finishing is the quicker way out
                     self._stop(signals)
         self.at_end()
         return self.run_dir

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from reglue.checkpoint import latest_checkpoint, load_weights, read_meta
@@ -40,10 +41,10 @@ def test_sigterm_saves_at_the_stop_step_and_resume_is_exact(tmp_path, monkeypatc
     assert main(stopped) == EXIT_PREEMPTED
     monkeypatch.undo()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "handlers are restored after the run"
-    # the flag rides on the step-4 all-reduce and is read one step late: the run stops after step 5
+    # the flag rides on the step-4 all-reduce (read at once on the CPU): the run stops after step 4
     checkpoint = latest_checkpoint(tmp_path / "stopped")
-    assert checkpoint.name == "step-00000005" and read_meta(checkpoint)["step"] == 5
-    assert "stopped at step 5 on SIGTERM" in capsys.readouterr().err
+    assert checkpoint.name == "step-00000004" and read_meta(checkpoint)["step"] == 4
+    assert "stopped at step 4 on SIGTERM" in capsys.readouterr().err
     assert main(stopped) == 0
     assert main(["--out", str(tmp_path), "--name", "straight", *COMMON]) == 0
     for which in ("model", "ema"):
@@ -51,13 +52,16 @@ def test_sigterm_saves_at_the_stop_step_and_resume_is_exact(tmp_path, monkeypatc
         assert all(torch.equal(a[k], b[k]) for k in a), which
 
 
-def test_ranks_read_the_stop_vote_one_step_late():
-    vote = StopVote(torch.device("cpu"))
+@pytest.mark.parametrize("lag, agreed_after", [(0, [False, True, False, False]), (1, [False, False, True, False]),
+                                                (2, [False, False, False, True])])
+def test_ranks_read_the_stop_vote_lag_steps_late(lag, agreed_after):
+    vote = StopVote(torch.device("cpu"), lag=lag)
     seen = []
     for requested in (False, True, False, False):
         vote.publish(vote.flag(requested).clone())
         seen.append(vote.agreed())
-    assert seen == [False, False, True, False]
+    assert seen == agreed_after
+    assert StopVote(torch.device("cpu")).lag == 0
 
 
 _SIGNAL_TWICE = """
