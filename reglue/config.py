@@ -337,7 +337,8 @@ class TrainConfig:
     wandb_project: Optional[str] = None
     """Also log to Weights & Biases under this project (needs the wandb package)."""
     max_nonfinite_steps: int = 10
-    """Abort after this many consecutive steps with a non-finite loss or gradient norm."""
+    """Abort after this many consecutive steps with a non-finite loss or gradient norm (skipped on the
+    device; noticed at the next log or checkpoint step)."""
     inject_nonfinite_steps: Tuple[int, ...] = ()
     """Fault injection (tests, drills): make the loss NaN at these steps."""
     deterministic: bool = False
