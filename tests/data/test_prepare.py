@@ -302,3 +302,20 @@ def test_image_size_follows_the_prepared_dataset_unless_set(prepared, caplog):
         open_dataset(tiny)
     lines = [r.getMessage() for r in caplog.records if "class embeddings stay unused" in r.getMessage()]
     assert len(lines) == 1 and "has 3 classes, model.num_classes is 8" in lines[0]
+
+
+def test_data_commands_check_their_outputs_first(prepared, tmp_path, capsys):
+    """stats and train-compressor fail in one line, before any feature is computed, when an output
+    cannot be written (here a file stands where a folder must be)."""
+    from reglue import cli
+
+    (tmp_path / "file").write_text("x")
+    blocked = str(tmp_path / "file" / "out")
+    for args in (["stats", "--preset", "tiny", "--data", str(prepared), "--out", blocked + ".safetensors"],
+                 ["stats", "--preset", "tiny", "--data", str(prepared), "--out", str(tmp_path / "s.safetensors"),
+                  "--pca", "4", "--pca-out", blocked + ".safetensors"],
+                 ["train-compressor", "--preset", "tiny", "--data", str(prepared), "--stats", "unused", "--out", blocked]):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert "a file is in the way" in err and "Traceback" not in err, err
+    assert not (tmp_path / "s.safetensors").exists()
