@@ -9,8 +9,8 @@ run never mixes with it or overwrites it silently:
 - ``--resume none`` in an occupied directory is refused the same way;
 - ``--resume PATH`` (a checkpoint of this or another run) starts in an empty directory, or
   continues this run when PATH is one of its own checkpoints;
-- ``--overwrite`` moves the old run aside (``<name>.replaced-<time>``) and starts afresh: nothing
-  is deleted.
+- ``--overwrite`` moves whatever run is there aside (``<name>.replaced-<time>``) and starts
+  afresh: nothing is deleted.
 """
 
 from __future__ import annotations
@@ -98,12 +98,11 @@ def plan_run(config: Config, run_dir: Path, overwrite: bool) -> RunPlan:
     """Rank 0: inspect ``run_dir`` and decide (see the module docstring); may move the old run aside."""
     resume = config.train.resume
     contents = _contents(run_dir)
+    if contents and not overwrite:
+        return _plan_occupied(config, run_dir, resume, contents)
     if contents:
-        try:
-            return _plan_occupied(config, run_dir, resume, contents)
-        except RunDirError:
-            if not overwrite:
-                raise
+        if resume not in ("auto", "none") and Path(resume).resolve().is_relative_to(run_dir.resolve()):
+            raise RunDirError(f"--overwrite would move {run_dir} aside, with the checkpoint --resume {resume} names")
         aside = ckpt.move_aside(run_dir, "replaced")
         log.warning("--overwrite: moved the previous run in %s to %s", run_dir, aside)
     if resume not in ("auto", "none"):

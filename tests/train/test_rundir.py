@@ -42,6 +42,9 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
     [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert not (tmp_path / "run").exists()
     assert [p.name for p in ckpt.list_checkpoints(aside)] == ["step-00000001", "step-00000002"]
+    make_run(tmp_path / "run", config(tmp_path))  # the same run, resumable: --overwrite still starts afresh
+    assert plan_run(config(tmp_path), tmp_path / "run", overwrite=True).resume_from is None
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]) == 2
 
 
 def test_auto_continues_the_same_run_and_refuses_a_changed_one(tmp_path):
