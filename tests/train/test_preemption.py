@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reglue.checkpoint import latest_checkpoint, load_weights, read_meta
-from reglue.models import build_model
-from reglue.presets import get_preset
+from reglue.checkpoint import latest_checkpoint, read_meta
 from reglue.train.cli import main
 from reglue.train.preemption import EXIT_PREEMPTED, StopVote
 from reglue.train.trainer import Trainer
@@ -22,13 +20,7 @@ COMMON = ["--max-steps", "8", "--set", "train.log_every=1", "--set", "train.ckpt
           "--set", "train.num_sample_images=2", "--set", "data.synthetic_size=256", "--set", "train.tensorboard=false"]
 
 
-def weights(run_dir, which):
-    model = build_model(get_preset("tiny"))
-    load_weights(latest_checkpoint(run_dir), model, which)
-    return model.state_dict()
-
-
-def test_sigterm_saves_at_the_stop_step_and_resume_is_exact(tmp_path, monkeypatch, capsys):
+def test_sigterm_saves_at_the_stop_step_and_exits_75(tmp_path, monkeypatch, capsys):
     log_step = Trainer.on_log
 
     def signal_at_step_3(self, record):
@@ -45,11 +37,8 @@ def test_sigterm_saves_at_the_stop_step_and_resume_is_exact(tmp_path, monkeypatc
     checkpoint = latest_checkpoint(tmp_path / "stopped")
     assert checkpoint.name == "step-00000004" and read_meta(checkpoint)["step"] == 4
     assert "stopped at step 4 on SIGTERM" in capsys.readouterr().err
-    assert main(stopped) == 0
-    assert main(["--out", str(tmp_path), "--name", "straight", *COMMON]) == 0
-    for which in ("model", "ema"):
-        a, b = weights(tmp_path / "straight", which), weights(tmp_path / "stopped", which)
-        assert all(torch.equal(a[k], b[k]) for k in a), which
+    assert main(stopped) == 0  # resumes at step 4 (bit-exactness after SIGTERM: test_distributed.py)
+    assert read_meta(latest_checkpoint(tmp_path / "stopped"))["step"] == 8
 
 
 @pytest.mark.parametrize("lag, agreed_after", [(0, [False, True, False, False]), (1, [False, False, True, False]),
