@@ -244,8 +244,9 @@ def apply_training_state(model, optimizer, ema, state: Dict[str, Any]) -> None:
 def load_newest(run_dir, load: Callable[[Path], Dict[str, Any]], dist_info: Optional[DistInfo] = None
                 ) -> Optional[Tuple[Path, Dict[str, Any]]]:
     """Collective: ``load(path)`` the newest checkpoint of the run that loads; (path, meta), or None
-    when the run has no checkpoint. Each damaged or failing one is named in one warning line and
-    skipped (never deleted); when none loads, :class:`CheckpointError` lists them all.
+    when the run has no checkpoint. Each damaged or failing one is named in one warning line (with
+    the reason) and skipped, never deleted; the caller says which one it used. When none loads,
+    :class:`CheckpointError` lists them all.
 
     ``load`` must raise :class:`CheckpointError` on every rank alike (:func:`load_checkpoint` does)."""
     is_main = dist_info is None or dist_info.is_main
@@ -259,8 +260,6 @@ def load_newest(run_dir, load: Callable[[Path], Dict[str, Any]], dist_info: Opti
             except CheckpointError as exc:
                 damage = str(exc).removeprefix(f"{path}: ")
             else:
-                if problems and is_main:
-                    log.warning("using %s (%d newer checkpoint%s skipped)", path, len(problems), "s" * (len(problems) > 1))
                 return Path(path), meta
         problems.append(f"{Path(path).name} ({damage})")
         if is_main:
