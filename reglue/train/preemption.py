@@ -70,6 +70,7 @@ class StopSignals:
         os.kill(os.getpid(), signum)
 
     def __enter__(self) -> "StopSignals":
+        self.received = None
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -84,16 +85,17 @@ class StopSignals:
 class StopVote:
     """The stop flag that rides on the step's all-reduce, read by the host ``lag`` steps late.
 
-    ``flag()`` is this rank's vote as a device scalar (a fill, not a host-to-device copy), to be
-    summed with the step's other values; ``publish(reduced)`` copies the reduced vote into a pinned
+    ``flag()`` is this rank's vote as a device scalar (a fill, not a host-to-device copy), taken
+    right before the step's all-reduce so that a signal during the step still counts for it; ``publish(reduced)`` copies the reduced vote into a pinned
     host slot without blocking; ``agreed()`` reads the vote of the step ``lag`` steps before the
     last published one, waiting for that step's copy only. On CUDA the lag is 1, so the host never
     waits for the step it has just queued; on the CPU nothing is queued and the lag is 0. Every
     rank reads the same sum for the same step, so all ranks stop after the same step.
     """
 
-    def __init__(self, device: torch.device, lag: Optional[int] = None):
+    def __init__(self, device: torch.device, signals: StopSignals, lag: Optional[int] = None):
         on_cuda = device.type == "cuda"
+        self.signals = signals
         self.lag = (1 if on_cuda else 0) if lag is None else lag
         self._local = torch.zeros((), device=device)
         self._host = torch.zeros(self.lag + 1, pin_memory=on_cuda)
@@ -101,8 +103,8 @@ class StopVote:
         self._events = [torch.cuda.Event() for _ in range(self.lag + 1)] if on_cuda else None
         self._published = 0
 
-    def flag(self, requested: bool) -> torch.Tensor:
-        return self._local.fill_(1.0 if requested else 0.0)
+    def flag(self) -> torch.Tensor:
+        return self._local.fill_(1.0 if self.signals.requested else 0.0)
 
     def publish(self, reduced: torch.Tensor) -> None:
         slot = self._published % len(self._host)

@@ -9,7 +9,7 @@ decided on the host. The fast path is :class:`reglue.train.step.FastStep`.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -18,15 +18,16 @@ from reglue.train.step import LossFn, micro_batches
 
 
 class ReferenceStep:
-    def __init__(self, model, params, optimizer, ema, config, device: torch.device, ddp: bool, micro_losses: LossFn):
+    def __init__(self, model, params, optimizer, ema, config, device: torch.device, ddp: bool, micro_losses: LossFn,
+                 vote: Callable[[], torch.Tensor]):
         self.model, self.params, self.optimizer, self.ema = model, params, optimizer, ema
         self.config, self.device, self.ddp = config, device, ddp
-        self.micro_losses = micro_losses
+        self.micro_losses, self.vote = micro_losses, vote
         # The published recipe trains in fp16 autocast with a loss scaler (CUDA only).
         self.scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
 
-    def __call__(self, step: int, batch, noise, latent_eps, offset: int, micro: int, accum: int,
-                 stop_vote: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    def __call__(self, step: int, batch, noise, latent_eps, offset: int, micro: int, accum: int
+                 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         sums: Dict[str, torch.Tensor] = {}
         for last, micro_batch, micro_noise, micro_eps in micro_batches(batch, noise, latent_eps, offset, micro, accum):
             with (self.model.no_sync() if (self.ddp and not last) else contextlib.nullcontext()):
@@ -42,7 +43,7 @@ class ReferenceStep:
         clip = self.config.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         keys = sorted(sums)
-        reduced = all_reduce_mean(torch.stack([sums[k] for k in keys] + [stop_vote]))
+        reduced = all_reduce_mean(torch.stack([sums[k] for k in keys] + [self.vote()]))
         total = reduced[keys.index("total")]
         # fp16 overflow is the scaler's business: it skips the step and lowers the scale
         finite = bool(torch.isfinite(total)) and (self.scaler is not None or bool(torch.isfinite(grad_norm)))

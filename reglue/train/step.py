@@ -77,13 +77,14 @@ class SkipCounter:
 class FastStep:
     """One optimizer step over this rank's share of a global batch; no host syncs."""
 
-    def __init__(self, model, params, optimizer, ema, config, world_size: int, fsdp: bool, micro_losses: LossFn):
+    def __init__(self, model, params, optimizer, ema, config, world_size: int, fsdp: bool, micro_losses: LossFn,
+                 vote: Callable[[], torch.Tensor]):
         self.model, self.params, self.optimizer, self.ema = model, params, optimizer, ema
         self.config, self.world_size, self.fsdp = config, world_size, fsdp
-        self.micro_losses = micro_losses
+        self.micro_losses, self.vote = micro_losses, vote
 
-    def __call__(self, step: int, batch, noise, latent_eps, offset: int, micro: int, accum: int,
-                 stop_vote: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    def __call__(self, step: int, batch, noise, latent_eps, offset: int, micro: int, accum: int
+                 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """Returns (step metrics as device scalars: the mean loss components, grad_norm, skipped;
         the stop vote summed over ranks)."""
         optim = self.config.optim
@@ -98,7 +99,7 @@ class FastStep:
         grads = local_grads(self.params)
         keys = sorted(sums)
         squared_norm = torch.stack(torch._foreach_norm(grads)).float().square().sum()
-        reduced = all_reduce_sum(torch.stack([sums[k] for k in keys] + [squared_norm, stop_vote]))
+        reduced = all_reduce_sum(torch.stack([sums[k] for k in keys] + [squared_norm, self.vote()]))
         means = reduced[: len(keys)] / self.world_size
         grad_norm = reduced[len(keys)].sqrt()
         finite = torch.isfinite(grad_norm) & torch.isfinite(means[keys.index("total")])

@@ -117,6 +117,8 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg, d = self.config, self.dist
+        self.signals = StopSignals()
+        self.stop_vote = StopVote(d.device, self.signals)
         self.reference = cfg.parallel.reference
         self.model = build_parallel_model(cfg, d)
         self.model.train()
@@ -130,10 +132,10 @@ class Trainer:
         )
         if self.reference:
             self.train_one = ReferenceStep(self.model, self.params, self.optimizer, self.ema, cfg, d.device,
-                                           ddp=d.distributed, micro_losses=self._micro_losses)
+                                           ddp=d.distributed, micro_losses=self._micro_losses, vote=self.stop_vote.flag)
         else:
             self.train_one = FastStep(self.model, self.params, self.optimizer, self.ema, cfg, d.world_size,
-                                      fsdp=use_fsdp(d), micro_losses=self._micro_losses)
+                                      fsdp=use_fsdp(d), micro_losses=self._micro_losses, vote=self.stop_vote.flag)
         self.x_shape = (cfg.in_channels, cfg.data.latent_size, cfg.data.latent_size)
         self.flops_per_image = None
         self.peak_flops = device_peak_flops(d.device)
@@ -160,7 +162,6 @@ class Trainer:
             self.step, skipped = meta["step"], int(meta.get("skipped_steps", 0))
             log.info("resumed from %s at step %d (saved with world size %s)", path, self.step, meta.get("world_size"))
         self.skips = SkipCounter(self.dist.device, skipped)
-        self.stop_vote = StopVote(self.dist.device)
         self.last_saved = self.step
 
     def _build_outputs(self) -> None:
@@ -202,14 +203,13 @@ class Trainer:
             losses["total"] = losses["total"] * float("nan")
         return losses
 
-    def train_step(self, step: int, batch: Dict[str, torch.Tensor], stop_requested: bool = False) -> Dict[str, torch.Tensor]:
+    def train_step(self, step: int, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """One optimizer step over this rank's share of global batch ``step``; device scalars out."""
         for group in self.optimizer.param_groups:
             group["lr"] = _lr_at(self.config, step)
         noise, latent_eps = self._step_randomness(step)
         metrics, stop_votes = self.train_one(step, to_device(batch, self.dist.device), noise, latent_eps,
-                                             self.dist.rank * self.per_rank, self.micro, self.accum,
-                                             self.stop_vote.flag(stop_requested))
+                                             self.dist.rank * self.per_rank, self.micro, self.accum)
         self.stop_vote.publish(stop_votes)
         self.skips.record(metrics["skipped"])
         return metrics
@@ -247,23 +247,23 @@ class Trainer:
         batches = build_loader(cfg, self.dataset, self.order, d.rank, d.world_size, self.step, end, d.device)
         self.bar = tqdm(total=end, initial=self.step, disable=not d.is_main, desc=cfg.train.name, dynamic_ncols=True)
         self.stop_vote.reset()
-        with StopSignals() as signals, self.bar:
+        with self.signals, self.bar:
             for batch in batches:
-                self.run_step(batch, signals.requested)
+                self.run_step(batch)
                 self.bar.update(1)
                 if self.stop_vote.agreed() and self.step < end:  # at the end, finishing is the quicker way out
-                    self._stop(signals)
+                    self._stop()
         self.at_end()
         return self.run_dir
 
-    def run_step(self, batch: Dict[str, torch.Tensor], stop_requested: bool = False) -> None:
+    def run_step(self, batch: Dict[str, torch.Tensor]) -> None:
         """One step and what is due after it: the log line, a checkpoint, a sample grid."""
         cfg, end = self.config.train, self.config.train.max_steps
         if self.flops_per_image is None:
             _, latent_eps = self._step_randomness(self.step)
             self.flops_per_image = self._count_flops(batch, latent_eps[self.dist.rank * self.per_rank :])
             self.window_start = time.perf_counter()
-        out = self.train_step(self.step, batch, stop_requested)
+        out = self.train_step(self.step, batch)
         self.step += 1
         for k, v in out.items():
             self.window[k] = self.window.get(k, 0) + v
@@ -275,12 +275,12 @@ class Trainer:
         if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step != end:
             self._write_samples(f"{self.step:08d}")
 
-    def _stop(self, signals: StopSignals) -> None:
+    def _stop(self) -> None:
         """All ranks: log the partial window, save at this step, raise :class:`Preempted`."""
         if self.window_steps:
             self.on_log(self._record())
         path = self.save() if self.last_saved != self.step else ckpt.checkpoint_dir(self.run_dir) / f"step-{self.step:08d}"
-        why = signals.received.name if signals.received else "a signal on another rank"
+        why = self.signals.received.name if self.signals.received else "a signal on another rank"
         barrier()
         raise Preempted(f"stopped at step {self.step} on {why}; checkpoint {path}; "
                         "run the same command again (--resume auto) to continue")

@@ -12,7 +12,7 @@ import torch
 
 from reglue.checkpoint import latest_checkpoint, read_meta
 from reglue.train.cli import main
-from reglue.train.preemption import EXIT_PREEMPTED, StopVote
+from reglue.train.preemption import EXIT_PREEMPTED, StopSignals, StopVote
 from reglue.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,13 +44,15 @@ def test_sigterm_saves_at_the_stop_step_and_exits_75(tmp_path, monkeypatch, caps
 @pytest.mark.parametrize("lag, agreed_after", [(0, [False, True, False, False]), (1, [False, False, True, False]),
                                                 (2, [False, False, False, True])])
 def test_ranks_read_the_stop_vote_lag_steps_late(lag, agreed_after):
-    vote = StopVote(torch.device("cpu"), lag=lag)
+    signals = StopSignals()
+    vote = StopVote(torch.device("cpu"), signals, lag=lag)
     seen = []
-    for requested in (False, True, False, False):
-        vote.publish(vote.flag(requested).clone())
+    for received in (None, signal.SIGUSR1, None, None):
+        signals.received = received
+        vote.publish(vote.flag().clone())
         seen.append(vote.agreed())
     assert seen == agreed_after
-    assert StopVote(torch.device("cpu")).lag == 0
+    assert StopVote(torch.device("cpu"), signals).lag == 0
 
 
 _SIGNAL_TWICE = """
