@@ -1,9 +1,20 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, resharding on load, atomic.
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, resharding on load, complete or
+clearly not.
 
-Layout: ``<run>/checkpoints/step-00001000/`` holds the DCP shards of the model, the EMA and the
-optimizer, plus ``meta.json`` (step, config, world size, data position, counters). A checkpoint
-is written into ``step-XXXXXXXX.tmp`` and renamed once every rank has finished, so a crash never
-leaves a half-written checkpoint as the latest one; only the last ``keep_last`` are kept.
+Layout of ``<run>/checkpoints/step-00001000/``::
+
+    __<rank>_0.distcp   DCP shards of whatever state the caller saves (model, EMA, optimizer)
+    .metadata           DCP's index of the shards
+    meta.json           step, config, world size, run id, counters
+    complete.json       written last: the size of every other file
+
+A checkpoint is written into ``step-XXXXXXXX.tmp``; after every rank's shards and the metadata,
+rank 0 writes ``complete.json`` and renames the folder. It counts as complete only when the marker
+reads and every file it lists is there at its listed size, so a truncated or missing shard, a
+missing ``.metadata`` or ``meta.json`` or an unreadable marker is seen in milliseconds, without
+reading the shards. Resume and export take the newest checkpoint that *loads*: damaged ones are
+named in one warning line each and skipped, never deleted. Pruning (``keep_last``) removes only
+complete checkpoints of the current run (its ``run_id``), so the newest loadable one always stays.
 
 All randomness of a step is drawn from generators seeded by (seed, step), so the step counter
 *is* the RNG state: resuming reproduces the uninterrupted run exactly, at any world size.
@@ -13,17 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -32,8 +44,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from reglue.runtime import DistInfo, barrier, broadcast_object
 
+log = logging.getLogger("reglue.checkpoint")
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MARKER = "complete.json"
+META = "meta.json"
+DCP_INDEX = ".metadata"
 
 
 class CheckpointError(RuntimeError):
@@ -52,141 +69,251 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def list_checkpoints(run_dir: str | Path):
-    """Finished checkpoints of a run, oldest first (``.tmp`` leftovers are ignored)."""
+def list_checkpoints(run_dir: str | Path) -> List[Path]:
+    """Every ``step-XXXXXXXX`` folder of a run, complete or damaged, oldest first (``.tmp``
+    leftovers of an interrupted save are not checkpoints)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "meta.json").is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+def _read_json_object(path: Path, what: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable {what} ({exc})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def read_meta(path: str | Path) -> Dict[str, Any]:
-    meta_file = Path(path) / "meta.json"
-    if not meta_file.is_file():
-        raise CheckpointError(f"{path} is not a reglue checkpoint (no meta.json)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{meta_file} is corrupt: {exc}") from None
+    """The checkpoint's ``meta.json``, with the types every reader relies on checked."""
+    meta = _read_json_object(Path(path) / META, "checkpoint metadata")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')!r} is not supported "
+                              f"(expected {FORMAT_VERSION})")
+    for key, kind in (("step", int), ("config", dict), ("run_id", str)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{Path(path) / META}: field {key!r} must be a {kind.__name__}, got {meta.get(key)!r:.60}")
     return meta
 
 
-def save_checkpoint(run_dir, step: int, model, optimizer, ema, meta: Dict[str, Any], dist_info: DistInfo, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+def checkpoint_damage(path: str | Path) -> Optional[str]:
+    """Why the checkpoint at ``path`` cannot be used, or None when it is complete (file checks only)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "no such checkpoint directory"
+    if not (path / MARKER).is_file():
+        return f"no {MARKER} (the save did not finish)"
+    try:
+        files = _read_json_object(path / MARKER, "completion marker").get("files")
+    except CheckpointError as exc:
+        return str(exc).removeprefix(f"{path / MARKER}: ")
+    if not isinstance(files, dict) or not all(isinstance(n, str) and isinstance(s, int) for n, s in files.items()):
+        return f"unreadable {MARKER} (no file list)"
+    for required in (DCP_INDEX, META):
+        if required not in files:
+            return f"{MARKER} does not list {required}"
+    for name, size in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{name} is {'truncated' if actual < size else 'larger than written'} ({actual} of {size} bytes)"
+    try:
+        read_meta(path)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_durable(path: Path, value: Dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(value, indent=2, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def move_aside(path: Path, why: str) -> Path:
+    """Rename ``path`` to a free ``<name>.<why>-<time>`` beside it (nothing is ever deleted)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.{why}-{stamp}")
+    n = 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.{why}-{stamp}-{n}"), n + 1
+    os.replace(path, target)
+    return target
+
+
+def save_checkpoint(run_dir, step: int, state: Dict[str, Any], meta: Dict[str, Any], dist_info: DistInfo,
+                    keep_last: int) -> Path:
+    """Collective: every rank calls it with its ``state`` (DCP state dicts). ``meta`` must hold the
+    run's ``run_id`` (pruning keeps to it). Returns the final checkpoint directory."""
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
     if dist_info.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
+        if tmp.exists():  # a save interrupted before its rename: never a checkpoint
             shutil.rmtree(tmp)
     barrier()
-    state = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
-        "ema": ema.state_dict(),
-    }
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=str(tmp))
-    barrier()
+    barrier()  # every rank's shards and DCP's index are written (and fsynced by DCP)
     if dist_info.is_main:
         meta = dict(meta, step=step, world_size=dist_info.world_size, format_version=FORMAT_VERSION)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
+        _write_json_durable(tmp / META, meta)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        _write_json_durable(tmp / MARKER, {"step": step, "run_id": meta["run_id"], "files": files})
+        if final.exists():  # a damaged checkpoint, or one of a rewound run: kept, renamed
+            log.warning("%s already exists; moved to %s", final, move_aside(final, "replaced"))
         os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync(root)
+        prune(run_dir, meta["run_id"], keep_last)
     barrier()
     return final
 
 
-def load_checkpoint(path: str | Path, model, optimizer, ema) -> Dict[str, Any]:
-    """Collective: restore model, optimizer and EMA in place (resharded to this world size)."""
+def prune(run_dir, run_id: str, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` *complete* checkpoints of run ``run_id``; damaged
+    checkpoints and other runs' checkpoints are never touched."""
+    own = [p for p in list_checkpoints(run_dir) if checkpoint_damage(p) is None and read_meta(p)["run_id"] == run_id]
+    for old in own[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _failures(exc: BaseException) -> List[BaseException]:
+    """The underlying errors of a DCP ``CheckpointException`` (one per failed rank), or ``[exc]``."""
+    failures = getattr(exc, "failures", None) or {}
+    return [f[0] if isinstance(f, tuple) else f for f in failures.values()] or [exc]
+
+
+def load_checkpoint(path: str | Path, state: Dict[str, Any]) -> Dict[str, Any]:
+    """Collective: fill ``state`` (DCP state dicts, resharded to this world size) in place from the
+    checkpoint; returns its meta. Damage raises :class:`CheckpointError` naming the checkpoint.
+
+    DCP reports failures as ``CheckpointException``, a ``BaseException`` (not an ``Exception``)
+    raised on every rank, so all ranks see the same failure and can fall back together."""
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise CheckpointError(f"{path}: {damage}")
     meta = read_meta(path)
-    state = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
-        "ema": ema.state_dict(),
-    }
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path))
-    except Exception as exc:  # DCP raises several types; name the checkpoint and keep the cause
-        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
+    except (CheckpointException, Exception) as exc:
+        causes = _failures(exc)
+        interrupt = next((c for c in causes if isinstance(c, (KeyboardInterrupt, SystemExit))), None)
+        if interrupt is not None:  # DCP wraps every BaseException, a Ctrl-C during the load too
+            raise interrupt from None
+        first = str(causes[0]).strip().splitlines()
+        raise CheckpointError(f"{path}: does not load ({type(causes[0]).__name__}: {first[0][:200] if first else ''})") from exc
+    return meta
+
+
+def training_state(model, optimizer, ema=None) -> Dict[str, Any]:
+    """The DCP state of a training run: model, optimizer and (if any) EMA, under wrapper-free names."""
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
+
+
+def apply_training_state(model, optimizer, ema, state: Dict[str, Any]) -> None:
+    """Load a :func:`training_state` (filled by :func:`load_checkpoint`) into the live objects."""
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    ema.load_state_dict(state["ema"])
-    return meta
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+
+
+def load_newest(run_dir, load: Callable[[Path], Dict[str, Any]], dist_info: Optional[DistInfo] = None
+                ) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """Collective: ``load(path)`` the newest checkpoint of the run that loads; (path, meta), or None
+    when the run has no checkpoint. Each damaged or failing one is named in one warning line (with
+    the reason) and skipped, never deleted; the caller says which one it used. When none loads,
+    :class:`CheckpointError` lists them all.
+
+    ``load`` must raise :class:`CheckpointError` on every rank alike (:func:`load_checkpoint` does)."""
+    is_main = dist_info is None or dist_info.is_main
+    found = [(str(p), checkpoint_damage(p)) for p in reversed(list_checkpoints(run_dir))] if is_main else None
+    found = broadcast_object(found)
+    problems = []
+    for path, damage in found:
+        if damage is None:
+            try:
+                meta = load(Path(path))
+            except CheckpointError as exc:
+                damage = str(exc).removeprefix(f"{path}: ")
+            else:
+                return Path(path), meta
+        problems.append(f"{Path(path).name} ({damage})")
+        if is_main:
+            log.warning("skipping damaged checkpoint %s: %s", path, damage)
+    if problems:
+        raise CheckpointError(f"none of the {len(problems)} checkpoints in {checkpoint_dir(run_dir)} loads: "
+                              + "; ".join(problems) + " (nothing was deleted)")
+    return None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint of a run (file checks only), or None."""
+    for path in reversed(list_checkpoints(run_dir)):
+        if checkpoint_damage(path) is None:
+            return path
+    return None
 
 
 def load_weights(path: str | Path, model, which: str = "ema") -> Dict[str, Any]:
     """Single-process: load only the model or EMA weights of a checkpoint into a plain ``model``."""
-    meta = read_meta(path)
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     state = {which: dict(model.state_dict())}
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path))
+    meta = load_checkpoint(path, state)
     model.load_state_dict(state[which], strict=True)
     return meta
 
 
-def _latest_readable(run_dir) -> Optional[Path]:
-    """Newest checkpoint whose meta.json reads; an unreadable one (disk damage: writes are atomic)
-    is reported and skipped, so an older good checkpoint is used rather than none."""
-    import logging
-
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            read_meta(path)
-            return path
-        except CheckpointError as exc:
-            logging.getLogger("reglue.checkpoint").warning("skipping unreadable checkpoint: %s", exc)
-    return None
-
-
-def resolve_resume(resume: str, run_dir: str | Path, dist_info: DistInfo) -> Optional[Path]:
-    """``auto``: the latest finished checkpoint of the run, if any; ``none``; or an explicit path."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        found = _latest_readable(run_dir) if dist_info.is_main else None
-        found = broadcast_object(str(found) if found else None)
-        return Path(found) if found else None
-    path = Path(resume)
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"--resume {resume}: not a finished reglue checkpoint directory (no meta.json)")
-    return path
-
-
-def _run_checkpoint(run: Optional[str], checkpoint: Optional[str]) -> Path:
-    if checkpoint:
-        return Path(checkpoint)
-    if not run:
-        raise CheckpointError("give --run DIR or --checkpoint DIR")
-    found = latest_checkpoint(run)
-    if found is None:
-        raise CheckpointError(f"{run}: no finished checkpoint under {checkpoint_dir(run)}")
-    return found
-
-
 def load_run_weights(run: Optional[str] = None, checkpoint: Optional[str] = None, which: str = "ema"):
-    """(config, plain eager model with the chosen weights, checkpoint path) of a run's latest (or
-    a given) checkpoint, on the CPU, in one process (no process group needed)."""
+    """(config, plain eager model with the chosen weights, checkpoint path) of a given checkpoint,
+    or of a run's newest checkpoint that loads (damaged newer ones are named and skipped), on the
+    CPU, in one process (no process group needed)."""
     from reglue.config import Config
     from reglue.models import build_model
 
-    path = _run_checkpoint(run, checkpoint)
-    config = Config.from_dict(read_meta(path)["config"])
-    model = build_model(config, kernels="eager")
-    load_weights(path, model, which)
-    return config, model, path
+    def load(path: Path):
+        meta = read_meta(path)
+        model = build_model(Config.from_dict(meta["config"]), kernels="eager")
+        load_weights(path, model, which)
+        return meta, model
+
+    if checkpoint:
+        meta, model = load(Path(checkpoint))
+        return Config.from_dict(meta["config"]), model, Path(checkpoint)
+    if not run:
+        raise CheckpointError("give --run DIR or --checkpoint DIR")
+    loaded = {}
+
+    def attempt(path: Path) -> Dict[str, Any]:
+        meta, loaded["model"] = load(path)
+        return meta
+
+    found = load_newest(run, attempt)
+    if found is None:
+        raise CheckpointError(f"{run}: no checkpoint under {checkpoint_dir(run)}")
+    path, meta = found
+    return Config.from_dict(meta["config"]), loaded["model"], path

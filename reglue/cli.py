@@ -4,28 +4,34 @@ train-compressor, come from ``reglue.data``; generate from ``reglue.evaluation``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+"""Grid files PIL writes (checked before sampling)."""
 
 
 def cmd_export(args) -> int:
     from safetensors.torch import save_file
 
     from reglue.checkpoint import load_run_weights
+    from reglue.outputs import ensure_output_file
 
-    tensors, metadata = {}, {}
-    for which in (("ema", "model") if args.weights == "both" else (args.weights,)):
-        config, model, path = load_run_weights(args.run, args.checkpoint, which)
+    out = ensure_output_file(args.out, "--out")
+    whiches = ("ema", "model") if args.weights == "both" else (args.weights,)
+    config, model, path = load_run_weights(args.run, args.checkpoint, whiches[0])
+    models = {whiches[0]: model}
+    for which in whiches[1:]:  # from the checkpoint the first one came from
+        models[which] = load_run_weights(checkpoint=str(path), which=which)[1]
+    tensors = {}
+    for which, loaded in models.items():
         prefix = f"{which}." if args.weights == "both" else ""
-        tensors.update({prefix + k: v.contiguous() for k, v in model.state_dict().items()})
+        tensors.update({prefix + k: v.contiguous() for k, v in loaded.state_dict().items()})
     metadata = {"config": config.to_json(), "checkpoint": str(path), "weights": args.weights}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, args.out, metadata=metadata)
-    print(f"wrote {len(tensors)} tensors ({args.weights}) from {path} to {args.out}")
+    save_file(tensors, out, metadata=metadata)
+    print(f"wrote {len(tensors)} tensors ({args.weights}) from {path} to {out}")
     return 0
 
 
@@ -34,15 +40,17 @@ def cmd_sample(args) -> int:
     from reglue.config import apply_overrides
     from reglue.evaluation.generate import sample_grid, sample_overrides
     from reglue.models.encoders import build_vae
+    from reglue.outputs import ensure_output_file
     from reglue.train.metrics import save_grid
 
+    out = ensure_output_file(args.out, "--out", suffixes=IMAGE_SUFFIXES)
     config, model, path = load_run_weights(args.run, args.checkpoint, "ema")
     config = apply_overrides(config, sample_overrides(args))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = build_vae(args.vae or config.encoders.vae, seed=config.train.seed).to(device)
     images = sample_grid(config, model.state_dict(), vae, device, args.num, args.seed)
-    save_grid(images, Path(args.out), nrow=max(1, int(args.num**0.5)))
-    print(f"wrote {args.num} samples from {path} to {args.out}")
+    save_grid(images, out, nrow=max(1, int(args.num**0.5)))
+    print(f"wrote {args.num} samples from {path} to {out}")
     return 0
 
 
@@ -89,10 +97,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from reglue.checkpoint import CheckpointError
+    from reglue.data.shards import DatasetError
 
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, DatasetError, FileNotFoundError, ValueError) as exc:
         print(f"reglue {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -378,7 +378,8 @@ class TrainConfig:
     wandb_project: Optional[str] = None
     """Also log to Weights & Biases under this project (needs the wandb package)."""
     max_nonfinite_steps: int = 10
-    """Abort after this many consecutive steps with a non-finite loss or gradient norm."""
+    """Abort after this many consecutive steps with a non-finite loss or gradient norm (skipped on the
+    device; noticed at the next log or checkpoint step)."""
     inject_nonfinite_steps: Tuple[int, ...] = ()
     """Fault injection (tests, drills): make the loss NaN at these steps."""
     deterministic: bool = False
@@ -451,22 +452,86 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Config":
+        """A config from its JSON form; a wrong JSON type anywhere is one ConfigError naming the field."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: expected a JSON object of sections, got {_json_name(d)}")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown config sections: {sorted(unknown)}")
         sections = {}
         for f in dataclasses.fields(cls):
             section_cls = typing.get_type_hints(cls)[f.name]
-            values = dict(d.get(f.name, {}))
-            known = {sf.name for sf in dataclasses.fields(section_cls)}
-            bad = set(values) - known
+            values = d.get(f.name, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"{f.name}: expected an object of fields, got {_json_name(values)}")
+            hints = typing.get_type_hints(section_cls)
+            bad = set(values) - {sf.name for sf in dataclasses.fields(section_cls)}
             if bad:
                 raise ConfigError(f"{f.name}: unknown fields {sorted(bad)}")
+            for name, value in values.items():
+                _require(_json_type_ok(value, hints[name]), f"{f.name}.{name}",
+                         f"expected {_describe_type(hints[name])}, got {json.dumps(value, default=str)[:60]}")
             sections[f.name] = section_cls(**values)
         return cls(**sections)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_file(cls, path, flag: str = "--config") -> "Config":
+        """A config.json (e.g. a run's); a missing, unparsable or mistyped file is one ConfigError."""
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f))
+        except FileNotFoundError:
+            raise ConfigError(f"{flag} {path}: no such file") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{flag} {path}: not valid JSON ({exc})") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{flag} {path}: {exc}") from None
+
+
+def _json_type_ok(value, annotation) -> bool:
+    """Whether a JSON value fits a field annotation (bool is not a number; ints pass as floats)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        return any(_json_type_ok(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation in (int, float):
+        return isinstance(value, (int, float) if annotation is float else int) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is tuple or annotation is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_json_type_ok(v, args[0]) for v in value)
+        return not args or (len(value) == len(args) and all(_json_type_ok(v, a) for v, a in zip(value, args)))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe_type(annotation) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+        return f"{_describe_type(args[0])} or null"
+    if typing.get_origin(annotation) is tuple:
+        targs = typing.get_args(annotation)
+        plural = {int: "integers", float: "numbers", str: "strings"}
+        if len(targs) == 2 and targs[1] is Ellipsis and targs[0] in plural:
+            return f"a list of {plural[targs[0]]}"
+        return "a list" if len(targs) == 2 and targs[1] is Ellipsis else f"a list of {len(targs)} values"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
+
+
+def _json_name(value) -> str:
+    return {list: "a list", dict: "an object", int: "an integer", str: "a string"}.get(type(value), type(value).__name__)
 
 
 def _coerce(value: str, annotation, name: str):

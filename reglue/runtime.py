@@ -61,11 +61,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (a no-op in a single process)."""
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; returns ``t`` (a no-op in a single process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, into a copy (a no-op in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = all_reduce_sum(t.clone())
         t /= dist.get_world_size()
     return t
 

@@ -24,10 +24,17 @@ def open_dataset(config):
     from reglue.data.shards import open_data_dir
 
     dataset = open_data_dir(data.path)
-    if dataset.image_size != data.image_size:
-        raise ValueError(f"data.image_size is {data.image_size} but {data.path} holds {dataset.image_size}x{dataset.image_size} images")
+    size = dataset.image_size
+    if size != data.image_size:
+        raise ValueError(f"data.image_size is {data.image_size} but {data.path} holds {size}x{size} images: set "
+                         f"--set data.image_size={size} (train.py follows the dataset when the field is not set), "
+                         f"or prepare the data again with --resolution {data.image_size}")
     if dataset.num_classes > config.model.num_classes:
         raise ValueError(f"{data.path} has {dataset.num_classes} classes, more than model.num_classes {config.model.num_classes}")
+    if dataset.num_classes < config.model.num_classes:
+        log.info("data: %s has %d classes, model.num_classes is %d: %d class embeddings stay unused "
+                 "(--set model.num_classes=%d for a model of this dataset)", data.path, dataset.num_classes,
+                 config.model.num_classes, config.model.num_classes - dataset.num_classes, dataset.num_classes)
     log.info("data: %s (%d samples, %d classes, %dpx%s)", data.path, len(dataset), dataset.num_classes, dataset.image_size,
              ", with VAE moments" if dataset.has_moments else ", no stored moments: latents encoded online")
     return dataset

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from reglue.data.shards import FORMAT, FORMAT_VERSION, MOMENT_CHANNELS, SHARD_DONE, SHARDS_DIR, DatasetError
+from reglue.outputs import ensure_output_dir
 
 log = logging.getLogger("reglue.prepare")
 
@@ -299,7 +300,12 @@ def _check_recipe(out: Path, recipe: dict) -> None:
     """First run: store the recipe; a re-run must use the same input and settings."""
     path = out / "prepare.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DatasetError(f"{path}: not valid JSON ({exc}); use a new --out directory") from None
+        if not isinstance(old, dict):
+            raise DatasetError(f"{path}: expected a JSON object; use a new --out directory")
         if old != recipe:
             diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
             raise ValueError(f"{out} was prepared with different {', '.join(diff)} (see {path}); "
@@ -332,6 +338,8 @@ def _prepare_shards(out: Path, todo: List[int], shards: Dict[int, list], root: P
         writer, skipped, pending = ShardWriter(out, _shard_name(k), latent_size), [], []
 
         def flush():
+            if not pending:  # the last batch was full, or every file of the shard was unreadable
+                return
             for (data, _pixels, label, name), moments in zip(pending, _encode_batch(vae, pending, device)):
                 writer.add(data, label, name, moments)
             pending.clear()
@@ -352,12 +360,24 @@ def _prepare_shards(out: Path, todo: List[int], shards: Dict[int, list], root: P
                       "skipped": skipped})
 
 
+def _read_shard_info(path: Path) -> Optional[dict]:
+    """A finished shard's ``shard.json``; None when the shard is unfinished, or its record is
+    unreadable (then the shard is prepared again)."""
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("%s is unreadable (%s): the shard is prepared again", path, exc)
+        return None
+    if not isinstance(info, dict) or not all(k in info for k in ("num_samples", "num_sources", "skipped", "latent_moments")):
+        log.warning("%s is not a shard record: the shard is prepared again", path)
+        return None
+    return info
+
+
 def _done_shards(out: Path, num_shards: int) -> List[Optional[dict]]:
-    infos = []
-    for k in range(num_shards):
-        path = out / SHARDS_DIR / _shard_name(k) / SHARD_DONE
-        infos.append(json.loads(path.read_text()) if path.is_file() else None)
-    return infos
+    return [_read_shard_info(out / SHARDS_DIR / _shard_name(k) / SHARD_DONE) for k in range(num_shards)]
 
 
 def finalize(out: str | os.PathLike, num_shards: int, classes: Dict[str, int], options: PrepareOptions) -> dict:
@@ -419,11 +439,10 @@ def prepare(
     world_size = env_world if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
-    root, out = Path(source), Path(out)
-    sources, classes = read_file_list(file_list) if file_list else list_image_folder(root)
-    out.mkdir(parents=True, exist_ok=True)
+    root, out = Path(source), ensure_output_dir(out, "--out")
     if (out / "dataset.json").is_file() and not (out / "prepare.json").is_file():
         raise ValueError(f"{out} holds a dataset.json not written by `reglue prepare`; choose another --out")
+    sources, classes = read_file_list(file_list) if file_list else list_image_folder(root)
     recipe = {"options": asdict(options), "num_sources": len(sources), "inputs_sha256": _fingerprint(sources),
               "classes": classes}
     _check_recipe(out, recipe)

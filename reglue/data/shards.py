@@ -126,13 +126,32 @@ class EncodedDataset(torch.utils.data.Dataset):
 
 
 def _load_json(path: Path) -> dict:
+    """A JSON object from ``path``; anything else is a :class:`DatasetError` naming the file."""
     try:
         with open(path) as f:
-            return json.load(f)
+            value = json.load(f)
     except FileNotFoundError:
         raise DatasetError(f"{path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise DatasetError(f"{path}: expected a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _field(path: Path, obj: dict, key: str, kind: type, where: str = ""):
+    """``obj[key]`` checked to be a ``kind`` (int: a whole number; bool is not), else one clear error."""
+    value = obj.get(key)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        got = "missing" if key not in obj else _json_type(value)
+        raise DatasetError(f"{path}: {where}{key!r} must be {_json_type(kind())}, got {got}")
+    return value
 
 
 def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
@@ -159,14 +178,21 @@ class ShardDataset(EncodedDataset):
         if meta.get("version") != FORMAT_VERSION:
             raise DatasetError(f"{self.root / 'dataset.json'}: format version {meta.get('version')}, this reader reads {FORMAT_VERSION}")
         self.meta = meta
-        self.image_size = int(meta["image_size"])
-        self.latent_size = int(meta["latent_size"])
-        self.num_classes = int(meta["num_classes"])
+        path = self.root / "dataset.json"
+        self.image_size = _field(path, meta, "image_size", int)
+        self.latent_size = _field(path, meta, "latent_size", int)
+        self.num_classes = _field(path, meta, "num_classes", int)
         self.has_moments = meta.get("vae") is not None
-        self.shard_names = [s["name"] for s in meta["shards"]]
-        counts = np.array([int(s["num_samples"]) for s in meta["shards"]], dtype=np.int64)
+        shards = _field(path, meta, "shards", list)
+        for k, shard in enumerate(shards):
+            if not isinstance(shard, dict):
+                raise DatasetError(f"{path}: shards[{k}] must be an object, got {_json_type(shard)}")
+            _field(path, shard, "name", str, f"shards[{k}].")
+            _field(path, shard, "num_samples", int, f"shards[{k}].")
+        self.shard_names = [s["name"] for s in shards]
+        counts = np.array([s["num_samples"] for s in shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])
-        if int(self.starts[-1]) != int(meta["num_samples"]):
+        if int(self.starts[-1]) != _field(path, meta, "num_samples", int):
             raise DatasetError(f"{self.root / 'dataset.json'}: shard counts sum to {int(self.starts[-1])}, num_samples says {meta['num_samples']}")
         self._offsets = [_load_npy(self._file(k, "offsets.npy")) for k in range(len(counts))]
         labels = [_load_npy(self._file(k, "labels.npy")) for k in range(len(counts))]
@@ -274,10 +300,12 @@ class PublishedDataset(EncodedDataset):
         if not image_files:
             raise DatasetError(f"{self.images_dir}: no images")
         labels_file = self.features_dir / "dataset.json"
-        entries = _load_json(labels_file).get("labels")
-        if entries is None:
-            raise DatasetError(f"{labels_file}: no labels")
-        by_name = {str(name).replace("\\", "/"): label for name, label in entries}
+        entries = _field(labels_file, _load_json(labels_file), "labels", list)
+        pair = lambda e: isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int)  # noqa: E731
+        bad = next((e for e in entries if not pair(e)), None)
+        if bad is not None:
+            raise DatasetError(f"{labels_file}: each label must be [\"FILE.npy\", CLASS_INDEX], got {json.dumps(bad)[:80]}")
+        by_name = {name.replace("\\", "/"): label for name, label in entries}
         missing = [f for f in feature_files if f not in by_name]
         if missing:
             raise DatasetError(f"{labels_file}: no label for {len(missing)} moments files, e.g. {missing[0]}")
@@ -307,6 +335,24 @@ class PublishedDataset(EncodedDataset):
 
     def describe(self, index: int) -> str:
         return str(self.images_dir / self.image_files[index].decode())
+
+
+def peek_image_size(path: str | os.PathLike) -> Optional[int]:
+    """The image side of a dataset directory, read cheaply (its dataset.json, or the first moments
+    file of the published layout); None when it cannot be told (``open_data_dir`` explains why)."""
+    root = Path(path)
+    try:
+        if (root / "dataset.json").is_file():
+            size = _load_json(root / "dataset.json").get("image_size")
+            return size if isinstance(size, int) and not isinstance(size, bool) else None
+        for dirpath, dirs, files in os.walk(root / "vae-sd"):
+            dirs.sort()
+            first = next((f for f in sorted(files) if f.endswith(".npy")), None)
+            if first is not None:
+                return 8 * int(_load_npy(Path(dirpath) / first, mmap=True).shape[-1])
+    except DatasetError:
+        return None
+    return None
 
 
 def open_data_dir(path: str | os.PathLike) -> EncodedDataset:

@@ -24,6 +24,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from reglue.data.sampler import sample_indices
+from reglue.runtime import all_reduce_sum
 from reglue.models.encoders import PCA, DINOv2Encoder, FeatureStats, RunningMoments
 
 log = logging.getLogger("reglue.stats")
@@ -88,15 +89,6 @@ def compute_dataset_stats(dataset, encoder: DINOv2Encoder, *, batch_size: int = 
 DEFAULT_PCA_IMAGES = 20_000
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place (a no-op in a single process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 @torch.no_grad()
 def compute_dataset_pca(dataset, encoder: DINOv2Encoder, stats: FeatureStats, n_components: int, *,
                         max_images: Optional[int] = DEFAULT_PCA_IMAGES, whiten: bool = False, batch_size: int = 64,
@@ -145,16 +137,10 @@ def compute_dataset_pca(dataset, encoder: DINOv2Encoder, stats: FeatureStats, n_
 
 def run_config(preset: Optional[str], config_file: Optional[str], overrides: dict):
     """A Config from ``--preset`` or ``--config`` plus ``section.field`` overrides."""
-    import json
-
     from reglue.config import Config, apply_overrides
     from reglue.presets import get_preset
 
-    if config_file:
-        with open(config_file) as f:
-            config = Config.from_dict(json.load(f))
-    else:
-        config = get_preset(preset)
+    config = Config.from_file(config_file) if config_file else get_preset(preset)
     return apply_overrides(config, {k: v for k, v in overrides.items() if v is not None})
 
 
@@ -238,13 +224,15 @@ def check_arguments(args) -> None:
 
 
 def main(args) -> int:
-    from pathlib import Path
-
     from reglue.data.shards import open_data_dir
+    from reglue.outputs import ensure_output_file
     from reglue.runtime import init_distributed, shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_arguments(args)
+    for flag, path in (("--out", args.out), ("--pca-out", args.pca_out)):
+        if path:
+            ensure_output_file(path, flag)
     config = run_config(args.preset, args.config, encoder_overrides(args))
     n_components = None
     if args.pca is not None:
@@ -267,7 +255,6 @@ def main(args) -> int:
                                           seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size,
                                           num_workers=args.workers, progress=True)
             if dist_info.is_main:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 stats.save(args.out)
                 print(f"wrote {stats.channels}-channel feature statistics to {args.out} (layers {config.encoders.feature_layers})")
         if n_components is not None:
@@ -276,7 +263,6 @@ def main(args) -> int:
                                       rank=dist_info.rank, world_size=dist_info.world_size, num_workers=args.workers,
                                       progress=True)
             if dist_info.is_main:
-                Path(args.pca_out).parent.mkdir(parents=True, exist_ok=True)
                 pca.save(args.pca_out)
                 images = min(len(dataset), args.pca_images or len(dataset))
                 print(f"wrote a {pca.in_channels}->{pca.latent_channels} PCA{' (whitened)' if pca.whiten else ''} "

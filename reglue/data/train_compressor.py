@@ -8,8 +8,8 @@ conv auto-encoder under an MSE loss; Adam (lr 1e-3), a cosine schedule stepped p
 published DDP run.
 
 Data order: the batch of step s is ``GlobalBatchOrder(len(train), global_batch, seed)``'s step s,
-so a run resumed from its end-of-epoch checkpoint (``OUT/checkpoint.pt``) continues exactly, at
-any world size. Validation: ``--val-data`` (e.g. the ImageNet validation set prepared with
+so a run resumed from its end-of-epoch checkpoint (``OUT/checkpoints/``, the trainer's DCP
+format) continues exactly, at any world size. Validation: ``--val-data`` (e.g. the ImageNet validation set prepared with
 ``--vae none``) or a seeded hold-out of ``--val-fraction`` of the training set. Output:
 ``OUT/compressor.safetensors`` (a plain state dict that ``load_compressor`` loads strictly, the
 file ``encoders.compressor`` takes) and ``OUT/log.jsonl`` (one line per epoch).
@@ -17,10 +17,10 @@ file ``encoders.compressor`` takes) and ``OUT/log.jsonl`` (one line per epoch).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -28,8 +28,10 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from reglue import checkpoint as ckpt
 from reglue.data.sampler import GlobalBatchOrder
-from reglue.runtime import per_rank_batch, seeded_generator
+from reglue.outputs import MetricsWriter, ensure_output_dir
+from reglue.runtime import DistInfo, all_reduce_sum, per_rank_batch, seeded_generator
 from reglue.models.compressor import SemanticCompressor
 from reglue.models.encoders import DINOv2Encoder, FeatureStats
 
@@ -78,14 +80,6 @@ def _features(encoder: DINOv2Encoder, stats: FeatureStats, images: torch.Tensor)
         return stats.normalize(encoder(images).features.float())
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
 @torch.no_grad()
 def validation_loss(model, encoder, stats, dataset, batch_size: int, rank: int, world_size: int, num_workers: int = 0) -> float:
     """Mean squared reconstruction error over every element of the validation set (all ranks)."""
@@ -98,7 +92,7 @@ def validation_loss(model, encoder, stats, dataset, batch_size: int, rank: int, 
         z = _features(encoder, stats, images.to(device, non_blocking=True))
         totals[0] += F.mse_loss(model(z), z, reduction="sum").double()
         totals[1] += z.numel()
-    _all_reduce_sum(totals)
+    all_reduce_sum(totals)
     model.train()
     return float(totals[0] / totals[1].clamp_min(1))
 
@@ -109,14 +103,15 @@ def train_compressor(train_set, val_set, encoder: DINOv2Encoder, stats: FeatureS
     """Train (or resume) a SemanticCompressor; returns the per-epoch history.
 
     train_set / val_set: map-style datasets of ``(image uint8 (3, H, W), label, ...)``.
-    Writes ``compressor.safetensors``, ``checkpoint.pt`` and ``log.jsonl`` under ``out_dir`` (rank 0).
+    Writes under ``out_dir``: ``compressor.safetensors`` and ``log.jsonl`` (rank 0), and a DCP
+    checkpoint per epoch (``checkpoints/``, as the trainer's: complete only with its marker; a
+    damaged newest one is skipped on resume).
     """
-    from safetensors.torch import save_file
-
     from reglue.data.loader import TorchLoader
 
-    out = Path(out_dir)
+    out = ensure_output_dir(out_dir, "--out")
     device = encoder.pixel_mean.device
+    dist_info = DistInfo(rank=rank, world_size=world_size, device=device)
     if tuple(hp.channels)[0] != encoder.feature_channels:
         raise ValueError(f"compressor input {hp.channels[0]} != DINOv2 feature channels {encoder.feature_channels}")
     if stats.channels != encoder.feature_channels:
@@ -129,21 +124,11 @@ def train_compressor(train_set, val_set, encoder: DINOv2Encoder, stats: FeatureS
     optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr)
     order = GlobalBatchOrder(len(train_set), hp.global_batch_size, seed=hp.seed)
     steps_per_epoch = order.steps_per_epoch
-    history: List[dict] = []
-    step = 0
-    checkpoint = out / "checkpoint.pt"
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if tuple(state["channels"]) != tuple(hp.channels) or state["steps_per_epoch"] != steps_per_epoch:
-            raise ValueError(f"{checkpoint} was written with channels {tuple(state['channels'])} and "
-                             f"{state['steps_per_epoch']} steps per epoch; this run has {tuple(hp.channels)} and {steps_per_epoch}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history = int(state["step"]), json.loads(state["history"])
-        log.info("resumed from %s at epoch %d", checkpoint, step // steps_per_epoch)
+    step, history, run_id = _resume(out, model, optimizer, hp, steps_per_epoch, dist_info)
     trained = model
     if world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    metrics = MetricsWriter(out / "log.jsonl", resume_step=step) if rank == 0 else None
     model.train()
     end = hp.epochs * steps_per_epoch
     bar = None
@@ -166,24 +151,54 @@ def train_compressor(train_set, val_set, encoder: DINOv2Encoder, stats: FeatureS
         if bar is not None:
             bar.update(1)
         if step % steps_per_epoch == 0:
-            train_loss = float(_all_reduce_sum(loss_sum.clone())) / (steps_per_epoch * world_size)
+            train_loss = float(all_reduce_sum(loss_sum.clone())) / (steps_per_epoch * world_size)
             loss_sum.zero_()
             val_loss = validation_loss(model, encoder, stats, val_set, val_batch_size or hp.global_batch_size // world_size,
                                        rank, world_size, num_workers)
-            history.append({"epoch": epoch + 1, "lr": hp.lr_at(epoch), "train_loss": train_loss, "val_loss": val_loss})
+            history.append({"epoch": epoch + 1, "step": step, "lr": hp.lr_at(epoch), "train_loss": train_loss, "val_loss": val_loss})
             if rank == 0:
                 log.info("epoch %d/%d: train loss %.5f, val loss %.5f", epoch + 1, hp.epochs, train_loss, val_loss)
-                out.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "compressor.safetensors")
-                (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-                tmp = out / ".checkpoint.pt.tmp"
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                            "steps_per_epoch": steps_per_epoch, "channels": list(hp.channels),
-                            "history": json.dumps(history)}, tmp)
-                os.replace(tmp, checkpoint)
+                metrics.write(history[-1])
+                _save_weights(model, out / "compressor.safetensors")
+            meta = {"config": _recipe(hp, steps_per_epoch), "run_id": run_id, "history": history}
+            ckpt.save_checkpoint(out, step, ckpt.training_state(model, optimizer), meta, dist_info, keep_last=2)
     if bar is not None:
         bar.close()
     return history
+
+
+def _recipe(hp: CompressorTraining, steps_per_epoch: int) -> dict:
+    return {"channels": list(hp.channels), "steps_per_epoch": steps_per_epoch}
+
+
+def _resume(out: Path, model, optimizer, hp: CompressorTraining, steps_per_epoch: int, dist_info: DistInfo):
+    """(step, history, run id) of the newest checkpoint under ``out`` that loads, restored into
+    ``model`` and ``optimizer``; (0, [], a new id) when there is none."""
+    def load(path: Path) -> dict:
+        state = ckpt.training_state(model, optimizer)
+        meta = ckpt.load_checkpoint(path, state)
+        ckpt.apply_training_state(model, optimizer, None, state)
+        return meta
+
+    latest = ckpt.latest_checkpoint(out)
+    saved = ckpt.read_meta(latest)["config"] if latest else _recipe(hp, steps_per_epoch)
+    if saved != _recipe(hp, steps_per_epoch):  # refuse a different recipe before loading anything
+        raise ValueError(f"{latest} was written with channels {tuple(saved['channels'])} and {saved['steps_per_epoch']} "
+                         f"steps per epoch; this run has {tuple(hp.channels)} and {steps_per_epoch} (use another --out)")
+    found = ckpt.load_newest(out, load, dist_info)
+    if found is None:
+        return 0, [], uuid.uuid4().hex
+    path, meta = found
+    log.info("resumed from %s at epoch %d", path, meta["step"] // steps_per_epoch)
+    return meta["step"], list(meta["history"]), meta["run_id"]
+
+
+def _save_weights(model, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
 
 
 def add_parser(subparsers) -> None:
@@ -191,13 +206,13 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser(
         "train-compressor", help="train the semantic compressor on DINOv2 features (resumable; torchrun for multi-GPU)",
-        description="Defaults follow the published recipe. Re-running the same command resumes from OUT/checkpoint.pt.",
+        description="Defaults follow the published recipe. Re-running the same command resumes from the newest checkpoint in OUT/checkpoints.",
     )
     p.add_argument("--data", required=True, help="training set: prepared dataset or the published layout")
     p.add_argument("--val-data", help="validation set (prepared, e.g. with --vae none); default: a hold-out of --data")
     p.add_argument("--val-fraction", type=float, default=0.01, help="hold-out fraction when --val-data is not given")
     p.add_argument("--stats", required=True, help="feature statistics from `reglue stats`")
-    p.add_argument("--out", required=True, help="output directory (compressor.safetensors, checkpoint.pt, log.jsonl)")
+    p.add_argument("--out", required=True, help="output directory (compressor.safetensors, log.jsonl, checkpoints/)")
     p.add_argument("--channels", help="compressor widths, e.g. 3072,256,16 (default: the config's encoders.compressor_channels)")
     p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -214,6 +229,7 @@ def main(args) -> int:
     from reglue.runtime import init_distributed, shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    ensure_output_dir(args.out, "--out")
     config = run_config(args.preset, args.config, encoder_overrides(args))
     channels = tuple(int(c) for c in args.channels.split(",")) if args.channels else config.encoders.compressor_channels
     hp = CompressorTraining(channels=channels, epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,

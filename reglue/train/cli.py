@@ -1,4 +1,9 @@
-"""Command-line flags of ``train.py`` (and ``reglue train``) -> a validated Config."""
+"""Command-line flags of ``train.py`` (and ``reglue train``) -> a validated Config.
+
+Exit status: 0 done; 2 bad input (config, data, checkpoint, run directory); 3 aborted after too
+many non-finite steps; 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (run the
+same command again to continue).
+"""
 
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                    help="run the published recipe's execution (eager, fp16 autocast, DDP, per-step syncs) for comparison")
     p.add_argument("--wandb-project", help="also log to Weights & Biases")
     p.add_argument("--resume", help="auto (latest checkpoint of the run, default), none, or a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if OUT/NAME holds another run: the old run is moved aside (OUT/NAME.replaced-TIME)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set model.qk_norm=true (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -58,23 +65,31 @@ def config_from_args(argv: Optional[List[str]] = None, prog: str = "train.py") -
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
-        if args.config:
-            import json
-
-            with open(args.config) as f:
-                config = Config.from_dict(json.load(f))
-        else:
-            config = get_preset(args.preset)
+        config = Config.from_file(args.config) if args.config else get_preset(args.preset)
         overrides = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
         for item in args.set:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
             overrides[key.strip()] = value
+        if args.data and not args.config and "data.image_size" not in overrides:
+            _follow_dataset_image_size(args.data, config, overrides)
         config = apply_overrides(config, overrides)
     except (ConfigError, KeyError, FileNotFoundError) as exc:
         parser.error(str(exc))
     return config, args
+
+
+def _follow_dataset_image_size(data: str, config: Config, overrides: dict) -> None:
+    """``data.image_size`` not set explicitly (by --set or --config): take the prepared dataset's."""
+    from reglue.data.shards import peek_image_size
+
+    size = peek_image_size(data)
+    if size is not None and size != config.data.image_size:
+        overrides["data.image_size"] = size
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"data.image_size = {size}, as {data} holds (set --set data.image_size=N to insist on another)",
+                  file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
@@ -84,10 +99,15 @@ def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
         return 0
     from reglue.data.shards import DatasetError
     from reglue.checkpoint import CheckpointError
+    from reglue.train.preemption import Preempted
     from reglue.train.trainer import NonFiniteError, run
 
     try:
-        run(config)
+        run(config, overwrite=args.overwrite)
+    except Preempted as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, ValueError, NonFiniteError) as exc:
         if os.environ.get("REGLUE_DEBUG"):
             raise

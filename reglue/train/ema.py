@@ -7,12 +7,13 @@ gathered only for export and sampling.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from reglue.runtime import clean_name
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
@@ -35,8 +36,11 @@ class EMA:
         self._local_params = [_local(p.detach()) for p in params]
 
     @torch.no_grad()
-    def update(self, decay: float) -> None:
-        torch._foreach_lerp_(self._local_shadows, self._local_params, 1.0 - decay)
+    def update(self, decay: float, applied: Optional[torch.Tensor] = None) -> None:
+        """One EMA step. ``applied``: a boolean device scalar; False makes the weight 0, which leaves
+        every shadow unchanged, decided on the device (a skipped optimizer step needs no host sync)."""
+        weight = 1.0 - decay if applied is None else applied.to(torch.float32) * (1.0 - decay)
+        torch._foreach_lerp_(self._local_shadows, self._local_params, weight)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -1,14 +1,16 @@
-"""Rank-0 outputs of a run: metrics JSONL, loss-curve PNG, image grids; FLOP and MFU helpers."""
+"""Rank-0 outputs of a run: loss-curve PNG, image grids; FLOP and MFU helpers (the metrics log is
+``reglue.outputs.MetricsWriter``)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 from PIL import Image, ImageDraw
+
+from reglue.outputs import MetricsWriter, read_metrics  # noqa: F401  (moved to reglue.outputs; kept importable here)
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, used for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -33,56 +35,6 @@ def count_flops(fn) -> int:
     with torch.compiler.set_stance("force_eager"), counter:  # compiled regions run (and count) as eager
         fn()
     return counter.get_total_flops()
-
-
-class MetricsWriter:
-    """Appends one JSON object per line; on resume, lines past the resumed step are dropped so the
-    file reads as one uninterrupted run."""
-
-    def __init__(self, path: Path, resume_step: int = 0, tensorboard_dir: Optional[Path] = None,
-                 wandb_project: Optional[str] = None, run_name: str = "run", config: Optional[Dict] = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and self._step(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.tb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1)
-            except ImportError:
-                pass  # optional: TensorBoard is used when installed
-        self.wandb = None
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise RuntimeError(f"train.wandb_project={wandb_project!r} needs the wandb package (pip install wandb)") from None
-            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
-
-    @staticmethod
-    def _step(line: str) -> int:
-        try:
-            return int(json.loads(line).get("step", 0))
-        except (json.JSONDecodeError, ValueError, TypeError):
-            return 1 << 62
-
-    def write(self, record: Dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, record["step"])
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=record["step"])
-
-
-def read_metrics(path: Path) -> List[Dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def plot_losses(records: List[Dict], path: Path, keys=("total", "latent", "semantic", "cls", "align"), size=(720, 420)) -> None:

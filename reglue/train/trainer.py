@@ -4,13 +4,16 @@ Per step: the global batch's indices come from the step counter; all randomness 
 label dropout, latent sampling) is drawn for the whole global batch from a generator seeded by
 (seed, step) and each rank takes its slice, so results do not depend on the world size or on
 interruptions. Frozen encoders produce the targets once per micro-batch; gradients accumulate
-over micro-batches; a non-finite loss or gradient norm skips the step.
+over micro-batches; a non-finite loss or gradient norm skips the step (:mod:`reglue.train.step`).
+
+Reading order: ``Trainer.__init__`` calls one builder per part (run directory, data, encoders,
+model and optimizer, resume, outputs); :meth:`Trainer.fit` runs :meth:`Trainer.run_step` per
+batch and stops on a signal (:mod:`reglue.train.preemption`). Hooks: :meth:`Trainer.on_log`,
+:meth:`Trainer.on_checkpoint` and :meth:`Trainer.at_end`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import sys
@@ -21,41 +24,27 @@ from typing import Dict, Optional
 import torch
 from tqdm import tqdm
 
+from reglue import checkpoint as ckpt
 from reglue.config import Config
 from reglue.data import build_loader, open_dataset
+from reglue.data.sampler import GlobalBatchOrder, sample_indices
 from reglue.diffusion.transport import draw_noise
-from reglue import checkpoint as ckpt
-from reglue.runtime import DistInfo, all_reduce_mean, barrier, init_distributed, per_rank_batch, seeded_generator
+from reglue.outputs import MetricsWriter, ensure_output_dir, read_metrics
+from reglue.runtime import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, seeded_generator, shutdown
 from reglue.train.ema import EMA
-from reglue.train.metrics import MetricsWriter, count_flops, device_peak_flops, plot_losses, read_metrics, save_grid
+from reglue.train.metrics import count_flops, device_peak_flops, plot_losses, save_grid
 from reglue.train.parallelize import build_parallel_model, execution_metrics, loss_fn, use_fsdp
+from reglue.train.preemption import Preempted, StopSignals, StopVote
+from reglue.train.reference import ReferenceStep
+from reglue.train.rundir import RunPlan, check_resume_config, plan_run
+from reglue.train.step import FastStep, SkipCounter, to_device
 from reglue.train.targets import FrozenEncoders
 
 log = logging.getLogger("reglue.train")
 
-# Sections that must match when resuming: they change what the weights mean, or (seed, global
-# batch) which samples and noise each step draws.
-_RESUME_LOCKED = ("model", "method", "encoders")
-_RESUME_LOCKED_FIELDS = (("train", "seed"), ("train", "global_batch_size"), ("data", "image_size"))
-
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
-
-
-def _check_resume_config(saved: Dict, config: Config, path) -> None:
-    current = config.to_dict()
-    fields = [(section, k) for section in _RESUME_LOCKED for k in current[section]
-              if k not in ("kernels", "attention", "dtype")] + list(_RESUME_LOCKED_FIELDS)
-    same = lambda a, b: json.loads(json.dumps(a)) == json.loads(json.dumps(b))  # noqa: E731  (tuples vs lists)
-    diffs = [
-        f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs now {current[section][k]!r}"
-        for section, k in fields
-        if section in saved and not same(saved[section].get(k), current[section][k])
-    ]
-    if diffs:
-        raise ckpt.CheckpointError(f"cannot resume from {path}: the run's settings changed: " + "; ".join(diffs)
-                                   + " (start a new run with another --name, or --resume none)")
 
 
 def _lr_at(config: Config, step: int) -> float:
@@ -69,68 +58,126 @@ def _setup_logging(dist_info: DistInfo) -> None:
 
 
 class Trainer:
-    def __init__(self, config: Config, dist_info: Optional[DistInfo] = None):
+    def __init__(self, config: Config, dist_info: Optional[DistInfo] = None, overwrite: bool = False):
         self.config = config
         self.dist = dist_info or init_distributed()
         _setup_logging(self.dist)
-        cfg, d = config, self.dist
-        self.run_dir = Path(cfg.train.out_dir) / cfg.train.name
-        self.per_rank = per_rank_batch(cfg.train.global_batch_size, d.world_size, "train.global_batch_size")
-        self.micro = cfg.train.micro_batch_size or self.per_rank
-        if self.per_rank % self.micro:
-            raise ValueError(f"train.micro_batch_size {self.micro} does not divide the per-rank batch {self.per_rank}")
-        self.accum = self.per_rank // self.micro
-        if cfg.train.deterministic:
+        self.run_dir = Path(config.train.out_dir) / config.train.name
+        self.plan = self._plan_run_dir(overwrite)
+        self._set_numerics()
+        self._build_batching()
+        self._build_data()
+        self._build_encoders()
+        self._build_model()
+        self._resume()
+        self._build_outputs()
+
+    # ------------------------------------------------------------------------------ builders
+    def _plan_run_dir(self, overwrite: bool) -> RunPlan:
+        """Rank 0 decides what to do with the run directory (before anything is written) and
+        creates it; every rank gets the plan, or the same error."""
+        result = None
+        if self.dist.is_main:
+            try:
+                result = plan_run(self.config, self.run_dir, overwrite)
+                ensure_output_dir(self.run_dir, "--out/--name")
+            except Exception as exc:  # every rank raises it, rather than waiting for rank 0 forever
+                result = exc
+        result = broadcast_object(result)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _set_numerics(self) -> None:
+        if self.config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        if d.device.type == "cuda":  # fp32 matmuls (losses, sampling, the published fp32 paths) on tensor cores
+        if self.dist.device.type == "cuda":  # fp32 matmuls (losses, sampling, the published fp32 paths) on tensor cores
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.dataset = open_dataset(cfg)
-        from reglue.data.sampler import GlobalBatchOrder
+    def _build_batching(self) -> None:
+        train = self.config.train
+        self.per_rank = per_rank_batch(train.global_batch_size, self.dist.world_size, "train.global_batch_size")
+        self.micro = train.micro_batch_size or self.per_rank
+        if self.per_rank % self.micro:
+            raise ValueError(f"train.micro_batch_size {self.micro} does not divide the per-rank batch {self.per_rank}")
+        self.accum = self.per_rank // self.micro
 
-        self.order = GlobalBatchOrder(len(self.dataset), cfg.train.global_batch_size, seed=cfg.train.seed)
-        from reglue.data.sampler import sample_indices
+    def _build_data(self) -> None:
+        self.dataset = open_dataset(self.config)
+        self.order = GlobalBatchOrder(len(self.dataset), self.config.train.global_batch_size, seed=self.config.train.seed)
 
-        # a seeded sample across the dataset: prepared datasets are sorted by class
-        calib = lambda n: torch.stack([self.dataset[i][0] for i in sample_indices(len(self.dataset), n, cfg.train.seed)])  # noqa: E731
-        self.frozen = FrozenEncoders(cfg, d.device, self.run_dir, calib, is_main=d.is_main)
+    def _build_encoders(self) -> None:
+        seed = self.config.train.seed
 
+        def calibration_images(n: int) -> torch.Tensor:  # a seeded sample across the (class-sorted) dataset
+            return torch.stack([self.dataset[i][0] for i in sample_indices(len(self.dataset), n, seed)])
+
+        self.frozen = FrozenEncoders(self.config, self.dist.device, self.run_dir, calibration_images, is_main=self.dist.is_main)
+
+    def _build_model(self) -> None:
+        cfg, d = self.config, self.dist
+        self.signals = StopSignals()
+        self.stop_vote = StopVote(d.device, self.signals)
         self.reference = cfg.parallel.reference
-        self.fsdp = use_fsdp(d) and not self.reference
-        self.ddp = self.reference and d.distributed
         self.model = build_parallel_model(cfg, d)
         self.model.train()
-        # The published recipe trains in fp16 autocast with a loss scaler (CUDA only).
-        self.scaler = torch.amp.GradScaler("cuda") if (self.reference and d.device.type == "cuda") else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = EMA(self.model)
+        # Fused AdamW takes the skip decision as a device tensor (found_inf); the reference path
+        # keeps the published optimizer (foreach).
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay, fused=d.device.type == "cuda",
+            weight_decay=cfg.optim.weight_decay, fused=not self.reference,
         )
-        self.step = 0
-        self.nonfinite_in_row = 0
-        self.skipped_steps = 0
-        resume = ckpt.resolve_resume(cfg.train.resume, self.run_dir, d)
-        if resume is not None:
-            meta = ckpt.read_meta(resume)
-            _check_resume_config(meta.get("config", {}), cfg, resume)
-            ckpt.load_checkpoint(resume, self.model, self.optimizer, self.ema)
-            self.step = int(meta["step"])
-            self.skipped_steps = int(meta.get("skipped_steps", 0))
-            log.info("resumed from %s at step %d (saved with world size %s)", resume, self.step, meta.get("world_size"))
-        if d.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(cfg.to_json())
-            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step,
-                                         tensorboard_dir=self.run_dir / "tb" if cfg.train.tensorboard else None,
-                                         wandb_project=cfg.train.wandb_project, run_name=cfg.train.name, config=cfg.to_dict())
+        if self.reference:
+            self.train_one = ReferenceStep(self.model, self.params, self.optimizer, self.ema, cfg, d.device,
+                                           ddp=d.distributed, micro_losses=self._micro_losses, vote=self.stop_vote.flag)
+        else:
+            self.train_one = FastStep(self.model, self.params, self.optimizer, self.ema, cfg, d.world_size,
+                                      fsdp=use_fsdp(d), micro_losses=self._micro_losses, vote=self.stop_vote.flag)
         self.x_shape = (cfg.in_channels, cfg.data.latent_size, cfg.data.latent_size)
         self.flops_per_image = None
         self.peak_flops = device_peak_flops(d.device)
 
-    # ---------------------------------------------------------------------------------------
+    def _load(self, path: Path) -> Dict:
+        state = ckpt.training_state(self.model, self.optimizer, self.ema)
+        meta = ckpt.load_checkpoint(path, state)
+        ckpt.apply_training_state(self.model, self.optimizer, self.ema, state)
+        return meta
+
+    def _resume(self) -> None:
+        """Restore the newest checkpoint of the run that loads (or the given one), per the plan."""
+        self.step, skipped, found = 0, 0, None
+        if self.plan.resume_from == "auto":
+            try:
+                found = ckpt.load_newest(self.run_dir, self._load, self.dist)
+            except ckpt.CheckpointError as exc:
+                raise ckpt.CheckpointError(f"{exc}; start over with --overwrite (moves the old run aside)") from None
+        elif self.plan.resume_from is not None:
+            found = (Path(self.plan.resume_from), self._load(Path(self.plan.resume_from)))
+        if found is not None:
+            path, meta = found
+            check_resume_config(meta["config"], self.config, path)
+            self.step, skipped = meta["step"], int(meta.get("skipped_steps", 0))
+            log.info("resumed from %s at step %d (saved with world size %s)", path, self.step, meta.get("world_size"))
+        self.skips = SkipCounter(self.dist.device, skipped)
+        self.last_saved = self.step
+
+    def _build_outputs(self) -> None:
+        cfg = self.config
+        self.window: Dict[str, torch.Tensor] = {}
+        self.window_steps, self.window_start = 0, time.perf_counter()
+        self.bar: Optional[tqdm] = None
+        if self.dist.is_main:
+            tmp = self.run_dir / "config.json.tmp"
+            tmp.write_text(cfg.to_json())
+            tmp.replace(self.run_dir / "config.json")
+            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step,
+                                         tensorboard_dir=self.run_dir / "tb" if cfg.train.tensorboard else None,
+                                         wandb_project=cfg.train.wandb_project, run_name=cfg.train.name, config=cfg.to_dict())
+
+    # ------------------------------------------------------------------------------ the step
     def _step_randomness(self, step: int):
         cfg = self.config
         g = seeded_generator(cfg.train.seed, step, device=self.dist.device)
@@ -147,12 +194,26 @@ class Trainer:
     def _micro_losses(self, batch, noise, latent_eps, step: int) -> Dict[str, torch.Tensor]:
         cfg = self.config
         targets = self.frozen.targets(batch, latent_eps)
-        return loss_fn(cfg, self.dist.device)(
-            self.model, targets["latents"], batch["label"].to(self.dist.device), noise,
+        losses = loss_fn(cfg, self.dist.device)(
+            self.model, targets["latents"], batch["label"], noise,
             semantic=targets["semantic"], cls=targets["cls"], align_targets=targets["align"],
             path=cfg.method.path, semantic_weight=cfg.method.semantic_weight(step),
             cls_weight=cfg.method.lambda_cls, align_weight=cfg.method.lambda_align,
         )
+        if step in cfg.train.inject_nonfinite_steps:
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    def train_step(self, step: int, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One optimizer step over this rank's share of global batch ``step``; device scalars out."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = _lr_at(self.config, step)
+        noise, latent_eps = self._step_randomness(step)
+        metrics, stop_votes = self.train_one(step, to_device(batch, self.dist.device), noise, latent_eps,
+                                             self.dist.rank * self.per_rank, self.micro, self.accum)
+        self.stop_vote.publish(stop_votes)
+        self.skips.record(metrics["skipped"])
+        return metrics
 
     def _count_flops(self, batch, latent_eps) -> float:
         """Training FLOPs per image: frozen encoders forward + SiT forward and backward.
@@ -176,71 +237,127 @@ class Trainer:
 
         return float(encoders + count_flops(fwd_bwd))
 
-    def train_step(self, step: int, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """One optimizer step over this rank's share of global batch ``step``."""
+    # ------------------------------------------------------------------------------ the loop
+    def fit(self) -> Path:
+        """Train to ``train.max_steps``; on SIGTERM/SIGINT/SIGUSR1 save and raise :class:`Preempted`."""
         cfg, d = self.config, self.dist
-        for group in self.optimizer.param_groups:
-            group["lr"] = _lr_at(cfg, step)
-        noise, latent_eps = self._step_randomness(step)
-        offset = d.rank * self.per_rank
-        sums: Dict[str, torch.Tensor] = {}
-        for m in range(self.accum):
-            lo, hi = m * self.micro, (m + 1) * self.micro
-            last = m == self.accum - 1
-            micro_batch = {k: v[lo:hi] for k, v in batch.items()}
-            if self.fsdp:
-                self.model.set_requires_gradient_sync(last)
-            with (self.model.no_sync() if (self.ddp and not last) else contextlib.nullcontext()):
-                with torch.autocast(d.device.type, dtype=torch.float16, enabled=self.scaler is not None):
-                    losses = self._micro_losses(micro_batch, noise.slice(offset + lo, offset + hi),
-                                                latent_eps[offset + lo : offset + hi], step)
-                if step in cfg.train.inject_nonfinite_steps:
-                    losses["total"] = losses["total"] * float("nan")
-                loss = losses["total"] / self.accum
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0) + v.detach() / self.accum
-            if self.reference:  # the published loop reads every loss on the host each step
-                _ = {k: v.item() for k, v in losses.items()}
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        keys = sorted(sums)  # one all-reduce for every loss component
-        sums = dict(zip(keys, all_reduce_mean(torch.stack([sums[k].float() for k in keys])).unbind(0)))
-        finite = bool(torch.isfinite(grad_norm) and torch.isfinite(sums["total"]))
-        if self.scaler:  # fp16 overflow is the scaler's business: it skips the step and lowers the scale
-            finite = bool(torch.isfinite(sums["total"]))
-        if finite:
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.ema.update(cfg.train.ema_decay)
-            self.nonfinite_in_row = 0
-        else:
-            self.nonfinite_in_row += 1
-            self.skipped_steps += 1
-            log.warning("step %d: non-finite loss %.4g or grad norm %.4g; step skipped (%d in a row)",
-                        step, float(sums["total"]), float(grad_norm), self.nonfinite_in_row)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+        end = cfg.train.max_steps
+        if self.step >= end:
+            log.info("nothing to do: the run is at step %d of %d", self.step, end)
+            return self.run_dir
+        batches = build_loader(cfg, self.dataset, self.order, d.rank, d.world_size, self.step, end, d.device)
+        self.bar = tqdm(total=end, initial=self.step, disable=not d.is_main, desc=cfg.train.name, dynamic_ncols=True)
+        self.stop_vote.reset()
+        with self.signals, self.bar:
+            for batch in batches:
+                self.run_step(batch)
+                self.bar.update(1)
+                if self.stop_vote.agreed() and self.step < end:  # at the end, finishing is the quicker way out
+                    self._stop()
+        self.at_end()
+        return self.run_dir
+
+    def run_step(self, batch: Dict[str, torch.Tensor]) -> None:
+        """One step and what is due after it: the log line, a checkpoint, a sample grid."""
+        cfg, end = self.config.train, self.config.train.max_steps
+        if self.flops_per_image is None:
+            _, latent_eps = self._step_randomness(self.step)
+            self.flops_per_image = self._count_flops(batch, latent_eps[self.dist.rank * self.per_rank :])
+            self.window_start = time.perf_counter()
+        out = self.train_step(self.step, batch)
+        self.step += 1
+        for k, v in out.items():
+            self.window[k] = self.window.get(k, 0) + v
+        self.window_steps += 1
+        if self.step % cfg.log_every == 0 or self.step == end:
+            self.on_log(self._record())
+        if self.step % cfg.ckpt_every == 0 or self.step == end:
+            self.on_checkpoint(self.save())
+        if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step != end:
+            self._write_samples(f"{self.step:08d}")
+
+    def _stop(self) -> None:
+        """All ranks: log the partial window, save at this step, raise :class:`Preempted`."""
+        if self.window_steps:
+            self.on_log(self._record())
+        path = self.save() if self.last_saved != self.step else ckpt.checkpoint_dir(self.run_dir) / f"step-{self.step:08d}"
+        why = self.signals.received.name if self.signals.received else "a signal on another rank"
+        barrier()
+        raise Preempted(f"stopped at step {self.step} on {why}; checkpoint {path}; "
+                        "run the same command again (--resume auto) to continue")
+
+    def _read_skips(self) -> int:
+        """The skipped-step counters (a host sync: log and checkpoint steps only); raises
+        :class:`NonFiniteError` after ``train.max_nonfinite_steps`` consecutive skips."""
+        skipped, longest_run = self.skips.read()
+        if longest_run >= self.config.train.max_nonfinite_steps:
             raise NonFiniteError(
-                f"{self.nonfinite_in_row} consecutive steps (up to step {step}) had a non-finite loss or gradient norm; "
+                f"{longest_run} consecutive steps (noticed at step {self.step}) had a non-finite loss or gradient norm; "
                 "aborting. The last good checkpoint is intact: lower optim.lr, check the data, or resume with --resume auto."
             )
-        sums["grad_norm"] = grad_norm.detach()
-        sums["skipped"] = torch.tensor(0.0 if finite else 1.0)
-        return sums
+        return skipped
 
-    # ---------------------------------------------------------------------------------------
+    def _record(self) -> Dict:
+        """The log line of the steps since the last one (reads the device counters: a host sync)."""
+        cfg, d = self.config, self.dist
+        window, steps = dict(self.window), self.window_steps
+        elapsed = time.perf_counter() - self.window_start
+        img_s = steps * cfg.train.global_batch_size / max(elapsed, 1e-9)
+        skipped_in_window = int(window.pop("skipped", 0))
+        record = {"step": self.step, "lr": _lr_at(cfg, self.step - 1), "img_per_s": img_s, "img_per_s_per_device": img_s / d.world_size,
+                  "skipped_steps": self._read_skips(), "skipped_in_window": skipped_in_window,
+                  "grad_norm": float(window.pop("grad_norm")) / steps}
+        if skipped_in_window:
+            log.warning("steps %d-%d: %d skipped for a non-finite loss or gradient norm", self.step - steps + 1, self.step,
+                        skipped_in_window)
+        record.update({f"loss/{k}": float(v) / steps for k, v in window.items()})
+        if self.flops_per_image:
+            record["tflops_per_device"] = self.flops_per_image * img_s / d.world_size / 1e12
+            if self.peak_flops:
+                record["mfu"] = self.flops_per_image * img_s / d.world_size / self.peak_flops
+        if d.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+        else:
+            import resource
+
+            record["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        record.update(execution_metrics(self.config, d.device))
+        self.window, self.window_steps, self.window_start = {}, 0, time.perf_counter()
+        return record
+
+    # ------------------------------------------------------------------------------ outputs and hooks
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far in the run (reads the device counter)."""
+        return int(self.skips.total)
+
     def save(self) -> Path:
-        meta = {"config": self.config.to_dict(), "data_position": {"step": self.step, "samples_seen": self.step * self.config.train.global_batch_size},
-                "skipped_steps": self.skipped_steps}
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.ema, meta, self.dist, self.config.train.keep_last)
+        """Collective: a checkpoint at the current step (model, optimizer, EMA, counters)."""
+        cfg = self.config
+        meta = {"config": cfg.to_dict(), "run_id": self.plan.run_id, "skipped_steps": self._read_skips(),
+                "data_position": {"step": self.step, "samples_seen": self.step * cfg.train.global_batch_size}}
+        path = ckpt.save_checkpoint(self.run_dir, self.step, ckpt.training_state(self.model, self.optimizer, self.ema),
+                                    meta, self.dist, cfg.train.keep_last)
+        self.last_saved = self.step
+        return path
+
+    def on_log(self, record: Dict) -> None:
+        """All ranks, every ``train.log_every`` steps: rank 0 writes the record."""
+        if self.dist.is_main:
+            self.metrics.write(record)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record['loss/total']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+
+    def on_checkpoint(self, path: Path) -> None:
+        """All ranks, after each checkpoint is complete."""
+
+    def at_end(self) -> None:
+        """All ranks, after the last step (and its checkpoint): final samples and the loss plot."""
+        self._write_samples("final")
+        if self.dist.is_main:
+            plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
+            log.info("done: %s", self.run_dir)
+        barrier()
 
     def sample_images(self, num: int, seed: int) -> Optional[torch.Tensor]:
         """EMA samples as uint8 (num, 3, H, W) on rank 0 (None elsewhere); collective."""
@@ -256,75 +373,11 @@ class Trainer:
         if images is not None:
             save_grid(images, self.run_dir / f"samples-{tag}.png", nrow=int(math.sqrt(len(images))) or 1)
 
-    def fit(self) -> Path:
-        cfg, d = self.config, self.dist
-        end = cfg.train.max_steps
-        if self.step >= end:
-            log.info("nothing to do: the run is at step %d of %d", self.step, end)
-            return self.run_dir
-        batches = build_loader(cfg, self.dataset, self.order, d.rank, d.world_size, self.step, end, d.device)
-        bar = tqdm(total=end, initial=self.step, disable=not d.is_main, desc=cfg.train.name, dynamic_ncols=True)
-        window: Dict[str, torch.Tensor] = {}
-        window_steps, t0 = 0, time.perf_counter()
-        last_saved = self.step
-        for batch in batches:
-            step = self.step
-            if self.flops_per_image is None:
-                _, latent_eps = self._step_randomness(step)
-                self.flops_per_image = self._count_flops(batch, latent_eps[d.rank * self.per_rank :])
-                t0 = time.perf_counter()
-            out = self.train_step(step, batch)
-            self.step = step + 1
-            for k, v in out.items():
-                window[k] = window.get(k, 0) + v
-            window_steps += 1
-            bar.update(1)
-            if self.step % cfg.train.log_every == 0 or self.step == end:
-                elapsed = time.perf_counter() - t0
-                record = self._record(window, window_steps, elapsed)
-                if d.is_main:
-                    self.metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss/total']:.4f}", img_s=f"{record['img_per_s']:.1f}")
-                window, window_steps, t0 = {}, 0, time.perf_counter()
-            if self.step % cfg.train.ckpt_every == 0 or self.step == end:
-                self.save()
-                last_saved = self.step
-            if cfg.train.sample_every and self.step % cfg.train.sample_every == 0 and self.step != end:
-                self._write_samples(f"{self.step:08d}")
-        bar.close()
-        if last_saved != self.step:
-            self.save()
-        self._write_samples("final")
-        if d.is_main:
-            plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
-            log.info("done: %s", self.run_dir)
-        barrier()
-        return self.run_dir
 
-    def _record(self, window, steps: int, elapsed: float) -> Dict:
-        cfg, d = self.config, self.dist
-        images = steps * cfg.train.global_batch_size
-        img_s = images / max(elapsed, 1e-9)
-        window = dict(window)
-        record = {"step": self.step, "lr": _lr_at(cfg, self.step - 1), "img_per_s": img_s, "img_per_s_per_device": img_s / d.world_size,
-                  "skipped_steps": self.skipped_steps, "skipped_in_window": int(window.pop("skipped", 0)),
-                  "grad_norm": float(window.pop("grad_norm")) / steps}
-        record.update({f"loss/{k}": float(v) / steps for k, v in window.items()})
-        if self.flops_per_image:
-            record["tflops_per_device"] = self.flops_per_image * img_s / d.world_size / 1e12
-            if self.peak_flops:
-                record["mfu"] = self.flops_per_image * img_s / d.world_size / self.peak_flops
-        if d.device.type == "cuda":
-            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
-        else:
-            import resource
-
-            record["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        record.update(execution_metrics(cfg, d.device))
-        return record
-
-
-def run(config: Config) -> Path:
-    """Train ``config`` to ``train.max_steps`` (resuming per ``train.resume``); returns the run dir."""
-    trainer = Trainer(config)
-    return trainer.fit()
+def run(config: Config, overwrite: bool = False) -> Path:
+    """Train ``config`` to ``train.max_steps`` (resuming per ``train.resume``); returns the run dir.
+    The process group is taken down at the end (its threads must not outlive the interpreter)."""
+    try:
+        return Trainer(config, overwrite=overwrite).fit()
+    finally:
+        shutdown()

@@ -215,3 +215,107 @@ def test_missing_and_corrupt_dataset_errors_name_the_file(prepared, tmp_path):
     root = broken("bad_json", lambda r: (r / "dataset.json").write_text("{"))
     with pytest.raises(DatasetError, match=r"dataset\.json: not valid JSON"):
         open_data_dir(root)
+
+
+def _class_folder(root, images: int, broken: int = 0):
+    """ROOT/a/ with ``images`` readable 20x20 PNGs and ``broken`` unreadable files."""
+    folder = root / "a"
+    folder.mkdir(parents=True)
+    for k in range(images):
+        Image.new("RGB", (20, 20), (k * 7 % 256, 40, 90)).save(folder / f"{k:03d}.png")
+    for k in range(broken):
+        (folder / f"zz{k}.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def test_batch_boundary_and_empty_shards(tmp_path):
+    """A shard whose images fill whole VAE batches, one whose every file is broken, and a
+    dataset with nothing readable: no crash, exact counts."""
+    options = PrepareOptions(image_size=16, vae=VAE, shard_size=4)
+    full_batches = _class_folder(tmp_path / "full", images=4)
+    meta = prepare(full_batches, tmp_path / "out_full", options, num_workers=0, batch_size=2, progress=False)
+    assert meta["num_samples"] == 4 and [s["num_samples"] for s in meta["shards"]] == [4]
+
+    mixed = _class_folder(tmp_path / "mixed", images=2, broken=4)  # sorted: 2 images + 2 broken | 2 broken
+    meta = prepare(mixed, tmp_path / "out_mixed", options, num_workers=0, batch_size=2, progress=False)
+    assert [s["num_samples"] for s in meta["shards"]] == [2, 0] and meta["num_skipped"] == 4
+    dataset = open_data_dir(tmp_path / "out_mixed")
+    assert len(dataset) == 2 and dataset[1][0].shape == (3, 16, 16)
+
+    nothing = _class_folder(tmp_path / "nothing", images=0, broken=3)
+    meta = prepare(nothing, tmp_path / "out_nothing", options, num_workers=0, batch_size=2, progress=False)
+    assert meta["num_samples"] == 0 and meta["num_skipped"] == 3 and meta["latent_stats"] is None
+    assert len(open_data_dir(tmp_path / "out_nothing")) == 0
+
+
+def test_dataset_json_of_the_wrong_type_is_one_clear_error(prepared, tmp_path):
+    root = tmp_path / "typed"
+    shutil.copytree(prepared, root)
+    (root / "dataset.json").write_text("[]")
+    with pytest.raises(DatasetError, match=r"dataset\.json: expected a JSON object, got a list"):
+        open_data_dir(root)
+    meta = json.loads((prepared / "dataset.json").read_text())
+    for field, value, message in (("image_size", "big", "image_size"), ("shards", {"a": 1}, "shards"),
+                                  ("shards", [{"name": "00000"}], "num_samples")):
+        (root / "dataset.json").write_text(json.dumps(dict(meta, **{field: value})))
+        with pytest.raises(DatasetError, match=message):
+            open_data_dir(root)
+
+
+def test_published_labels_of_the_wrong_type_are_one_clear_error(tmp_path):
+    from reglue.data.shards import PublishedDataset
+
+    root = tmp_path / "published"
+    (root / "images" / "00000").mkdir(parents=True)
+    (root / "vae-sd" / "00000").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(root / "images" / "00000" / "img00000000.png")
+    np.save(root / "vae-sd" / "00000" / "img-mean-std-00000000.npy", np.zeros((8, 2, 2), np.float32))
+    for labels in ("[]", '{"labels": {"a": 1}}', '{"labels": [["00000/img-mean-std-00000000.npy"]]}',
+                   '{"labels": [["00000/img-mean-std-00000000.npy", "cat"]]}'):
+        (root / "vae-sd" / "dataset.json").write_text(labels)
+        with pytest.raises(DatasetError, match=r"vae-sd/dataset\.json"):
+            PublishedDataset(root)
+
+
+def test_prepare_checks_its_output_before_listing_the_source(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="--out .*file"):
+        prepare(tmp_path / "does-not-matter", tmp_path / "file" / "out", OPTIONS, num_workers=0, progress=False)
+
+
+def test_image_size_follows_the_prepared_dataset_unless_set(prepared, caplog):
+    """`train.py --data DIR` takes DIR's resolution when data.image_size was not set; an explicit
+    mismatch is an error naming the flag; fewer classes than model.num_classes is one log line."""
+    import logging
+
+    from reglue.data import open_dataset
+    from reglue.train.cli import config_from_args
+
+    followed, _ = config_from_args(["--preset", "sit-b-2", "--data", str(prepared)])
+    assert followed.data.image_size == IMAGE_SIZE != 256
+    explicit, _ = config_from_args(["--preset", "sit-b-2", "--data", str(prepared), "--set", "data.image_size=256"])
+    assert explicit.data.image_size == 256
+    with pytest.raises(ValueError, match=f"holds {IMAGE_SIZE}x{IMAGE_SIZE} images: set --set data.image_size={IMAGE_SIZE}"):
+        open_dataset(explicit)
+    tiny, _ = config_from_args(["--data", str(prepared)])
+    with caplog.at_level(logging.INFO, logger="reglue.data"):
+        open_dataset(tiny)
+    lines = [r.getMessage() for r in caplog.records if "class embeddings stay unused" in r.getMessage()]
+    assert len(lines) == 1 and "has 3 classes, model.num_classes is 8" in lines[0]
+
+
+def test_data_commands_check_their_outputs_first(prepared, tmp_path, capsys):
+    """stats and train-compressor fail in one line, before any feature is computed, when an output
+    cannot be written (here a file stands where a folder must be)."""
+    from reglue import cli
+
+    (tmp_path / "file").write_text("x")
+    blocked = str(tmp_path / "file" / "out")
+    for args in (["stats", "--preset", "tiny", "--data", str(prepared), "--out", blocked + ".safetensors"],
+                 ["stats", "--preset", "tiny", "--data", str(prepared), "--out", str(tmp_path / "s.safetensors"),
+                  "--pca", "4", "--pca-out", blocked + ".safetensors"],
+                 ["train-compressor", "--preset", "tiny", "--data", str(prepared), "--stats", "unused", "--out", blocked]):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert "a file is in the way" in err and "Traceback" not in err, err
+    assert not (tmp_path / "s.safetensors").exists()

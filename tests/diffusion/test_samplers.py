@@ -407,3 +407,25 @@ def test_bad_models_fail_with_a_clear_message():
         sample(lambda x, t, y, cls_token=None: (x, [], None), x1, y, cfg_scale=2.0)
     with pytest.raises(ValueError, match="method"):
         ode(make_model(), x1, y, cls1, method="rk4")
+
+
+def test_sde_last_step_is_the_drift_alone():
+    """Directly: the last interval 0.04 -> 0 adds no noise, it is x + (v - t score) dt from the
+    state the model saw at t = 0.04 (latents and [CLS])."""
+    from reglue.diffusion.transport import score_from_velocity
+
+    class Recording(GaussianVelocity):
+        def forward(self, x, t, y, cls_token=None):
+            self.seen = (x.clone(), cls_token.clone())
+            return super().forward(x, t, y, cls_token)
+
+    model = Recording("linear").eval()
+    x1, y, cls1 = (v.double() if v.is_floating_point() else v for v in make_inputs(64))
+    x0, cls0 = euler_maruyama(model, x1, y, cls1, num_steps=5, generator=torch.Generator().manual_seed(3))
+    x_last, cls_last = model.seen
+    assert model.calls[-1]["t"][0].item() == pytest.approx(0.04)
+    v, _, cls_v = model(x_last, torch.full((64,), 0.04, dtype=torch.float64), y, cls_last)
+    t, dt = torch.tensor(0.04, dtype=torch.float64), -0.04
+    for got, state, vel in ((x0, x_last, v), (cls0, cls_last, cls_v)):
+        want = state + (vel - 0.5 * 2 * 0.04 * score_from_velocity(vel, state, t, "linear")) * dt
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -222,3 +222,22 @@ def test_semantic_dropout_of_every_sample_leaves_the_latent_loss_alone():
     assert with_drop["semantic"] == 0 and with_drop["total"] == with_drop["latent"]
     assert_close(with_drop["latent"], without["latent"])
     assert without["semantic"] > 0
+
+
+@pytest.mark.parametrize("cls_dim, dropout, semantic_dropout", [(4, 0.5, 0.3), (0, 0.0, 0.0)])
+def test_noise_slice_takes_the_same_rows_of_every_field(cls_dim, dropout, semantic_dropout):
+    """Every field of a slice is rows [start, stop) of the global draw (t, eps, [CLS] noise,
+    label-dropout mask, semantic-dropout mask), and absent fields stay absent."""
+    noise = draw_noise(10, (3, 2, 2), cls_dim, dropout, torch.Generator().manual_seed(4), "cpu",
+                       semantic_dropout_prob=semantic_dropout)
+    for start, stop in ((0, 10), (3, 7), (9, 10)):
+        part = noise.slice(start, stop)
+        assert torch.equal(part.t, noise.t[start:stop]) and torch.equal(part.eps, noise.eps[start:stop])
+        if cls_dim:
+            assert torch.equal(part.cls_eps, noise.cls_eps[start:stop]) and torch.equal(part.drop, noise.drop[start:stop])
+        else:
+            assert part.cls_eps is None and part.drop is None
+        if semantic_dropout:
+            assert torch.equal(part.semantic_drop, noise.semantic_drop[start:stop])
+        else:
+            assert part.semantic_drop is None

@@ -83,3 +83,30 @@ def test_sit_shapes_gpu(shape, dtype):
     """Real compilation at SiT-XL/2 (16 heads x 72) and SiT-B/2 (12 heads x 64) QK-norm sizes."""
     x, weight = _inputs(shape)
     check_op(rms_norm, rms_norm_ref, [x, weight], [torch.randn(shape, device=DEVICE)], dtype, ["x", "weight"], ["out"])
+
+
+@pytest.mark.parametrize("impl", [rms_norm, rms_norm_ref], ids=["triton", "ref"])
+def test_zero_and_tiny_rows_follow_the_formula(impl):
+    """eps sits inside the square root: a zero row gives 0 (not NaN), rows far below sqrt(eps)
+    are scaled by 1/sqrt(eps); forward and backward against the formula in float64."""
+    eps, d = 1e-6, 72
+    x = torch.zeros(4, d, device=DEVICE)
+    x[1] = 1e-5 * torch.randn(d, device=DEVICE)  # mean(x^2) ~ 1e-10, eps dominates
+    x[2] = 1e-3 * torch.randn(d, device=DEVICE)  # mean(x^2) ~ eps
+    x[3] = torch.randn(d, device=DEVICE)
+    weight = 1 + 0.2 * torch.randn(d, device=DEVICE)
+    dy = torch.randn(4, d, device=DEVICE)
+
+    def formula(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    x64, w64 = (t.double().requires_grad_() for t in (x, weight))
+    want = formula(x64, w64)
+    want.backward(dy.double())
+    xi, wi = (t.clone().requires_grad_() for t in (x, weight))
+    out = impl(xi, wi, eps)
+    out.backward(dy)
+    assert torch.equal(out[0], torch.zeros(d, device=DEVICE))
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xi.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wi.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)

@@ -210,3 +210,17 @@ def test_init_is_independent_of_construction_order():
     a, b = small(), small()
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), name
+
+
+def test_pos_embed_matches_the_mae_formula():
+    """An independent statement of the MAE/DiT 2-D table: token (row i, column j) holds
+    [sin(j w), cos(j w), sin(i w), cos(i w)] with w_m = 10000^(-4m/D), m < D/4; the [CLS] row is 0."""
+    model = small()
+    d, grid = model.pos_embed.shape[-1], model.x_embedder.grid_size
+    w = torch.tensor([10000.0 ** (-4.0 * m / d) for m in range(d // 4)], dtype=torch.float64)
+    rows = []
+    for i in range(grid):
+        for j in range(grid):
+            rows.append(torch.cat([torch.sin(j * w), torch.cos(j * w), torch.sin(i * w), torch.cos(i * w)]))
+    want = torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.stack(rows)])
+    torch.testing.assert_close(model.pos_embed[0].double(), want, rtol=0, atol=1e-6)

@@ -82,12 +82,15 @@ def test_nonfinite_step_is_skipped_then_aborts(tmp_path):
     trainer.train_step(0, next(batches))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     ema_before = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+    optim_before = [{k: v.clone() for k, v in s.items()} for s in trainer.optimizer.state.values()]
     out = trainer.train_step(1, next(batches))
     assert out["skipped"] == 1 and trainer.skipped_steps == 1
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     assert all(torch.equal(ema_before[k], v) for k, v in trainer.ema.state_dict().items())
+    optim_after = list(trainer.optimizer.state.values())
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(optim_before, optim_after) for k in a)  # moments and step count
     trainer.train_step(2, next(batches))
-    assert trainer.nonfinite_in_row == 0
+    assert int(trainer.skips.in_row) == 0 and trainer.skips.read() == (1, 1)
 
     with pytest.raises(NonFiniteError, match="3 consecutive steps"):
         Trainer(tiny(tmp_path, "nan", **{"train.max_steps": 8, "train.inject_nonfinite_steps": "(2, 3, 4)",
@@ -114,7 +117,8 @@ def test_export_loads_into_sit_strict(tmp_path):
     assert reglue_main(["export", "--run", str(run_dir), "--out", str(both), "--weights", "both"]) == 0
     load_sit_checkpoint(build_model(get_preset("tiny")), both, key="model")
     assert reglue_main(["export", "--run", str(tmp_path / "missing"), "--out", str(out)]) == 2
-    grid = tmp_path / "grid.png"
+    assert reglue_main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "grid")]) == 2  # no image suffix: fails at once
+    grid = tmp_path / "new" / "dir" / "grid.png"  # folders are created before sampling
     for sampler in ("sde", "heun"):
         assert reglue_main(["sample", "--run", str(run_dir), "--out", str(grid), "--num", "4", "--steps", "3",
                             "--sampler", sampler, "--cfg-scale", "2.0"]) == 0
@@ -134,10 +138,18 @@ def test_triton_kernels_train_like_eager(tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
 
 
-def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, capsys, caplog):
+    """A truncated shard of the newest checkpoint: resume and export use the one before, say so, and
+    keep the damaged one."""
     Trainer(tiny(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 1})).fit()
-    (tmp_path / "run" / "checkpoints" / "step-00000002" / "meta.json").write_text("{damaged")
+    damaged = tmp_path / "run" / "checkpoints" / "step-00000002"
+    shard = damaged / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert reglue_main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "w.safetensors")]) == 0
+    assert "step-00000001 to" in capsys.readouterr().out
+    assert any(str(damaged) in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
     assert Trainer(tiny(tmp_path, **{"train.max_steps": 3})).step == 1
+    assert shard.is_file()
 
 
 def test_train_cli_reports_bad_input_without_traceback(tmp_path, capsys):
@@ -146,3 +158,11 @@ def test_train_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no such dataset directory" in err and "Traceback" not in err
+    for text, message in (("[]", "expected a JSON object of sections, got a list"),
+                          ('{"train": {"max_steps": "10"}}', 'train.max_steps: expected an integer, got "10"'),
+                          ("{", "not valid JSON")):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            main(["--config", str(tmp_path / "config.json")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err, err

@@ -1,0 +1,102 @@
+"""What commands write: output paths checked before the long work starts, and a run's metrics log.
+
+Low in the layers (only the standard library and optional loggers below it) so data commands
+(``prepare``, ``stats``, ``train-compressor``), the trainer and the command line share it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+
+class OutputError(ValueError):
+    """An output path cannot be written; the message names the flag and the path."""
+
+
+def _check_writable_dir(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(f"{flag} {folder}: a file is in the way of this directory") from None
+    except OSError as exc:
+        raise OutputError(f"{flag} {folder}: cannot create the directory ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {folder}: the directory is not writable")
+
+
+def ensure_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create ``path`` (and parents) or fail now with one line naming ``flag``."""
+    path = Path(path)
+    _check_writable_dir(path, flag)
+    return path
+
+
+def ensure_output_file(path: str | os.PathLike, flag: str = "--out", suffixes: Optional[Sequence[str]] = None) -> Path:
+    """Check that ``path`` can be written (its folder is created) before any work is done.
+
+    suffixes: the file endings the writer understands (e.g. ``(".png", ".jpg")``), checked here
+    rather than after minutes of work."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{flag} {path}: is a directory; give a file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise OutputError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
+    _check_writable_dir(path.parent if str(path.parent) else Path("."), flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{flag} {path}: exists and is not writable")
+    return path
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; on resume, lines past the resumed step are dropped so the
+    file reads as one uninterrupted run. Also logs to TensorBoard / Weights & Biases if asked."""
+
+    def __init__(self, path: Path, resume_step: int = 0, tensorboard_dir: Optional[Path] = None,
+                 wandb_project: Optional[str] = None, run_name: str = "run", config: Optional[Dict] = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and self._step(line) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1)
+            except ImportError:
+                pass  # optional: TensorBoard is used when installed
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError(f"train.wandb_project={wandb_project!r} needs the wandb package (pip install wandb)") from None
+            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
+
+    @staticmethod
+    def _step(line: str) -> int:
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (json.JSONDecodeError, ValueError, TypeError, AttributeError):
+            return 1 << 62
+
+    def write(self, record: Dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+
+def read_metrics(path: Path) -> List[Dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,147 @@
+"""Checkpoints: complete only with their marker, damage of every kind detected and skipped (never
+deleted), the newest loadable one used, pruning limited to the run's own complete checkpoints."""
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from reglue import checkpoint as ckpt
+from reglue.runtime import DistInfo
+
+
+def save(run, step, run_id="run-a", keep_last=10):
+    """A checkpoint whose weights all equal ``step``."""
+    model = torch.nn.Linear(64, 32)
+    torch.nn.init.constant_(model.weight, step)
+    torch.nn.init.constant_(model.bias, step)
+    return ckpt.save_checkpoint(run, step, {"model": model.state_dict()}, {"config": {}, "run_id": run_id}, DistInfo(),
+                                keep_last)
+
+
+def load(path):
+    """Load a checkpoint of :func:`save`; returns its meta, checks the weights it restored."""
+    model = torch.nn.Linear(64, 32)
+    state = {"model": model.state_dict()}
+    meta = ckpt.load_checkpoint(path, state)
+    model.load_state_dict(state["model"])
+    assert torch.all(model.weight == meta["step"])
+    return meta
+
+
+def steps(run):
+    return [int(p.name[5:]) for p in ckpt.list_checkpoints(run)]
+
+
+def truncate(path, name):
+    data = (path / name).read_bytes()
+    (path / name).write_bytes(data[: len(data) // 2])
+
+
+def garble(path, name):
+    """Same size, wrong bytes at the start: only loading can tell."""
+    data = bytearray((path / name).read_bytes())
+    data[:16] = b"\xff" * 16
+    (path / name).write_bytes(bytes(data))
+
+
+def rewrite(path, name, text):
+    """Replace a file and its size in the marker: damage that only a reader of the file sees."""
+    (path / name).write_text(text)
+    marker = json.loads((path / "complete.json").read_text())
+    marker["files"][name] = len(text)
+    (path / "complete.json").write_text(json.dumps(marker))
+
+
+DAMAGE = {
+    "truncated shard": (lambda p: truncate(p, "__0_0.distcp"), "__0_0.distcp is truncated"),
+    "missing shard": (lambda p: (p / "__0_0.distcp").unlink(), "__0_0.distcp is missing"),
+    "missing .metadata": (lambda p: (p / ".metadata").unlink(), ".metadata is missing"),
+    "missing meta.json": (lambda p: (p / "meta.json").unlink(), "meta.json is missing"),
+    "meta.json of the wrong type": (lambda p: rewrite(p, "meta.json", "[]"), "must be a JSON object, got list"),
+    "unreadable marker": (lambda p: (p / "complete.json").write_text("{trunc"), "unreadable completion marker"),
+    "missing marker": (lambda p: (p / "complete.json").unlink(), "no complete.json"),
+    "garbled shard": (lambda p: garble(p, "__0_0.distcp"), "does not load (UnpicklingError"),
+}
+
+
+def test_newest_of_several_checkpoints_is_resumed(tmp_path):
+    for step in (1, 2, 3):
+        save(tmp_path, step)
+    path, meta = ckpt.load_newest(tmp_path, load)
+    assert path.name == "step-00000003" and meta["step"] == 3
+    assert ckpt.latest_checkpoint(tmp_path) == path
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damaged_newest_checkpoint_is_named_skipped_and_kept(tmp_path, caplog, kind):
+    damage, reason = DAMAGE[kind]
+    for step in (1, 2, 3):
+        save(tmp_path, step)
+    damaged = tmp_path / "checkpoints" / "step-00000003"
+    damage(damaged)
+    with caplog.at_level(logging.WARNING, logger="reglue.checkpoint"):
+        path, meta = ckpt.load_newest(tmp_path, load)
+    assert meta["step"] == 2
+    warnings = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(warnings) == 1 and str(damaged) in warnings[0] and reason in warnings[0], warnings
+    assert damaged.is_dir(), "a damaged checkpoint must never be deleted"
+    with pytest.raises(ckpt.CheckpointError, match=reason.split(" (")[0]):
+        load(damaged)  # asked for by name: an error, no fallback
+
+
+def test_no_loadable_checkpoint_is_an_error_listing_them(tmp_path):
+    for step in (1, 2):
+        save(tmp_path, step)
+    truncate(tmp_path / "checkpoints" / "step-00000002", "__0_0.distcp")
+    (tmp_path / "checkpoints" / "step-00000001" / ".metadata").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"none of the 2 .*step-00000002 .*truncated.*step-00000001 .*\.metadata"):
+        ckpt.load_newest(tmp_path, load)
+    assert ckpt.load_newest(tmp_path / "elsewhere", load) is None
+
+
+def test_marker_lists_every_file_and_an_interrupted_save_is_no_checkpoint(tmp_path, monkeypatch):
+    path = save(tmp_path, 1)
+    marker = json.loads((path / "complete.json").read_text())
+    assert set(marker["files"]) == {p.name for p in path.iterdir()} - {"complete.json"}
+    assert marker["files"][".metadata"] == (path / ".metadata").stat().st_size
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "_write_json_durable", crash)  # killed after the shards, before meta and marker
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 2)
+    monkeypatch.undo()
+    assert steps(tmp_path) == [1] and ckpt.load_newest(tmp_path, load)[1]["step"] == 1
+
+
+def test_pruning_keeps_damaged_and_other_runs_checkpoints(tmp_path):
+    save(tmp_path, 1, run_id="other-run")
+    for step in (2, 3):
+        save(tmp_path, step, keep_last=2)
+    truncate(tmp_path / "checkpoints" / "step-00000003", "__0_0.distcp")
+    for step in (4, 5, 6):
+        save(tmp_path, step, keep_last=2)
+    # run-a's complete checkpoints: 2, 4, 5, 6 -> keep the newest 2; step 3 (damaged) and step 1 (another run) stay
+    assert steps(tmp_path) == [1, 3, 5, 6]
+    save(tmp_path, 7, keep_last=1)
+    assert steps(tmp_path) == [1, 3, 7] and ckpt.load_newest(tmp_path, load)[1]["step"] == 7
+
+
+def test_saving_over_a_damaged_checkpoint_moves_it_aside(tmp_path):
+    save(tmp_path, 1)
+    truncate(tmp_path / "checkpoints" / "step-00000001", "__0_0.distcp")
+    save(tmp_path, 1)
+    aside = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-00000001.replaced-")]
+    assert len(aside) == 1 and load(tmp_path / "checkpoints" / "step-00000001")["step"] == 1
+
+
+def test_copied_run_keeps_working(tmp_path):
+    """A run directory copied elsewhere (e.g. to another file system) resumes from the copy."""
+    for step in (1, 2):
+        save(tmp_path / "a", step)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert ckpt.load_newest(tmp_path / "b", load)[0] == tmp_path / "b" / "checkpoints" / "step-00000002"
