@@ -6,10 +6,11 @@ Low in the layers (only the standard library and optional loggers below it) so d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 
 class OutputError(ValueError):
@@ -34,20 +35,42 @@ def ensure_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     return path
 
 
-def ensure_output_file(path: str | os.PathLike, flag: str = "--out", suffixes: Optional[Sequence[str]] = None) -> Path:
+def ensure_output_file(path: str | os.PathLike, flag: str = "--out", suffixes: Optional[Sequence[str]] = None,
+                       must_not_exist: bool = False) -> Path:
     """Check that ``path`` can be written (its folder is created) before any work is done.
 
     suffixes: the file endings the writer understands (e.g. ``(".png", ".jpg")``), checked here
-    rather than after minutes of work."""
+    rather than after minutes of work. must_not_exist: refuse an existing file (outputs that are
+    never overwritten, such as reference batches)."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{flag} {path}: is a directory; give a file name")
     if suffixes and path.suffix.lower() not in suffixes:
         raise OutputError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
+    if must_not_exist and path.exists():
+        raise OutputError(f"{flag} {path}: already exists and is not overwritten; remove it or choose another name")
     _check_writable_dir(path.parent if str(path.parent) else Path("."), flag)
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{flag} {path}: exists and is not writable")
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed to ``path`` when the block ends without
+    an error (removed otherwise), so ``path`` is only ever absent, the previous file, or complete."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike, data, indent: int = 2) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, sort_keys=True) + "\n")
 
 
 class MetricsWriter:
@@ -60,9 +83,8 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if line.strip() and self._step(line) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
         self.tb = None
         if tensorboard_dir is not None:
             try:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from reglue.data.shards import FORMAT, FORMAT_VERSION, MOMENT_CHANNELS, SHARD_DONE, SHARDS_DIR, DatasetError
-from reglue.outputs import ensure_output_dir
+from reglue.outputs import ensure_output_dir, write_json_atomic
 
 log = logging.getLogger("reglue.prepare")
 
@@ -290,12 +290,6 @@ def _fingerprint(sources: Sequence[Tuple[str, int]]) -> str:
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def _check_recipe(out: Path, recipe: dict) -> None:
     """First run: store the recipe; a re-run must use the same input and settings."""
     path = out / "prepare.json"
@@ -311,7 +305,7 @@ def _check_recipe(out: Path, recipe: dict) -> None:
             raise ValueError(f"{out} was prepared with different {', '.join(diff)} (see {path}); "
                              "use a new --out directory, or the original settings to resume")
     else:
-        _write_json_atomic(path, recipe)
+        write_json_atomic(path, recipe)
 
 
 def _env_rank() -> Tuple[int, int, int]:
@@ -392,7 +386,7 @@ def finalize(out: str | os.PathLike, num_shards: int, classes: Dict[str, int], o
     num_sources = sum(info["num_sources"] for info in infos)
     report = {"num_sources": num_sources, "num_read": num_sources - len(skipped), "num_samples": num_samples,
               "num_skipped": len(skipped), "skipped": skipped}
-    _write_json_atomic(out / "report.json", report)
+    write_json_atomic(out / "report.json", report)
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -410,7 +404,7 @@ def finalize(out: str | os.PathLike, num_shards: int, classes: Dict[str, int], o
         "latent_stats": _latent_stats([info["latent_moments"] for info in infos]),
         "shards": [{"name": _shard_name(k), "num_samples": info["num_samples"]} for k, info in enumerate(infos)],
     }
-    _write_json_atomic(out / "dataset.json", meta)
+    write_json_atomic(out / "dataset.json", meta)
     return meta
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from reglue import checkpoint as ckpt
 from reglue.data.sampler import GlobalBatchOrder
-from reglue.outputs import MetricsWriter, ensure_output_dir
+from reglue.outputs import MetricsWriter, atomic_path, ensure_output_dir
 from reglue.runtime import DistInfo, all_reduce_sum, per_rank_batch, seeded_generator
 from reglue.models.compressor import SemanticCompressor
 from reglue.models.encoders import DINOv2Encoder, FeatureStats
@@ -196,9 +196,8 @@ def _resume(out: Path, model, optimizer, hp: CompressorTraining, steps_per_epoch
 def _save_weights(model, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
 
 
 def add_parser(subparsers) -> None:

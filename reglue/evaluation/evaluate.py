@@ -37,11 +37,9 @@ to 224x224 (bicubic; dgm-eval resizes with PIL's antialiased bicubic, so values 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
-import tempfile
 import threading
 import time
 import warnings
@@ -56,6 +54,7 @@ from reglue.evaluation.metrics import (ADM_NEIGHBOURS, ADM_SPLIT_SIZE, FeatureSe
                                        precision_recall)
 from reglue.evaluation.reference import (DEFAULT_REFERENCE_IMAGES, NpzImages, Reference, load_reference,
                                          make_reference)
+from reglue.outputs import ensure_output_file, write_json_atomic
 
 __all__ = [
     "METRICS",
@@ -279,26 +278,6 @@ class Evaluator:
 # --------------------------------------------------------------------------------------------
 
 
-def check_output_path(path: Path, must_not_exist: bool = False) -> None:
-    """Fail now, not after the work, when ``path`` cannot be written (parent created if needed)."""
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a directory; give a file name")
-    if must_not_exist and path.exists():
-        raise ValueError(f"--out {path} already exists; remove it or choose another name (a reference is not overwritten)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
-            pass
-    except OSError as err:
-        raise ValueError(f"--out {path}: cannot write there ({err.strerror or err})") from err
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
-
-
 def _reglue_warnings(caught) -> list:
     """Our warnings, one line each (those of other libraries are left to their own output)."""
     return [str(w.message) for w in caught if "reglue" in Path(w.filename).parts]
@@ -373,7 +352,7 @@ def _open_dataset(args):
 
 def _make_ref(args, device: torch.device) -> int:
     out = Path(args.out)
-    check_output_path(out, must_not_exist=True)
+    ensure_output_file(out, "--out", must_not_exist=True)
     dataset = _open_dataset(args)
     inception = build_inception(args.inception_weights, device)
     dinov2 = DINOv2Features(args.dinov2_weights, device) if args.dinov2_weights else None
@@ -394,7 +373,7 @@ def _evaluate(args, device: torch.device) -> Dict:
     metrics = parse_metrics(args.metrics)
     out = Path(args.out) if args.out else None
     if out is not None:
-        check_output_path(out)
+        ensure_output_file(out, "--out")
     reference = load_reference(args.ref, need_images="pr" in metrics)
     samples = NpzImages(args.samples)
     if "is" in metrics and len(samples) < args.is_split_size:

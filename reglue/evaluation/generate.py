@@ -62,6 +62,8 @@ import torch
 
 from reglue.config import Config, ConfigError, SampleConfig, apply_overrides
 from reglue.diffusion.samplers import sample
+from reglue.evaluation.reference import NpzWriter
+from reglue.outputs import atomic_path, ensure_output_dir, ensure_output_file, write_json_atomic
 from reglue.runtime import seeded_generator
 
 log = logging.getLogger("reglue.generate")
@@ -289,69 +291,8 @@ def sample_grid(config: Config, state: Dict[str, torch.Tensor], vae, device: tor
 
 
 # --------------------------------------------------------------------------------------------
-# Streamed ADM .npz
-# --------------------------------------------------------------------------------------------
-
-
-def _npy_header(dtype, shape: Tuple[int, ...]) -> bytes:
-    """The .npy (format 1.0) header of a C-order array of ``dtype`` and ``shape``."""
-    import io
-
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)})
-    return buffer.getvalue()
-
-
-def write_npz_streamed(path: Path, arrays: Dict[str, Tuple[np.dtype, Tuple[int, ...], Iterable[np.ndarray]]]) -> None:
-    """Write an uncompressed ``.npz`` whose arrays arrive in pieces, holding one piece at a time.
-
-    ``arrays``: name -> (dtype, full shape, iterable of C-order pieces that concatenate along axis
-    0 to that shape). Each entry is a zip member ``name.npy`` (zip64, so members may exceed
-    4 GiB) with a standard .npy header, so ``numpy.load`` reads it. Written to ``path.tmp`` and
-    renamed: ``path`` is either absent or complete.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, (dtype, shape, pieces) in arrays.items():
-            expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            written = 0
-            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                member.write(_npy_header(dtype, shape))
-                for piece in pieces:
-                    piece = np.ascontiguousarray(piece, dtype=dtype)
-                    if piece.shape[1:] != tuple(shape[1:]):
-                        raise ValueError(f"{name}: piece of shape {piece.shape} does not fit {tuple(shape)}")
-                    member.write(memoryview(piece).cast("B"))
-                    written += piece.nbytes
-            if written != expected:
-                raise ValueError(f"{name}: {written} bytes written, the shape {tuple(shape)} needs {expected}")
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------
 # The output: block files, PNGs, the final .npz
 # --------------------------------------------------------------------------------------------
-
-
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _probe_writable(directory: Path, what: str) -> None:
-    """Create ``directory`` and write a file into it, or raise one clear ValueError."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"{what} {directory} is not writable ({exc.strerror or exc}): choose another path") from None
 
 
 class SampleStore:
@@ -375,13 +316,9 @@ class SampleStore:
     def check_paths(self) -> None:
         """The output paths alone (before the weights are loaded): a ``.npz`` file path in a
         writable folder, and a writable PNG folder. One ValueError naming the path otherwise."""
-        if self.out.suffix != ".npz":
-            raise ValueError(f"--out {self.out}: must end in .npz (the ADM sample-batch format)")
-        if self.out.is_dir():
-            raise ValueError(f"--out {self.out} is a directory: give a .npz file path")
-        _probe_writable(self.out.parent, "--out folder")
+        ensure_output_file(self.out, "--out", suffixes=(".npz",))  # the ADM sample-batch format
         if self.png is not None:
-            _probe_writable(self.png, "--png folder")
+            ensure_output_dir(self.png, "--png")
 
     def check(self, manifest: Dict, plan: BlockPlan, image_shape: Tuple[int, int, int]) -> bool:
         """Validate the output against this generation, before any sampling; True when ``OUT`` is
@@ -420,9 +357,7 @@ class SampleStore:
 
     def write_manifest(self, manifest: Dict) -> None:
         self.parts.mkdir(parents=True, exist_ok=True)
-        tmp = self.manifest_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(tmp, self.manifest_path())
+        write_json_atomic(self.manifest_path(), manifest)
 
     # ---- blocks -------------------------------------------------------------------------------
 
@@ -446,7 +381,8 @@ class SampleStore:
         return False
 
     def write_block(self, block: int, images: np.ndarray, labels: np.ndarray) -> None:
-        _save_npz_atomic(self.block_path(block), images=images, labels=labels)
+        with atomic_path(self.block_path(block)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=images, labels=labels)
 
     def read_block(self, block: int, key: str) -> np.ndarray:
         path = self.block_path(block)
@@ -470,9 +406,8 @@ class SampleStore:
             path = self.png / f"{first_index + i:06d}.png"
             if path.is_file():
                 continue
-            tmp = path.with_name(path.name + ".tmp")
-            Image.fromarray(image).save(tmp, format="PNG")
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                Image.fromarray(image).save(tmp, format="PNG")
 
     # ---- the final .npz -------------------------------------------------------------------------
 
@@ -487,13 +422,13 @@ class SampleStore:
 
         record = {"num": plan.num, "arrays": {"arr_0": "uint8 images (N, H, W, 3)", "arr_1": "int64 labels (N,)"},
                   "generation": manifest}
-        tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-        os.replace(tmp, self.sidecar)
-        write_npz_streamed(self.out, {
-            "arr_0": (np.uint8, (plan.num, *image_shape), pieces("images")),
-            "arr_1": (np.int64, (plan.num,), pieces("labels")),
-        })
+        write_json_atomic(self.sidecar, record)
+        with NpzWriter(self.out) as writer:
+            for name, key, dtype, shape in (("arr_0", "images", np.uint8, (plan.num, *image_shape)),
+                                            ("arr_1", "labels", np.int64, (plan.num,))):
+                with writer.streamed(name, shape, dtype) as write:
+                    for piece in pieces(key):
+                        write(piece)
         shutil.rmtree(self.parts)
 
 

@@ -175,7 +175,7 @@ class NpzWriter:
                 if batch.shape[1:] != tuple(shape[1:]) or written + len(batch) > shape[0]:
                     raise ValueError(f"{name}: batch {batch.shape} does not fit the declared shape {tuple(shape)} "
                                      f"after {written} rows")
-                f.write(batch.tobytes())
+                f.write(memoryview(batch).cast("B"))
                 written += len(batch)
 
             yield write

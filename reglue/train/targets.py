@@ -13,13 +13,13 @@ re-used on resume.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Dict
 
 import torch
 
 from reglue.config import Config
+from reglue.outputs import atomic_path
 from reglue.runtime import broadcast_object
 from reglue.train.parallelize import compile_region, resolve_execution
 from reglue.models.encoders import (
@@ -113,9 +113,8 @@ class FrozenEncoders:
         value = fit() if self.is_main else None
         if self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            value.save(tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                value.save(tmp)
         return broadcast_object(value)
 
     def _build_semantic(self, run_dir: Path, calibration_images) -> None:

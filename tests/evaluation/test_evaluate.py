@@ -225,7 +225,7 @@ def test_unwritable_output_is_refused_before_any_work(fake_ref, tmp_path):
     (tmp_path / "a-file").write_text("x")
     code, _, err = run_cli("--ref", fake_ref, "--samples", samples, "--out", tmp_path / "a-file" / "results.json",
                            "--metrics", "fid", "--inception-weights", MISSING_WEIGHTS)
-    assert_one_error(code, err, "cannot write there")
+    assert_one_error(code, err, "a file is in the way")
     code, _, err = run_cli("--ref", fake_ref, "--samples", samples, "--out", tmp_path, "--metrics", "fid",
                            "--inception-weights", MISSING_WEIGHTS)
     assert_one_error(code, err, "is a directory")
