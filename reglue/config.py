@@ -279,6 +279,8 @@ class ParallelConfig:
 
 
 SAMPLERS = ("sde", "euler", "heun")
+EVAL_METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
+"""What ``reglue evaluate`` and the in-training evaluation can score, in their canonical order."""
 GUIDANCE_RULES = ("standard", "reglue-vae-cfg")
 
 
@@ -371,6 +373,15 @@ class TrainConfig:
     """In-training evaluation sampler (cheaper than the ``sample`` section's paper setting)."""
     eval_steps: int = 50
     """Sampler steps of the in-training evaluation; guidance follows the ``sample`` section."""
+    eval_batch_size: int = 64
+    """Images per sampling block of the in-training evaluation (per device)."""
+    eval_metrics: Tuple[str, ...] = ("fid",)
+    """Of fid, sfid, is, pr, fd_dinov2 (as ``reglue evaluate --metrics``); pr computes the reference
+    images' features once at the first evaluation."""
+    eval_inception_weights: Optional[str] = None
+    """Inception weights file for the in-training evaluation; None = the file torch-fidelity caches
+    (``reglue evaluate`` looks in the same places); ``random`` = a seeded random network (a
+    pipeline check: its scores are not FID)."""
     resume: str = "auto"
     """auto (latest checkpoint in the run dir if any), none, or a checkpoint path."""
     tensorboard: bool = True
@@ -396,6 +407,10 @@ class TrainConfig:
         self.inject_nonfinite_steps = tuple(int(s) for s in self.inject_nonfinite_steps)
         _choice(self.eval_sampler, "train.eval_sampler", SAMPLERS)
         _require(self.eval_steps >= 2, "train.eval_steps", "must be >= 2")
+        _require(self.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
+        self.eval_metrics = tuple(self.eval_metrics)
+        for name in self.eval_metrics:
+            _choice(name, "train.eval_metrics", EVAL_METRICS)
         _require(bool(self.name) and "/" not in self.name, "train.name", "must be a non-empty name without '/'")
 
 

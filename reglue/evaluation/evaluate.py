@@ -49,6 +49,7 @@ from typing import Dict, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from reglue.config import EVAL_METRICS
 from reglue.evaluation.inception import InceptionFeatureExtractor, build_inception, to_nchw_uint8
 from reglue.evaluation.metrics import (ADM_NEIGHBOURS, ADM_SPLIT_SIZE, FeatureSet, frechet_distance, inception_score,
                                        precision_recall)
@@ -71,7 +72,7 @@ __all__ = [
 
 log = logging.getLogger("reglue.evaluate")
 
-METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
+METRICS = EVAL_METRICS
 DEFAULT_METRICS = ("fid", "sfid", "is", "pr")
 """The ADM evaluator's five numbers (precision and recall are one metric, ``pr``)."""
 DINOV2_L14 = "vit_large_patch14_dinov2"

@@ -32,6 +32,7 @@ from reglue.diffusion.transport import draw_noise
 from reglue.outputs import MetricsWriter, ensure_output_dir, read_metrics
 from reglue.runtime import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, seeded_generator, shutdown
 from reglue.train.ema import EMA
+from reglue.train.evaluation import TrainingEvaluation
 from reglue.train.metrics import count_flops, device_peak_flops, plot_losses, save_grid
 from reglue.train.parallelize import build_parallel_model, execution_metrics, loss_fn, use_fsdp
 from reglue.train.preemption import Preempted, StopSignals, StopVote
@@ -166,6 +167,7 @@ class Trainer:
 
     def _build_outputs(self) -> None:
         cfg = self.config
+        self.evaluation = TrainingEvaluation(cfg, self.dist)
         self.window: Dict[str, torch.Tensor] = {}
         self.window_steps, self.window_start = 0, time.perf_counter()
         self.bar: Optional[tqdm] = None
@@ -271,6 +273,8 @@ class Trainer:
         self.window_steps += 1
         if self.step % cfg.log_every == 0 or self.step == end:
             self.on_log(self._record())
+        if self.evaluation.due(self.step):
+            self.evaluate()
         if self.step % cfg.ckpt_every == 0 or self.step == end:
             self.on_checkpoint(self.save())
         if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step != end:
@@ -347,6 +351,12 @@ class Trainer:
             self.metrics.write(record)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{record['loss/total']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+
+    def evaluate(self) -> None:
+        """Collective: score EMA samples of this step (``train.eval_*``); rank 0 logs the scores."""
+        record = self.evaluation(self.step, self.ema.full_state_dict(), self.frozen.vae)
+        if record is not None:
+            self.metrics.write(record)
 
     def on_checkpoint(self, path: Path) -> None:
         """All ranks, after each checkpoint is complete."""
