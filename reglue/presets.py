@@ -53,7 +53,7 @@ def tiny() -> Config:
             dinov2_overrides={"embed_dim": 32, "depth": 4, "num_heads": 2},
             feature_layers=(0, 1, 2, 3),
             compressor_channels=(128, 32, 8),
-            vae="tiny-random",
+            vae="patch-pca",
         ),
         data=DataConfig(image_size=64, synthetic_size=2048, synthetic_classes=8, num_workers=0),
         train=TrainConfig(

@@ -62,7 +62,8 @@ class FrozenEncoders:
         self.is_main = is_main
         enc, method = config.encoders, config.method
         self.dtype = frozen_dtype(enc.dtype, device)
-        self.vae = build_vae(enc.vae, seed=config.train.seed).to(device=device, dtype=self.dtype)
+        self.vae = build_vae(enc.vae, seed=config.train.seed, run_dir=run_dir, fit_images=calibration_images,
+                             is_main=is_main).to(device=device, dtype=self.dtype)
         self.dinov2 = self.reducer = self.stats = None
         if method.needs_dinov2:
             self.dinov2 = build_frozen_dinov2(config, device)
