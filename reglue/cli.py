@@ -1,5 +1,5 @@
 """The ``reglue`` console script: train, export, sample (data subcommands: prepare, stats,
-train-compressor, come from ``reglue.data``)."""
+train-compressor, come from ``reglue.data``; plot from ``reglue.train.plots``)."""
 
 from __future__ import annotations
 
@@ -33,16 +33,16 @@ def cmd_export(args) -> int:
 def cmd_sample(args) -> int:
     from reglue.checkpoint import load_run_weights
     from reglue.models.encoders import build_vae
-    from reglue.train.metrics import save_grid
-    from reglue.train.sampling import sample_from_state
+    from reglue.train.plots import save_sample_grid
+    from reglue.train.sampling import sample_from_state, sample_labels
 
     config, model, path = load_run_weights(args.run, args.checkpoint, "ema")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae = build_vae(args.vae or config.encoders.vae, seed=config.train.seed).to(device)
+    vae = build_vae(args.vae or config.encoders.vae, seed=config.train.seed, run_dir=path.parent.parent).to(device)
     overrides = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg_scale", args.cfg_scale)) if v is not None}
     images = sample_from_state(config, model.state_dict(), vae, device, args.num, args.seed,
                                dataclasses.replace(config.sample, **overrides))
-    save_grid(images, Path(args.out), nrow=max(1, int(args.num**0.5)))
+    save_sample_grid(images, Path(args.out), sample_labels(config, args.num))
     print(f"wrote {args.num} samples from {path} to {args.out}")
     return 0
 
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for data_command in (prepare, stats, train_compressor):
         data_command.add_parser(sub)
+    from reglue.train.plots import add_parser as add_plot_parser
+
+    add_plot_parser(sub)
     return parser
 
 

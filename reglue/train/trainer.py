@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,9 @@ from reglue.diffusion.transport import draw_noise, training_losses
 from reglue import checkpoint as ckpt
 from reglue.runtime import DistInfo, all_reduce_mean, barrier, init_distributed, per_rank_batch, seeded_generator
 from reglue.train.ema import EMA
-from reglue.train.metrics import MetricsWriter, count_flops, device_peak_flops, plot_losses, read_metrics, save_grid
+from reglue.train.metrics import MetricsWriter, count_flops, device_peak_flops, report_class_match
+from reglue.train.plots import dataset_class_names, save_sample_grid, write_run_plot
+from reglue.train.sampling import sample_labels
 from reglue.train.parallelize import build_parallel_model, use_fsdp
 from reglue.train.targets import FrozenEncoders
 
@@ -239,7 +240,10 @@ class Trainer:
     def save(self) -> Path:
         meta = {"config": self.config.to_dict(), "data_position": {"step": self.step, "samples_seen": self.step * self.config.train.global_batch_size},
                 "skipped_steps": self.skipped_steps}
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.ema, meta, self.dist, self.config.train.keep_last)
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.ema, meta, self.dist, self.config.train.keep_last)
+        if self.dist.is_main:
+            write_run_plot(self.run_dir)
+        return path
 
     def sample_images(self, num: int, seed: int) -> Optional[torch.Tensor]:
         """EMA samples as uint8 (num, 3, H, W) on rank 0 (None elsewhere); collective."""
@@ -250,10 +254,13 @@ class Trainer:
             return None
         return sample_from_state(self.config, state, self.frozen.vae, self.dist.device, num, seed)
 
-    def _write_samples(self, tag: str) -> None:
+    def _write_samples(self, tag: str):
+        """The EMA sample grid ``samples-TAG.png``; returns (images, labels) on rank 0, else None."""
         images = self.sample_images(self.config.train.num_sample_images, self.config.train.seed)
         if images is not None:
-            save_grid(images, self.run_dir / f"samples-{tag}.png", nrow=int(math.sqrt(len(images))) or 1)
+            labels = sample_labels(self.config, len(images))
+            save_sample_grid(images, self.run_dir / f"samples-{tag}.png", labels, dataset_class_names(self.dataset))
+            return images, labels
 
     def fit(self) -> Path:
         cfg, d = self.config, self.dist
@@ -293,10 +300,13 @@ class Trainer:
         bar.close()
         if last_saved != self.step:
             self.save()
-        self._write_samples("final")
+        final = self._write_samples("final")
         if d.is_main:
-            plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
+            class_match = report_class_match(self.dataset, *final, self.metrics, self.step)
+            write_run_plot(self.run_dir)
             log.info("done: %s", self.run_dir)
+            if class_match:
+                log.info(class_match)
         barrier()
         return self.run_dir
 

@@ -43,7 +43,8 @@ def test_tiny_run_loss_falls_and_writes_outputs(tmp_path):
     assert last["loss/total"] < first["loss/total"] - 0.05, (first["loss/total"], last["loss/total"])
     for key in ("loss/latent", "loss/semantic", "loss/cls", "loss/align", "grad_norm", "lr", "img_per_s", "tflops_per_device"):
         assert key in last and last[key] == last[key], key
-    for f in ("loss.png", "samples-final.png", "config.json", "feature_stats.safetensors", "checkpoints/step-00000030/meta.json"):
+    for f in ("metrics.png", "samples-final.png", "config.json", "feature_stats.safetensors", "autoencoder.safetensors",
+              "checkpoints/step-00000030/meta.json"):
         assert (run_dir / f).is_file(), f
 
 
