@@ -417,6 +417,11 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def _type_name(annotation) -> str:
+    """``float``, ``Tuple[int, ...]``: how a field's type reads in an error."""
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
 def _coerce(value: str, annotation, name: str):
     """Parse a command-line string into the field's annotated type."""
     origin = typing.get_origin(annotation)
@@ -432,19 +437,25 @@ def _coerce(value: str, annotation, name: str):
                 return True
             if value.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(value)
+            raise ValueError("use true or false")
         if annotation in (int, float, str):
             return annotation(value)
         if origin in (tuple, dict, list) or annotation in (tuple, dict, list):
-            parsed = ast.literal_eval(value)
+            example = "{'key': 1}" if (origin or annotation) is dict else "(1, 2)"
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"write a Python literal, e.g. {example}") from None
             if isinstance(parsed, (int, float)) and origin is tuple:
                 parsed = (parsed,)
             if not isinstance(parsed, (tuple, list, dict)):
-                raise ValueError(f"expected a {origin.__name__ if origin else annotation.__name__}")
+                raise ValueError(f"write a Python literal, e.g. {example}")
             return parsed
-    except (ValueError, SyntaxError) as exc:
-        raise ConfigError(f"{name}: cannot parse {value!r} as {annotation}: {exc}") from None
-    raise ConfigError(f"{name}: unsupported field type {annotation}")
+    except ValueError as exc:
+        # int("x") says no more than "cannot parse 'x' as int"
+        detail = "" if annotation in (int, float, str) else f" ({exc})"
+        raise ConfigError(f"{name}: cannot parse {value!r} as {_type_name(annotation)}{detail}") from None
+    raise ConfigError(f"{name}: unsupported field type {_type_name(annotation)}")
 
 
 def apply_overrides(config: Config, overrides: Dict[str, Any]) -> Config:

@@ -16,7 +16,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Train SiT / REPA / ReDi / REG / REGLUE. With no arguments: the `tiny` preset on the built-in "
-        "synthetic dataset (CPU, a few minutes). Multi-GPU: torchrun --nproc_per_node=8 train.py --preset ...",
+        "synthetic dataset (CPU, about a minute). Multi-GPU: torchrun --nproc_per_node=8 train.py --preset ...",
     )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named run (default: tiny)")
     p.add_argument("--config", help="a config.json (e.g. a run's) to start from instead of a preset")
@@ -57,13 +57,7 @@ def config_from_args(argv: Optional[List[str]] = None, prog: str = "train.py") -
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
-        if args.config:
-            import json
-
-            with open(args.config) as f:
-                config = Config.from_dict(json.load(f))
-        else:
-            config = get_preset(args.preset)
+        config = _read_config_file(args.config) if args.config else get_preset(args.preset)
         overrides = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
         for item in args.set:
             key, sep, value = item.partition("=")
@@ -71,9 +65,25 @@ def config_from_args(argv: Optional[List[str]] = None, prog: str = "train.py") -
                 raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
             overrides[key.strip()] = value
         config = apply_overrides(config, overrides)
-    except (ConfigError, KeyError, FileNotFoundError) as exc:
-        parser.error(str(exc))
+    except (ConfigError, KeyError) as exc:
+        # one line naming the field and the fix (argparse's usage block is for malformed flags)
+        parser.exit(2, f"{prog}: error: {exc.args[0] if isinstance(exc, KeyError) else exc}\n")
     return config, args
+
+
+def _read_config_file(path: str) -> Config:
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"--config {path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of config sections")
+    return Config.from_dict(data)
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
