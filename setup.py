@@ -25,6 +25,7 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
