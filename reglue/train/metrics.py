@@ -5,13 +5,10 @@ Pictures (training curves, sample grids) are drawn in :mod:`reglue.train.plots`.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-
-log = logging.getLogger("reglue.train")
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, used for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}

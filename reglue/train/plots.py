@@ -155,7 +155,11 @@ def write_run_plot(run_dir: Path) -> Optional[Path]:
     records = read_metrics(Path(run_dir) / "metrics.jsonl")
     if not _panel_keys({"run": records}):
         return None
-    return save_metrics_plot({Path(run_dir).name: records}, Path(run_dir) / METRICS_PLOT)
+    try:
+        return save_metrics_plot({Path(run_dir).name: records}, Path(run_dir) / METRICS_PLOT)
+    except ImportError as err:  # an environment installed before matplotlib was a dependency: train on
+        log.warning("no %s: %s (pip install matplotlib)", METRICS_PLOT, err)
+        return None
 
 
 # --------------------------------------------------------------------------------------------

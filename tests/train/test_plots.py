@@ -1,6 +1,7 @@
 """Training-curve figures (matplotlib) and captioned sample grids (torchvision)."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -123,3 +124,10 @@ def test_dataset_class_names():
 def test_save_metrics_plot_refuses_empty_metrics(tmp_path):
     with pytest.raises(ValueError, match="no metrics to plot"):
         save_metrics_plot({"run": [{"step": 1, "note": "text"}]}, tmp_path / "x.png")
+
+
+def test_run_plot_without_matplotlib_warns_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(records()[0]) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails
+    assert write_run_plot(tmp_path) is None
+    assert "pip install matplotlib" in caplog.text and not (tmp_path / METRICS_PLOT).exists()
