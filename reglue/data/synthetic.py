@@ -110,7 +110,7 @@ class HueClassifier:
     angle and length of the opponent-colour vector (R - (G + B) / 2, (G - B) √3 / 2); each pixel
     splits its weight linearly between the two nearest of ``BINS`` circular bins, so a class hue
     on a bin edge is not split by chance. Measured on seed-0 64 px images (``tests/data/
-    test_synthetic.py``): about 99% of real images right, 95% after 8x block-averaging, 12.5%
+    test_synthetic.py``): 99.6% of real images right, 96% after 8x block-averaging, 12.5%
     (chance) of uniform noise. Nearest class mean in raw pixel space reaches only ~60%.
 
     class_means: (num_classes, BINS) mean normalised histogram of each class.

@@ -106,4 +106,4 @@ def report_class_match(dataset, images: torch.Tensor, labels: torch.Tensor, metr
     metrics.write({"step": step, "eval/class_match": share})
     hits = round(share * len(labels))
     return (f"class match: {hits}/{len(labels)} EMA samples ({share:.0%}) are assigned to their conditioning class "
-            f"by the fixed hue classifier of the synthetic set (chance: {1 / len(torch.unique(labels)):.0%})")
+            f"by the fixed hue classifier of the synthetic set (chance: 1 in {len(torch.unique(labels))})")

@@ -135,9 +135,13 @@ def metrics_figure(runs: Mapping[str, List[Dict]], columns: int = 3):
         ax.grid(True, which="major", alpha=0.3)
     for ax in axes[len(keys):]:
         ax.set_visible(False)
-    if len(runs) > 1:
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", ncols=min(len(runs), 4), fontsize=9, frameon=False)
+    if len(runs) > 1:  # one entry per run, from whichever panel has it (a run may lack some metrics)
+        handles = {}
+        for ax in axes[: len(keys)]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        fig.legend(list(handles.values()), list(handles), loc="upper center", ncols=min(len(runs), 4), fontsize=9,
+                   frameon=False)
     return fig
 
 
@@ -150,9 +154,11 @@ def save_metrics_plot(runs: Mapping[str, List[Dict]], path: Path, dpi: int = 100
 
 
 def write_run_plot(run_dir: Path) -> Optional[Path]:
-    """``run_dir/metrics.png`` from ``run_dir/metrics.jsonl``; None (nothing written) while the file
-    has no numeric rows yet. Called at every checkpoint and at the end of a run."""
-    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    """``run_dir/metrics.png`` from ``run_dir/metrics.jsonl``; None (nothing written) while there is
+    no numeric row yet (a checkpoint before the first log step). Called at every checkpoint and at
+    the end of a run."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    records = read_metrics(metrics) if metrics.is_file() else []
     if not _panel_keys({"run": records}):
         return None
     try:

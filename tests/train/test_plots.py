@@ -72,6 +72,7 @@ def test_smoothing():
 
 
 def test_run_plot_file_and_empty_or_damaged_metrics(tmp_path):
+    assert write_run_plot(tmp_path) is None, "a checkpoint before the first log step"
     (tmp_path / "metrics.jsonl").write_text("")
     assert write_run_plot(tmp_path) is None and not (tmp_path / METRICS_PLOT).exists()
     lines = [json.dumps(r) for r in records()]
