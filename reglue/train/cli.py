@@ -16,7 +16,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Train SiT / REPA / ReDi / REG / REGLUE. With no arguments: the `tiny` preset on the built-in "
-        "synthetic dataset (CPU, about a minute). Multi-GPU: torchrun --nproc_per_node=8 train.py --preset ...",
+        "synthetic dataset (CPU, under a minute on 2 cores). Multi-GPU: torchrun --nproc_per_node=8 train.py --preset ...",
     )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named run (default: tiny)")
     p.add_argument("--config", help="a config.json (e.g. a run's) to start from instead of a preset")
