@@ -80,8 +80,8 @@ def smooth(values: np.ndarray, log_scale: bool = False) -> np.ndarray:
 
 
 def _format_y(ax, log_scale: bool) -> None:
-    """Plain numbers on log axes (``0.6``, ``2`` rather than ``6×10⁻¹``), with the minor ticks (2, 3,
-    5 ...) labelled too when the data span less than about a decade; a common power of ten on
+    """Plain numbers on log axes (``0.6``, ``2``, ``1,000`` rather than ``6×10⁻¹``), with the minor
+    ticks (2, 3, 5 ...) labelled too unless two powers of ten are in view; a common power of ten on
     linear axes with tiny or huge values."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, ScalarFormatter
 
@@ -90,11 +90,12 @@ def _format_y(ax, log_scale: bool) -> None:
         formatter.set_powerlimits((-3, 4))  # 1e-4 learning rates read "1.0" with "×10⁻⁴" on top
         ax.yaxis.set_major_formatter(formatter)
         return
-    formatter = FuncFormatter(lambda v, _: f"{v:.3g}")
+    formatter = FuncFormatter(lambda v, _: f"{v:.3g}" if v < 1000 else f"{v:,.0f}")
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     ax.yaxis.set_major_formatter(formatter)
-    if high / low < 20:
+    powers_of_ten_shown = math.floor(math.log10(high)) - math.ceil(math.log10(low)) + 1
+    if powers_of_ten_shown < 2:  # label 2, 3, 5 (or finer) too, or the axis would carry one number
         ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0) if high / low > 4 else (1.2, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)))
         ax.yaxis.set_minor_formatter(formatter)
     else:
@@ -131,7 +132,7 @@ def metrics_figure(runs: Mapping[str, List[Dict]], columns: int = 3):
         ax.set_title(_title(key), fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-        ax.tick_params(labelsize=8, labelbottom=True)
+        ax.tick_params(which="both", labelsize=8, labelbottom=True)
         ax.grid(True, which="major", alpha=0.3)
     for ax in axes[len(keys):]:
         ax.set_visible(False)

@@ -51,6 +51,11 @@ def test_figure_has_one_panel_per_metric_with_raw_and_smoothed_lines():
     np.testing.assert_array_equal(fid.get_lines()[0].get_xdata(), [100, 200, 300])
     assert all(ax.get_xlabel() == "step" for ax in fig.axes if ax.get_visible())
     assert fig.legends == [], "no legend for one run"
+    fig.draw_without_rendering()
+    for ax in fig.axes[:6]:  # numbers a reader can use: at least two labelled y ticks in view, plain decimals
+        low, high = ax.get_ylim()
+        labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text() and low <= t.get_position()[1] <= high]
+        assert len(labels) >= 2 and not any("times" in t or "^" in t for t in labels), (ax.get_title(), labels)
 
 
 def test_several_runs_overlay_in_the_same_panels_with_a_legend():
