@@ -157,7 +157,8 @@ class PatchAutoencoder(nn.Module):
                 metadata = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); delete it to fit the autoencoder again") from None
+            raise ValueError(f"{path} is not a readable safetensors file ({err}); delete it to fit the autoencoder "
+                             "again (the same images and seed give the same one, up to rounding)") from None
         if metadata.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a patch autoencoder (its metadata says format={metadata.get('format')!r})")
         try:
@@ -184,10 +185,12 @@ def run_autoencoder(run_dir: Optional[str | os.PathLike], fit_images: Optional[C
     Collective when ``fit_images`` is given."""
     path = Path(run_dir) / AUTOENCODER_FILE if run_dir is not None else None
     if fit_images is None:
-        if path is None or not path.is_file():
-            where = f"{path} does not exist" if path is not None else "no run directory was given"
+        if path is None:
             raise FileNotFoundError(f"encoders.vae={PATCH_AUTOENCODER!r} is fitted by the training run and kept in its "
-                                    f"directory, but {where}: pass the run (--run DIR) or --vae RUN/{AUTOENCODER_FILE}")
+                                    f"directory: name the run (--run DIR) or the file (--vae RUN/{AUTOENCODER_FILE})")
+        if not path.is_file():
+            raise FileNotFoundError(f"encoders.vae={PATCH_AUTOENCODER!r}: {path} does not exist (the training run writes "
+                                    "it at start): pass --vae FILE with the run's autoencoder")
         return _check_shape(PatchAutoencoder.load(path), path)
     if broadcast_object(path.is_file() if is_main else None):
         return _check_shape(PatchAutoencoder.load(path), path)

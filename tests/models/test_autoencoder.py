@@ -82,9 +82,9 @@ def test_run_directory_cache_is_fitted_once_then_reused(tmp_path):
 
 
 def test_files_that_do_not_fit_are_refused_with_the_file_named(fitted, tmp_path):
-    with pytest.raises(FileNotFoundError, match="pass the run"):
+    with pytest.raises(FileNotFoundError, match="name the run"):
         build_vae("patch-pca")  # sampling without the run directory
-    with pytest.raises(FileNotFoundError, match="autoencoder.safetensors does not exist"):
+    with pytest.raises(FileNotFoundError, match="autoencoder.safetensors does not exist .*pass --vae FILE"):
         build_vae("patch-pca", run_dir=tmp_path)
 
     path = tmp_path / AUTOENCODER_FILE
