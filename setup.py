@@ -26,6 +26,7 @@ setup(
         "pillow",
         "tqdm",
         "torch-fidelity",
+        "matplotlib",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

@@ -1,5 +1,6 @@
 """The ``reglue`` console script: train, export, sample (data subcommands: prepare, stats,
-train-compressor, come from ``reglue.data``; generate from ``reglue.evaluation``)."""
+train-compressor, come from ``reglue.data``; generate and evaluate from ``reglue.evaluation``; plot from
+``reglue.train.plots``)."""
 
 from __future__ import annotations
 
@@ -41,15 +42,16 @@ def cmd_sample(args) -> int:
     from reglue.evaluation.generate import sample_grid, sample_overrides
     from reglue.models.encoders import build_vae
     from reglue.outputs import ensure_output_file
-    from reglue.train.metrics import save_grid
+    from reglue.train.plots import save_sample_grid
+    from reglue.train.sampling import sample_labels
 
     out = ensure_output_file(args.out, "--out", suffixes=IMAGE_SUFFIXES)
     config, model, path = load_run_weights(args.run, args.checkpoint, "ema")
     config = apply_overrides(config, sample_overrides(args))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae = build_vae(args.vae or config.encoders.vae, seed=config.train.seed).to(device)
+    vae = build_vae(args.vae or config.encoders.vae, seed=config.train.seed, run_dir=path.parent.parent).to(device)
     images = sample_grid(config, model.state_dict(), vae, device, args.num, args.seed)
-    save_grid(images, out, nrow=max(1, int(args.num**0.5)))
+    save_sample_grid(images, out, sample_labels(config, args.num))
     print(f"wrote {args.num} samples from {path} to {out}")
     return 0
 
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command_module in (prepare, stats, train_compressor, generate, evaluate):
         command_module.add_parser(sub)
+    from reglue.train.plots import add_parser as add_plot_parser
+
+    add_plot_parser(sub)
     return parser
 
 

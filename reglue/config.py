@@ -187,7 +187,9 @@ class EncoderConfig:
     pca: Optional[str] = None
     """Stored PCA (redi). None fits it on the first images at start."""
     vae: str = "stabilityai/sd-vae-ft-ema"
-    """diffusers hub name, a local folder, or ``tiny-random``."""
+    """diffusers hub name, a local folder, ``tiny-random`` (tests), or ``patch-pca``: a linear patch
+    autoencoder fitted to the run's images at start and kept in the run directory (the CPU demo;
+    ``reglue.models.autoencoder``), or the ``.safetensors`` file of one."""
     dtype: str = "bf16"
     """Compute dtype of the frozen encoders on CUDA (fp32 on CPU)."""
 
@@ -500,6 +502,8 @@ class Config:
                 return cls.from_dict(json.load(f))
         except FileNotFoundError:
             raise ConfigError(f"{flag} {path}: no such file") from None
+        except OSError as exc:
+            raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{flag} {path}: not valid JSON ({exc})") from None
         except ConfigError as exc:
@@ -549,6 +553,11 @@ def _json_name(value) -> str:
     return {list: "a list", dict: "an object", int: "an integer", str: "a string"}.get(type(value), type(value).__name__)
 
 
+def _type_name(annotation) -> str:
+    """``float``, ``Tuple[int, ...]``: how a field's type reads in an error."""
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
 def _coerce(value: str, annotation, name: str):
     """Parse a command-line string into the field's annotated type."""
     origin = typing.get_origin(annotation)
@@ -571,19 +580,25 @@ def _coerce(value: str, annotation, name: str):
                 return True
             if value.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(value)
+            raise ValueError("use true or false")
         if annotation in (int, float, str):
             return annotation(value)
         if origin in (tuple, dict, list) or annotation in (tuple, dict, list):
-            parsed = ast.literal_eval(value)
+            example = "{'key': 1}" if (origin or annotation) is dict else "(1, 2)"
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"write a Python literal, e.g. {example}") from None
             if isinstance(parsed, (int, float)) and origin is tuple:
                 parsed = (parsed,)
             if not isinstance(parsed, (tuple, list, dict)):
-                raise ValueError(f"expected a {origin.__name__ if origin else annotation.__name__}")
+                raise ValueError(f"write a Python literal, e.g. {example}")
             return parsed
-    except (ValueError, SyntaxError) as exc:
-        raise ConfigError(f"{name}: cannot parse {value!r} as {annotation}: {exc}") from None
-    raise ConfigError(f"{name}: unsupported field type {annotation}")
+    except ValueError as exc:
+        # int("x") says no more than "cannot parse 'x' as int"
+        detail = "" if annotation in (int, float, str) else f" ({exc})"
+        raise ConfigError(f"{name}: cannot parse {value!r} as {_type_name(annotation)}{detail}") from None
+    raise ConfigError(f"{name}: unsupported field type {_type_name(annotation)}")
 
 
 def apply_overrides(config: Config, overrides: Dict[str, Any]) -> Config:

@@ -3,7 +3,7 @@
 ``sit-{b,xl}-2``, ``repa-sit-{b,xl}-2``, ``redi-sit-{b,xl}-2``, ``reg-sit-{b,xl}-2``,
 ``reglue-sit-{b,xl}-2``: each is a function below whose docstring names its sources (the
 published repositories, read at the commits given) and where it differs from them, and why.
-``tiny`` is REGLUE on a tiny SiT with tiny random encoders (CPU demo).
+``tiny`` is the CPU demo: REGLUE on a tiny SiT, synthetic images.
 
 What every published recipe shares, and so every method preset: AdamW, lr 1e-4, betas (0.9,
 0.999), eps 1e-8, no weight decay, constant lr; global batch 256; EMA 0.9999; label dropout 0.1;
@@ -234,7 +234,14 @@ def reglue(size: str) -> Config:
 
 
 def tiny() -> Config:
-    """REGLUE on a 4-block, 64-wide SiT with tiny random DINOv2/VAE and the synthetic dataset (CPU, minutes)."""
+    """The CPU demo (about a minute on 2 cores): REGLUE on a 4-block, 64-wide SiT with tiny random
+    DINOv2 and compressor, a patch autoencoder fitted to the synthetic set at start
+    (``reglue.models.autoencoder``), 64 px images (8x8 latents, 16 tokens).
+
+    Batch 64 and lr 5e-3: a step of this model costs about as much at batch 64 as at 32 (fixed
+    per-step overhead), and class conditioning appears after ~200 steps at lr 5e-3 against ~500 at
+    2e-3 (measured share of samples in their class at 400 steps, cfg 2, seeds 0/1/2: 84/86/88%).
+    """
     return Config(
         model=ModelConfig(
             arch="custom", depth=4, hidden_size=64, num_heads=4, patch_size=2,
@@ -246,12 +253,13 @@ def tiny() -> Config:
             dinov2_overrides={"embed_dim": 32, "depth": 4, "num_heads": 2},
             feature_layers=(0, 1, 2, 3),
             compressor_channels=(128, 32, 8),
-            vae="tiny-random",
+            vae="patch-pca",
         ),
         data=DataConfig(image_size=64, synthetic_size=2048, synthetic_classes=8, num_workers=0),
+        optim=OptimConfig(lr=5e-3),
         train=TrainConfig(
-            name="tiny", max_steps=300, global_batch_size=32, ema_decay=0.99, log_every=10,
-            ckpt_every=100, keep_last=2, num_sample_images=16,
+            name="tiny", max_steps=400, global_batch_size=64, ema_decay=0.99, log_every=10,
+            ckpt_every=200, keep_last=2, num_sample_images=64,
         ),
         sample=SampleConfig(sampler="sde", steps=50, cfg_scale=2.0, guidance_interval=(0.0, 1.0)),
     )

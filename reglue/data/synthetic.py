@@ -1,20 +1,25 @@
-"""Built-in procedurally generated, class-conditional image dataset for the CPU demo and tests.
+"""Built-in procedurally generated, class-conditional image dataset for the CPU demo and tests,
+and a fixed classifier of its classes that scores what a demo run samples.
 
 Class k draws one shape (circle, square, triangle, cross, ring, diamond, bars, dots, cycling)
-in a class hue on a darker, noisy background; position, size, rotation and brightness vary per
-image. Every image is a pure function of (seed, index): no files, no downloads, exact resume.
+in a class hue (k / num_classes of the colour wheel, ±0.03) on a darker, desaturated, noisy
+background of roughly the opposite hue; position, size, rotation and brightness vary per image.
+Every image is a pure function of (seed, index): no files, no downloads, exact resume.
 """
 
 from __future__ import annotations
 
 import colorsys
 import math
+from typing import List
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "bars", "dots")
+HUE_NAMES = ("red", "orange", "lime", "green", "cyan", "blue", "violet", "magenta")
+"""Colour names of the hues 0°, 45°, ..., 315° (HSV), for class names."""
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
@@ -33,6 +38,18 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     def label(self, index: int) -> int:
         return index % self.num_classes
+
+    @property
+    def class_names(self) -> List[str]:
+        """E.g. "red circle": the nearest named hue and the shape of each class."""
+        return [f"{HUE_NAMES[round(len(HUE_NAMES) * k / self.num_classes) % len(HUE_NAMES)]} {SHAPES[k % len(SHAPES)]}"
+                for k in range(self.num_classes)]
+
+    def classifier(self, per_class: int = 64) -> "HueClassifier":
+        """A :class:`HueClassifier` with class means over the first ``per_class`` images of each class."""
+        count = min(len(self), per_class * self.num_classes)
+        images, labels = zip(*(self[i] for i in range(count)))
+        return HueClassifier.fit(torch.stack(images), torch.tensor(labels), self.num_classes)
 
     def __getitem__(self, index: int):
         if not 0 <= index < self.size:
@@ -82,3 +99,59 @@ class SyntheticShapes(torch.utils.data.Dataset):
             for dx in (-r / 2, r / 2):
                 for dy in (-r / 2, r / 2):
                     draw.ellipse([cx + dx - r / 4, cy + dy - r / 4, cx + dx + r / 4, cy + dy + r / 4], fill=fg)
+
+
+class HueClassifier:
+    """Nearest class mean over chroma-weighted hue histograms of the pixels.
+
+    The synthetic classes differ mainly in hue, so a histogram of hue weighted by chroma²
+    (squared, so the saturated, bright shape outweighs the dull, noisy background it covers only
+    a part of) separates them even when the shape itself is blurred away. Hue and chroma are the
+    angle and length of the opponent-colour vector (R - (G + B) / 2, (G - B) √3 / 2); each pixel
+    splits its weight linearly between the two nearest of ``BINS`` circular bins, so a class hue
+    on a bin edge is not split by chance. Measured on seed-0 64 px images (``tests/data/
+    test_synthetic.py``): 99.6% of real images right, 96% after 8x block-averaging, 12.5%
+    (chance) of uniform noise. Nearest class mean in raw pixel space reaches only ~60%.
+
+    class_means: (num_classes, BINS) mean normalised histogram of each class.
+    """
+
+    BINS = 32
+
+    def __init__(self, class_means: torch.Tensor):
+        if class_means.ndim != 2 or class_means.shape[1] != self.BINS:
+            raise ValueError(f"expected class means (num_classes, {self.BINS}), got {tuple(class_means.shape)}")
+        self.class_means = class_means.float()
+
+    @classmethod
+    def histograms(cls, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> (N, BINS) hue histograms weighted by chroma², summing to 1
+        (all zeros for a grey image)."""
+        x = images.float() / 255
+        r, g, b = x.unbind(1)
+        a, c = r - (g + b) / 2, (g - b) * (3**0.5 / 2)
+        position = (torch.atan2(c, a) / (2 * math.pi) % 1.0 * cls.BINS).flatten(1)
+        weight = (a.square() + c.square()).flatten(1)
+        low = position.floor()
+        frac = position - low
+        low = low.long() % cls.BINS
+        hist = torch.zeros(len(images), cls.BINS)
+        hist.scatter_add_(1, low, weight * (1 - frac)).scatter_add_(1, (low + 1) % cls.BINS, weight * frac)
+        return hist / hist.sum(1, keepdim=True).clamp_min(1e-12)
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> "HueClassifier":
+        """Class means of the histograms of uint8 ``images`` (N, 3, H, W) with ``labels`` (N,)."""
+        hist = cls.histograms(images)
+        missing = [k for k in range(num_classes) if not (labels == k).any()]
+        if missing:
+            raise ValueError(f"no images of classes {missing} to fit the classifier on")
+        return cls(torch.stack([hist[labels == k].mean(0) for k in range(num_classes)]))
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> class indices (N,)."""
+        return torch.cdist(self.histograms(images.cpu()), self.class_means).argmin(1)
+
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Share of ``images`` assigned to their ``labels`` (N,)."""
+        return (self.predict(images) == labels.cpu()).float().mean().item()

@@ -446,6 +446,8 @@ class Source:
     model: torch.nn.Module
     description: str
     num_classes: int
+    run_dir: Optional[Path] = None
+    """The training run the weights come from (where a run-fitted VAE such as the demo's lives)."""
 
 
 def _config_from(preset: Optional[str], config_file: Optional[str]) -> Config:
@@ -536,7 +538,7 @@ def load_source(args) -> Source:
     config, model, path = load_run_weights(args.run, args.checkpoint, "ema")
     if overrides:
         config = apply_overrides(config, overrides)
-    return Source(config, model, f"{path} (EMA)", label_classes(config))
+    return Source(config, model, f"{path} (EMA)", label_classes(config), run_dir=path.parent.parent)
 
 
 def _set_overrides(items: Sequence[str]) -> Dict[str, str]:
@@ -672,7 +674,9 @@ def main(args) -> int:
                   + (" (--png is only written while sampling: delete the .npz to redraw)" if store.png else ""))
         return 0
     try:
-        vae = build_vae(vae_name, seed=config.train.seed)
+        vae = build_vae(vae_name, seed=config.train.seed, run_dir=source.run_dir)
+    except FileNotFoundError as exc:  # a run-fitted autoencoder: the message names the file and the fix
+        raise ValueError(str(exc)) from None
     except OSError as exc:
         raise ValueError(f"cannot load the VAE {vae_name!r} ({str(exc).splitlines()[0]}): pass --vae with a local "
                          "diffusers folder (e.g. a downloaded stabilityai/sd-vae-ft-ema)") from None

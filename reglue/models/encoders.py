@@ -595,10 +595,17 @@ class VAE(nn.Module):
         return ((x.float() + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
 
 
-def build_vae(name_or_path: str | os.PathLike = "stabilityai/sd-vae-ft-ema", seed: int = 0) -> VAE:
+def build_vae(name_or_path: str | os.PathLike = "stabilityai/sd-vae-ft-ema", seed: int = 0, run_dir=None,
+              fit_images=None, is_main: bool = True):
     """`AutoencoderKL.from_pretrained` for a hub name or local folder, or "tiny-random": a small
-    random AutoencoderKL (4 latent channels, downsample 8, width 16) for tests and the CPU demo,
-    deterministic in `seed`."""
+    random AutoencoderKL (4 latent channels, downsample 8, width 16) for tests, deterministic in
+    `seed`; or a linear patch autoencoder (:mod:`reglue.models.autoencoder`, the CPU demo's):
+    "patch-pca" is the one of the run in `run_dir`, fitted now from `fit_images(n)` (uint8 images)
+    if given and not saved there yet, and a `.safetensors` path is one saved before."""
+    if os.fspath(name_or_path) == "patch-pca" or os.fspath(name_or_path).endswith(".safetensors"):
+        from reglue.models.autoencoder import build_patch_autoencoder
+
+        return build_patch_autoencoder(os.fspath(name_or_path), run_dir, fit_images, is_main)
     from diffusers import AutoencoderKL
 
     if os.fspath(name_or_path) != "tiny-random":

@@ -67,7 +67,8 @@ class FrozenEncoders:
         enc, method = config.encoders, config.method
         self.dtype = frozen_dtype(enc.dtype, device)
         self.execution = resolve_execution(config, device)
-        self.vae = build_vae(enc.vae, seed=config.train.seed).to(device=device, dtype=self.dtype)
+        self.vae = build_vae(enc.vae, seed=config.train.seed, run_dir=run_dir, fit_images=calibration_images,
+                             is_main=is_main).to(device=device, dtype=self.dtype)
         self.dinov2 = self.reducer = self.stats = None
         self.semantic_target = semantic_target
         if method.needs_dinov2:

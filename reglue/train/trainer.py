@@ -15,7 +15,6 @@ batch and stops on a signal (:mod:`reglue.train.preemption`). Hooks: :meth:`Trai
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,15 +28,17 @@ from reglue.config import Config
 from reglue.data import build_loader, open_dataset
 from reglue.data.sampler import GlobalBatchOrder, sample_indices
 from reglue.diffusion.transport import draw_noise
-from reglue.outputs import MetricsWriter, ensure_output_dir, read_metrics
+from reglue.outputs import MetricsWriter, ensure_output_dir
 from reglue.runtime import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, seeded_generator, shutdown
 from reglue.train.ema import EMA
 from reglue.train.evaluation import TrainingEvaluation
-from reglue.train.metrics import count_flops, device_peak_flops, plot_losses, save_grid
+from reglue.train.metrics import count_flops, device_peak_flops, report_class_match
 from reglue.train.parallelize import build_parallel_model, execution_metrics, loss_fn, use_fsdp
+from reglue.train.plots import dataset_class_names, save_sample_grid, write_run_plot
 from reglue.train.preemption import Preempted, StopSignals, StopVote
 from reglue.train.reference import ReferenceStep
 from reglue.train.rundir import RunPlan, check_resume_config, plan_run
+from reglue.train.sampling import sample_from_state, sample_labels
 from reglue.train.step import FastStep, SkipCounter, to_device
 from reglue.train.targets import FrozenEncoders
 
@@ -359,29 +360,37 @@ class Trainer:
             self.metrics.write(record)
 
     def on_checkpoint(self, path: Path) -> None:
-        """All ranks, after each checkpoint is complete."""
+        """All ranks, after each checkpoint is complete: rank 0 redraws the run's plot."""
+        if self.dist.is_main:
+            write_run_plot(self.run_dir)
 
     def at_end(self) -> None:
-        """All ranks, after the last step (and its checkpoint): final samples and the loss plot."""
-        self._write_samples("final")
+        """All ranks, after the last step (and its checkpoint): final samples, the class-match line
+        (datasets with a fixed classifier: the synthetic demo set) and the run's plot."""
+        final = self._write_samples("final")
         if self.dist.is_main:
-            plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
+            class_match = report_class_match(self.dataset, *final, self.metrics, self.step)
+            write_run_plot(self.run_dir)
             log.info("done: %s", self.run_dir)
+            if class_match:
+                log.info(class_match)
         barrier()
 
     def sample_images(self, num: int, seed: int) -> Optional[torch.Tensor]:
         """EMA samples as uint8 (num, 3, H, W) on rank 0 (None elsewhere); collective."""
-        from reglue.train.sampling import sample_from_state
-
         state = self.ema.full_state_dict(keep=self.dist.is_main)
         if not self.dist.is_main:
             return None
         return sample_from_state(self.config, state, self.frozen.vae, self.dist.device, num, seed)
 
-    def _write_samples(self, tag: str) -> None:
+    def _write_samples(self, tag: str):
+        """The EMA sample grid ``samples-TAG.png``; returns (images, labels) on rank 0, else None."""
         images = self.sample_images(self.config.train.num_sample_images, self.config.train.seed)
         if images is not None:
-            save_grid(images, self.run_dir / f"samples-{tag}.png", nrow=int(math.sqrt(len(images))) or 1)
+            labels = sample_labels(self.config, len(images))
+            save_sample_grid(images, self.run_dir / f"samples-{tag}.png", labels, dataset_class_names(self.dataset))
+            return images, labels
+        return None
 
 
 def run(config: Config, overwrite: bool = False) -> Path:

@@ -1,0 +1,210 @@
+"""A linear patch autoencoder fitted to a run's own images: the latent space of the CPU demo.
+
+The demo cannot download the SD-VAE, and a random VAE decodes everything to coloured noise, so
+nothing the demo samples could look like its data. This autoencoder is fitted in well under a
+second at the start of a run, in closed form, and decodes to recognisable pictures:
+
+- encoder: the principal components of the 8×8×3 pixel patches (:class:`~reglue.models.encoders.PCA`
+  on ``pixel_unshuffle``), i.e. a stride-8 convolution to 4 channels, the SD-VAE's latent shape;
+- decoder: a 3×3 convolution over the codes (each patch is predicted from its own code and its
+  eight neighbours', so block edges blend) then ``pixel_shuffle``, fitted by least squares.
+
+Why not a small convolutional autoencoder trained briefly: on 2 CPU cores one trained for 8 s
+reconstructs the synthetic set no better (20.5 dB PSNR) than this fit (21.3 dB in 0.2 s) and
+needs 20 s to pass it (22.7 dB), while the closed form is also exactly reproducible.
+
+It has the interface of :class:`~reglue.models.encoders.VAE` (``encode_moments``,
+``sample_latents``, ``decode``, ``latent_channels``, ``downsample_factor``), so data
+preparation, training, sampling and evaluation use it unchanged. ``encoders.vae = "patch-pca"``
+selects it: a run fits it on rank 0 at start and keeps it as ``RUN/autoencoder.safetensors``,
+which resumed runs and ``reglue sample --run RUN`` load, and which ``--vae FILE`` accepts anywhere
+a VAE is named (e.g. ``reglue prepare``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reglue.models.encoders import LATENT_SCALE, PCA, VAE
+from reglue.outputs import atomic_path
+from reglue.runtime import broadcast_object
+
+__all__ = ["PATCH_AUTOENCODER", "AUTOENCODER_FILE", "FIT_IMAGES", "PatchAutoencoder", "run_autoencoder", "build_patch_autoencoder"]
+
+PATCH_AUTOENCODER = "patch-pca"
+"""The ``encoders.vae`` value that selects a patch autoencoder fitted to the run's data."""
+
+AUTOENCODER_FILE = "autoencoder.safetensors"
+"""Where a run keeps its fitted autoencoder, inside the run directory."""
+
+FIT_IMAGES = 512
+"""Images (a seeded sample across the dataset) the autoencoder is fitted on: 32k patches."""
+
+_FORMAT = "reglue-patch-autoencoder"
+
+
+class PatchAutoencoder(nn.Module):
+    """Linear autoencoder on ``patch_size``² pixel patches with SD-VAE conventions.
+
+    encode_moments: uint8 (N, 3, H, W) -> (N, 2 * k, H/p, W/p) = cat(code, zeros): the encoder is
+        deterministic, so the latent Gaussian has zero std. Codes are scaled (one factor for all
+        channels, like the SD-VAE's 0.18215) so that the model latents ``code * LATENT_SCALE``
+        have unit mean variance over the fit images.
+    decode: model latents (N, k, h, w) -> uint8 images (N, 3, p·h, p·w).
+
+    Buffers: ``pca`` (mean (3p²,), components (k, 3p²), explained_variance (k,)), ``code_scale``
+    (scalar), ``decoder_weight`` (3p², k, 3, 3), ``decoder_bias`` (3p²,).
+    """
+
+    def __init__(self, pca: PCA, code_scale: torch.Tensor, decoder_weight: torch.Tensor, decoder_bias: torch.Tensor):
+        super().__init__()
+        patch_dim, k = pca.in_channels, pca.latent_channels
+        patch_size = round((patch_dim / 3) ** 0.5)
+        if 3 * patch_size**2 != patch_dim or tuple(decoder_weight.shape) != (patch_dim, k, 3, 3) \
+                or tuple(decoder_bias.shape) != (patch_dim,) or code_scale.numel() != 1:
+            raise ValueError(f"inconsistent patch autoencoder shapes: {patch_dim} patch values, {k} channels, decoder "
+                             f"{tuple(decoder_weight.shape)} / {tuple(decoder_bias.shape)}, scale {tuple(code_scale.shape)}")
+        self.patch_size = patch_size
+        self.pca = pca
+        self.register_buffer("code_scale", code_scale.float().reshape(()))
+        self.register_buffer("decoder_weight", decoder_weight.float().contiguous())
+        self.register_buffer("decoder_bias", decoder_bias.float().contiguous())
+        self.eval()
+
+    def train(self, mode: bool = True) -> "PatchAutoencoder":
+        return super().train(False)  # frozen, like the VAE
+
+    @property
+    def latent_channels(self) -> int:
+        return self.pca.latent_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.patch_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder_weight.dtype
+
+    sample_latents = staticmethod(VAE.sample_latents)
+
+    # ------------------------------------------------------------------------------------------
+    def _codes(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> codes (N, k, H/p, W/p), unit-scaled for LATENT_SCALE."""
+        p = self.patch_size
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] % p or images.shape[-2] % p:
+            raise ValueError(f"expected images (N, 3, H, W) with H and W multiples of {p}, got {tuple(images.shape)}")
+        x = (images.float() / 127.5 - 1.0).to(self.dtype)
+        return self.pca.encode(F.pixel_unshuffle(x, p)) * self.code_scale
+
+    def _pixels(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, k, h, w) -> pixels in [-1, 1] (not clamped), (N, 3, p·h, p·w)."""
+        patches = F.conv2d(codes.to(self.dtype), self.decoder_weight, self.decoder_bias, padding=1)
+        return F.pixel_shuffle(patches, self.patch_size)
+
+    @torch.no_grad()
+    def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
+        codes = self._codes(images)
+        return torch.cat([codes, torch.zeros_like(codes)], dim=1)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's uint8 conversion: ((x + 1) / 2 * 255).clamp(0, 255) truncated."""
+        x = self._pixels(latents.to(self.dtype) / LATENT_SCALE)
+        return ((x.float() + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, images: torch.Tensor, latent_channels: int = 4, patch_size: int = 8) -> "PatchAutoencoder":
+        """Fit to uint8 images (N, 3, H, W): the patch PCA, then the 3×3 decoder by least squares
+        (float64) from each code neighbourhood (zero-padded at the border) to the patch pixels."""
+        x = images.double() / 127.5 - 1.0
+        patches = F.pixel_unshuffle(x, patch_size)  # (N, 3p², h, w)
+        pca = PCA.fit(patches, n_components=latent_channels)
+        code_scale = 1.0 / (LATENT_SCALE * pca.explained_variance.double().mean().sqrt())
+        codes = pca.encode(patches.float()).double() * code_scale
+        neighbourhoods = F.unfold(codes, 3, padding=1).transpose(1, 2).reshape(-1, latent_channels * 9)
+        design = torch.cat([neighbourhoods, torch.ones(len(neighbourhoods), 1, dtype=torch.float64)], dim=1)
+        targets = patches.flatten(2).transpose(1, 2).reshape(len(neighbourhoods), -1)
+        solution = torch.linalg.lstsq(design, targets).solution  # (9k + 1, 3p²)
+        weight = solution[:-1].T.reshape(-1, latent_channels, 3, 3)
+        return cls(pca, code_scale, weight, solution[-1])
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, os.fspath(path), metadata={"format": _FORMAT, "patch_size": str(self.patch_size)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PatchAutoencoder":
+        """Read a file written by :meth:`save`; anything else (another safetensors file, a truncated
+        or damaged one) is a ValueError naming the file."""
+        from safetensors import SafetensorError, safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"patch autoencoder not found: {path}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({err}); delete it to fit the autoencoder "
+                             "again (the same images and seed give the same one, up to rounding)") from None
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a patch autoencoder (its metadata says format={metadata.get('format')!r})")
+        try:
+            pca = PCA(tensors["pca.mean"], tensors["pca.components"], tensors["pca.explained_variance"])
+            return cls(pca, tensors["code_scale"], tensors["decoder_weight"], tensors["decoder_bias"])
+        except KeyError as err:
+            raise ValueError(f"{path}: patch autoencoder entry {err} is missing") from None
+
+
+def _check_shape(autoencoder: PatchAutoencoder, path: Path) -> PatchAutoencoder:
+    """A run's latents are 4 channels at 1/8 of the image side (the SD-VAE's shape: the config's
+    latent grid and the trainer's latent noise assume it)."""
+    if (autoencoder.latent_channels, autoencoder.downsample_factor) != (4, 8):
+        raise ValueError(f"{path} maps {autoencoder.downsample_factor}x{autoencoder.downsample_factor} patches to "
+                         f"{autoencoder.latent_channels} channels; runs need 8x8 patches to 4 channels: delete it to fit again")
+    return autoencoder
+
+
+def run_autoencoder(run_dir: Optional[str | os.PathLike], fit_images: Optional[Callable[[int], torch.Tensor]] = None,
+                    is_main: bool = True) -> PatchAutoencoder:
+    """The patch autoencoder of a run: ``run_dir/autoencoder.safetensors`` when it exists (resume,
+    sampling), else fitted now on ``fit_images(FIT_IMAGES)`` (uint8 (n, 3, H, W)) by rank 0, written
+    atomically and broadcast, so every rank and every later process uses the same latent space.
+    Collective when ``fit_images`` is given."""
+    path = Path(run_dir) / AUTOENCODER_FILE if run_dir is not None else None
+    if fit_images is None:
+        if path is None:
+            raise FileNotFoundError(f"encoders.vae={PATCH_AUTOENCODER!r} is fitted by the training run and kept in its "
+                                    f"directory: name the run (--run DIR) or the file (--vae RUN/{AUTOENCODER_FILE})")
+        if not path.is_file():
+            raise FileNotFoundError(f"encoders.vae={PATCH_AUTOENCODER!r}: {path} does not exist (the training run writes "
+                                    "it at start): pass --vae FILE with the run's autoencoder")
+        return _check_shape(PatchAutoencoder.load(path), path)
+    if broadcast_object(path.is_file() if is_main else None):
+        return _check_shape(PatchAutoencoder.load(path), path)
+    autoencoder = PatchAutoencoder.fit(fit_images(FIT_IMAGES)) if is_main else None
+    if is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            autoencoder.save(tmp)
+    return broadcast_object(autoencoder)
+
+
+def build_patch_autoencoder(name_or_path: str, run_dir=None, fit_images=None, is_main: bool = True) -> PatchAutoencoder:
+    """``build_vae``'s branch: ``"patch-pca"`` is :func:`run_autoencoder`, a path is a saved file."""
+    if name_or_path == PATCH_AUTOENCODER:
+        return run_autoencoder(run_dir, fit_images, is_main)
+    return PatchAutoencoder.load(name_or_path)
