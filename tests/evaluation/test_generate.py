@@ -44,7 +44,9 @@ def run_dir(tmp_path_factory):
     config = apply_overrides(get_preset("tiny"), {
         "train.out_dir": str(tmp_path_factory.mktemp("runs")), "train.name": "tiny", "train.max_steps": "1",
         "train.global_batch_size": "4", "train.num_sample_images": "1", "sample.steps": "2",
-        "data.synthetic_size": "64", "train.tensorboard": "false", "train.log_every": "1"})
+        "data.synthetic_size": "64", "train.tensorboard": "false", "train.log_every": "1",
+        # a VAE every source can build (the demo's patch autoencoder lives in its run directory)
+        "encoders.vae": "tiny-random"})
     return Trainer(config).fit()
 
 
@@ -99,7 +101,7 @@ def test_sources_agree_and_npz_is_adm_format(run_dir, exported, reference, tmp_p
     assert not Path(str(reference) + ".parts").exists()
     outs = {"run": tmp_path / "run.npz", "pt": tmp_path / "pt.npz"}
     assert run_generate("--run", run_dir, "--out", outs["run"], "--num", 16, *FAST) == 0
-    assert run_generate("--weights", exported["pt"], "--preset", "tiny", "--out", outs["pt"], "--num", 16, *FAST) == 0
+    assert run_generate("--weights", exported["pt"], "--preset", "tiny", "--vae", "tiny-random", "--out", outs["pt"], "--num", 16, *FAST) == 0
     for name, path in outs.items():
         got = load(path)
         assert np.array_equal(got["arr_0"], ref["arr_0"]) and np.array_equal(got["arr_1"], ref["arr_1"]), name

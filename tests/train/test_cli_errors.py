@@ -17,7 +17,7 @@ from reglue.train.cli import config_from_args
     (["--set", "nonsense"], "train.py: error: --set 'nonsense': expected SECTION.FIELD=VALUE"),
     (["--set", "optim.nope=1"], "train.py: error: optim.nope: unknown field; optim has "
                                 "['beta1', 'beta2', 'eps', 'grad_clip', 'lr', 'warmup_steps', 'weight_decay']"),
-    (["--config", "/nonexistent/config.json"], "train.py: error: --config /nonexistent/config.json: No such file or directory"),
+    (["--config", "/nonexistent/config.json"], "train.py: error: --config /nonexistent/config.json: no such file"),
 ])
 def test_config_errors_are_one_line(argv, line, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -36,7 +36,7 @@ def test_config_file_errors(tmp_path, capsys):
     bad.write_text('[1, 2]')
     with pytest.raises(SystemExit):
         config_from_args(["--config", str(bad)])
-    assert capsys.readouterr().err == f"train.py: error: --config {bad}: expected a JSON object of config sections\n"
+    assert capsys.readouterr().err == f"train.py: error: --config {bad}: config: expected a JSON object of sections, got a list\n"
 
 
 def test_malformed_flags_keep_argparse_usage(capsys):
