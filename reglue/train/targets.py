@@ -80,8 +80,9 @@ class FrozenEncoders:
         self.execution = resolve_execution(config, device)
         self.reference = self.execution.reference
         self.dtype = torch.float32 if self.reference else frozen_dtype(enc.dtype, device)
-        self.reference_autocast = reference_autocast_dtype(config, device) if self.reference else None
-        """The published autocast of DINOv2 and the semantic target (``--reference`` fp16 recipes on CUDA)."""
+        self.autocast_dtype = reference_autocast_dtype(config, device) if self.reference else None
+        """The published autocast of DINOv2 and the semantic target (``--reference`` fp16 recipes on
+        CUDA); None: none (the fast path runs bf16 weights, DINOv2 its own bf16 autocast)."""
         vae = build_vae(enc.vae, seed=config.train.seed, run_dir=run_dir, fit_images=calibration_images, is_main=is_main)
         self.vae_sha256 = weights_fingerprint(vae.state_dict())
         """Fingerprint of the VAE's weights as built (before any cast)."""
@@ -91,7 +92,7 @@ class FrozenEncoders:
         if method.needs_dinov2:
             self.dinov2 = build_frozen_dinov2(config, device, attention=self.execution.attention)
             if self.reference:
-                self.dinov2.autocast_dtype = self.reference_autocast
+                self.dinov2.autocast_dtype = self.autocast_dtype
             if self.dinov2.embed_dim != enc.embed_dim:
                 raise ValueError(f"encoders.dinov2 has width {self.dinov2.embed_dim} but the config expects {enc.embed_dim} "
                                  "(set encoders.dinov2_overrides.embed_dim)")
@@ -188,11 +189,11 @@ class FrozenEncoders:
         compressor = compressor.eval().fold_batchnorm().to(device=self.device, dtype=self.dtype)
         return _FusedCompressor(compressor) if "fused_conv2d" in self.execution.fused_ops else compressor
 
-    def _reference_autocast(self):
+    def _published_autocast(self):
         """The published autocast around the semantic target (``--reference`` fp16 recipes), else nothing."""
-        if self.reference_autocast is None:
+        if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.reference_autocast)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
     def targets(self, batch: Dict[str, torch.Tensor], latent_eps: torch.Tensor) -> Dict[str, object]:
@@ -207,7 +208,7 @@ class FrozenEncoders:
             enc = self.dinov2(images)
             if self.reducer is not None:
                 features = enc.features.float() if isinstance(self.reducer, PCA) else enc.features.to(self.dtype)
-                with self._reference_autocast():
+                with self._published_autocast():
                     out["semantic"] = self.semantic_target(features, self.stats, self.reducer, latents.shape[-1]).float()
             if method.use_cls:
                 out["cls"] = enc.cls.float()

@@ -22,7 +22,8 @@ from reglue.models.compressor import SemanticCompressor
 from reglue.presets import PRESETS, get_preset
 from reglue.runtime import clean_name
 from reglue.train import parallelize
-from reglue.train.reference import PUBLISHED_FIND_UNUSED_PARAMETERS, ReferenceStep, autocast_forward
+from reglue.train import targets
+from reglue.train.reference import PUBLISHED_FIND_UNUSED_PARAMETERS, ReferenceStep, autocast_forward, reference_autocast_dtype
 from reglue.train.trainer import Trainer
 
 CUDA = torch.device("cuda")
@@ -64,6 +65,8 @@ def test_each_preset_trains_reference_runs_in_its_published_precision(name):
         warnings.simplefilter("ignore")  # "GradScaler is enabled, but CUDA is not available"
         on_cuda = ReferenceStep(None, [], None, None, reference, CUDA, ddp=False, micro_losses=None, vote=None)
     assert (on_cuda.scaler is not None) == (want == "fp16")
+    # the same choice drives the model's autocast (parallelize) and the frozen encoders' (targets)
+    assert reference_autocast_dtype(reference, CUDA) == (torch.float16 if want == "fp16" else None)
     on_cpu = ReferenceStep(None, [], None, None, reference, CPU, ddp=False, micro_losses=None, vote=None)
     assert on_cpu.scaler is None  # the published fp16 path is CUDA-only
 
@@ -181,13 +184,27 @@ def test_reference_encoders_are_fp32_and_the_compressor_is_unfolded_and_eager(tm
     assert type(reference.reducer) is SemanticCompressor
     assert any(isinstance(m, nn.BatchNorm2d) for m in reference.reducer.modules())
     assert all(p.dtype == torch.float32 for p in list(reference.reducer.parameters()) + list(reference.vae.parameters()))
-    assert reference.dinov2.autocast_dtype is None and reference.reference_autocast is None  # CPU: fp32
+    assert reference.dinov2.autocast_dtype is None and reference.autocast_dtype is None  # CPU: fp32
     fast = Trainer(tiny(tmp_path, "fast", **{"parallel.reference": "false"})).frozen
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.reducer.modules())
     batch = next(iter(build_loader(trainer.config, trainer.dataset, trainer.order, 0, 1, 0, 1)))
     eps = torch.randn(len(batch["label"]), 4, 8, 8)
     unfolded, folded = reference.targets(batch, eps)["semantic"], fast.targets(batch, eps)["semantic"]
     assert torch.allclose(unfolded, folded, atol=1e-4, rtol=1e-4)  # the same target, up to the folding's rounding
+
+
+def test_the_recipes_autocast_reaches_dinov2_and_the_compressor(tmp_path, monkeypatch):
+    """The frozen encoders take the recipe's autocast, not DINOv2's own bf16 (encoders.dtype): here
+    bf16 on the CPU stands for the fp16 of CUDA, which only a GPU runs (test_reference_numerics_on_cuda)."""
+    monkeypatch.setattr(targets, "reference_autocast_dtype", lambda config, device: torch.bfloat16)
+    trainer = Trainer(tiny(tmp_path, **{"encoders.dtype": "fp32"}))
+    frozen, seen = trainer.frozen, []
+    assert frozen.dinov2.autocast_dtype == torch.bfloat16 and frozen.dtype == torch.float32
+    conv = next(m for m in frozen.reducer.modules() if isinstance(m, nn.Conv2d))
+    conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    batch = next(iter(build_loader(trainer.config, trainer.dataset, trainer.order, 0, 1, 0, 1)))
+    semantic = frozen.targets(batch, torch.randn(len(batch["label"]), 4, 8, 8))["semantic"]
+    assert seen == [torch.bfloat16] and semantic.dtype == torch.float32
 
 
 def test_reference_runs_sample_in_fp32_with_sdpa_as_published(monkeypatch):
