@@ -33,6 +33,7 @@ def _choice(value, name: str, choices) -> None:
 METHODS = ("sit", "repa", "redi", "reg", "reglue")
 KERNEL_SETTINGS = ("auto",) + KERNEL_CHOICES
 ATTENTION = ("auto", "fa3", "fa2", "xformers", "sdpa", "math")
+REFERENCE_PRECISIONS = ("fp16", "fp32")
 
 
 @dataclass
@@ -270,14 +271,22 @@ class ParallelConfig:
     param_dtype: str = "bf16"
     """Mixed precision of the sharded parameters on CUDA (fp32 on CPU)."""
     reference: bool = False
-    """Reproduce the published recipe's execution for comparison: eager PyTorch, no fused kernels,
-    no compile, fp16 autocast with a grad scaler on CUDA, DDP, a host sync every step for logging."""
+    """Reproduce the published recipe's execution for comparison (``reglue.train.reference``): eager
+    PyTorch, no fused kernels, no compile, the recipe's precision (``reference_precision``), DDP, a
+    host sync every step for logging, samples drawn in fp32 as the published ``generate.py``."""
+    reference_precision: str = "fp16"
+    """The published recipe's precision, which ``reference`` runs on CUDA (the CPU runs fp32).
+    ``fp16``: the model's forward under fp16 autocast with fp32 outputs, a loss scaler, and the
+    frozen DINOv2 (and REGLUE's compressor) under the same autocast: accelerate ``--mixed-precision
+    fp16`` (REPA, REG, REGLUE). ``fp32``: no autocast, no scaler (SiT, ReDi). TF32 matmuls in
+    both. Each method preset sets its own."""
 
     def __post_init__(self):
         _require(self.compile == "auto" or isinstance(self.compile, bool), "parallel.compile",
                  f"must be true, false or 'auto', got {self.compile!r}")
         _choice(self.activation_checkpointing, "parallel.activation_checkpointing", ("off", "full", "selective"))
         _choice(self.param_dtype, "parallel.param_dtype", ("bf16", "fp32"))
+        _choice(self.reference_precision, "parallel.reference_precision", REFERENCE_PRECISIONS)
 
 
 SAMPLERS = ("sde", "euler", "heun")

@@ -18,7 +18,10 @@ Deliberate differences from every published execution (``--reference`` undoes th
   with fp16 autocast and a loss scaler under DDP (accelerate ``--mixed-precision fp16``), their
   DINOv2 (and REGLUE's compressor) under the same fp16 autocast; SiT and ReDi train in fp32 with
   TF32 matmuls under DDP. bf16 has fp32's exponent range, so no loss scaling and no skipped
-  overflow steps, and FSDP2 shards the model over any number of GPUs.
+  overflow steps, and FSDP2 shards the model over any number of GPUs. Each preset records its
+  recipe's precision in ``parallel.reference_precision`` (fp16 or fp32), which ``--reference``
+  trains in (``reglue.train.reference``: DDP, eager, the published loss-scaler and EMA behaviour,
+  fp32 sampling).
 - Randomness: t, noise, label dropout and latent sampling are drawn for the whole global batch
   from a generator seeded by (seed, step), and the data order is a function of (seed, step), so a
   run is reproducible at any world size and across restarts; the published loops seed each rank
@@ -101,9 +104,10 @@ def _dinov2(model, feature_layers, **kwargs) -> EncoderConfig:
 
 
 def _recipe(size: str, method: MethodConfig, *, encoders: EncoderConfig, grad_clip: float, xl_steps: int,
-            sample: SampleConfig) -> Config:
+            sample: SampleConfig, reference_precision: str) -> Config:
     """A method preset at SiT-``size``/2; ``sample`` is the XL evaluation sampler (B runs evaluate
-    it unguided, as the papers report B/2; ``--set sample.cfg_scale=S`` guides it)."""
+    it unguided, as the papers report B/2; ``--set sample.cfg_scale=S`` guides it);
+    ``reference_precision`` is what ``--reference`` trains in (the recipe's own precision)."""
     xl = size == "XL"
     slug = "sit" if method.name == "sit" else f"{method.name}-sit"
     if not xl:
@@ -115,7 +119,8 @@ def _recipe(size: str, method: MethodConfig, *, encoders: EncoderConfig, grad_cl
         encoders=encoders,
         data=DataConfig(image_size=256),
         optim=OptimConfig(grad_clip=grad_clip),
-        parallel=ParallelConfig(activation_checkpointing=_activation_checkpointing(size)),
+        parallel=ParallelConfig(activation_checkpointing=_activation_checkpointing(size),
+                                reference_precision=reference_precision),
         train=TrainConfig(name=f"{slug}-{size.lower()}-2", max_steps=xl_steps if xl else B_STEPS),
         sample=sample,
     )
@@ -131,8 +136,11 @@ def sit(size: str) -> Config:
     1.0), at every t, on the **first 3 latent channels only** (``models.py`` L261
     ``model_out[:, :3]``): ``guide_channels=3``.
 
-    Differences: SiT trains in fp32 (TF32), encodes randomly flipped ADM crops with the VAE every
-    step (``train.py`` L186, L247); we train from prepared unflipped crops (one VAE pass at
+    Precision: fp32 with TF32 matmuls (``train.py`` L9-10; no autocast, no scaler), DDP with
+    default arguments (L168): ``reference_precision="fp32"``.
+
+    Differences: precision and parallelism (module docstring). SiT encodes randomly flipped ADM
+    crops with the VAE every step (``train.py`` L186, L247); we train from prepared unflipped crops (one VAE pass at
     preparation, the pipeline every other method here uses, so comparisons share the data;
     ``reglue prepare --flip`` stores flipped copies as extra images, not the same thing). Its model
     predicts 8 channels (``learn_sigma=True``, ``models.py`` L157) of which the loss uses 4: the
@@ -141,7 +149,7 @@ def sit(size: str) -> Config:
     return _recipe(
         size, MethodConfig(name="sit"), encoders=EncoderConfig(), grad_clip=0.0,
         xl_steps=1400 * STEPS_PER_EPOCH,
-        sample=SampleConfig(sampler="sde", steps=250, cfg_scale=1.5, guide_channels=3),
+        sample=SampleConfig(sampler="sde", steps=250, cfg_scale=1.5, guide_channels=3), reference_precision="fp32",
     )
 
 
@@ -154,12 +162,16 @@ def repa(size: str) -> Config:
     L423); 4M iterations for the headline model (``README.md`` L138). Evaluation (``README.md``
     L129-135): SDE 250 steps, cfg 1.8 on all channels for t in [0, 0.7].
 
+    Precision: accelerate fp16 mixed precision with TF32 (``README.md`` L43-44 ``--allow-tf32
+    --mixed-precision="fp16"``; ``train.py`` L127-131), DINOv2 under the same autocast (L298):
+    ``reference_precision="fp16"``.
+
     Differences: precision and parallelism (module docstring; fp16 autocast + DDP published).
     """
     return _recipe(
         size, MethodConfig(name="repa", lambda_align=0.5),
         encoders=_dinov2(DINOV2_B14, (11,)), grad_clip=1.0, xl_steps=4_000_000,
-        sample=SampleConfig(sampler="sde", steps=250, cfg_scale=1.8, guidance_interval=(0.0, 0.7)),
+        sample=SampleConfig(sampler="sde", steps=250, cfg_scale=1.8, guidance_interval=(0.0, 0.7)), reference_precision="fp16",
     )
 
 
@@ -178,14 +190,17 @@ def redi(size: str) -> Config:
     Options, off as published: ``method.semantic_dropout_prob`` (``--dino-drop-prob``, README L135:
     0.2 to use) and ``sample.representation_guidance_scale`` (``--rg-scale``, README L101).
 
-    Differences: ReDi trains in fp32 (TF32), its DINOv2 in fp32, with activation checkpointing on
+    Precision: fp32 with TF32 matmuls (``train_redi.py`` L9-10; no autocast, no scaler), DINOv2
+    and the PCA in fp32 (L296-311), DDP with default arguments (L212): ``reference_precision="fp32"``.
+
+    Differences: precision and parallelism (module docstring); ReDi checkpoints the activations of
     every block (``models.py`` L272); feature dropout is drawn per sample, not per GPU batch
     (``reglue.diffusion.transport.training_losses``).
     """
     return _recipe(
         size, MethodConfig(name="redi", semantic_channels=8, lambda_semantic=1.0),
         encoders=_dinov2(DINOV2_B14_REG4, (11,)), grad_clip=0.0, xl_steps=600 * STEPS_PER_EPOCH,
-        sample=SampleConfig(sampler="sde", steps=250, cfg_scale=2.4, guide_channels=4),
+        sample=SampleConfig(sampler="sde", steps=250, cfg_scale=2.4, guide_channels=4), reference_precision="fp32",
     )
 
 
@@ -200,12 +215,17 @@ def reg(size: str) -> Config:
     epochs)"). Evaluation (``eval.sh`` L7-11, L23): SDE 250 steps, cfg 2.3 on all channels and
     [CLS] cfg 2.3, for t in [0, 0.85].
 
+    Precision: accelerate fp16 mixed precision with TF32 (``train.sh`` L7-8; ``train.py`` L129-134,
+    DDP with ``find_unused_parameters=True``), DINOv2 under the same autocast (L301):
+    ``reference_precision="fp16"``.
+
     Differences: precision and parallelism (module docstring; fp16 autocast + DDP published).
     """
     return _recipe(
         size, MethodConfig(name="reg", lambda_cls=0.03, lambda_align=0.5),
         encoders=_dinov2(DINOV2_B14, (11,)), grad_clip=1.0, xl_steps=4_000_000,
         sample=SampleConfig(sampler="sde", steps=250, cfg_scale=2.3, cls_cfg_scale=2.3, guidance_interval=(0.0, 0.85)),
+        reference_precision="fp16",
     )
 
 
@@ -221,6 +241,11 @@ def reglue(size: str) -> Config:
     [CLS] cfg 2.3, for t in [0, 0.9]. The ``VAE_CFG='true'`` variant is
     ``--set sample.guidance_rule=reglue-vae-cfg --set sample.guide_channels=4``.
 
+    Precision: accelerate fp16 mixed precision with TF32 (``train.sh`` L4-5; ``train.py`` L127-132,
+    DDP with ``find_unused_parameters=True``), DINOv2 and the compressor (loaded as trained, its
+    BatchNorms unfolded: ``load_compression_model`` L98-114) under the same autocast (L306-340):
+    ``reference_precision="fp16"``.
+
     Differences: precision and parallelism (module docstring; fp16 autocast + DDP published).
     """
     milestones = ((250_000, 0.5), (500_000, 0.25)) if size == "XL" else ()
@@ -230,6 +255,7 @@ def reglue(size: str) -> Config:
         encoders=_dinov2(DINOV2_B14_REG4, (8, 9, 10, 11), compressor_channels=(3072, 256, 16)),
         grad_clip=1.0, xl_steps=1_000_000,
         sample=SampleConfig(sampler="sde", steps=250, cfg_scale=2.3, cls_cfg_scale=2.3, guidance_interval=(0.0, 0.9)),
+        reference_precision="fp16",
     )
 
 
@@ -241,6 +267,7 @@ def tiny() -> Config:
     Batch 64 and lr 5e-3: a step of this model costs about as much at batch 64 as at 32 (fixed
     per-step overhead), and class conditioning appears after ~200 steps at lr 5e-3 against ~500 at
     2e-3 (measured share of samples in their class at 400 steps, cfg 2, seeds 0/1/2: 84/86/88%).
+    ``--reference`` runs it as REGLUE's recipe (``reference_precision`` fp16 on CUDA).
     """
     return Config(
         model=ModelConfig(

@@ -7,9 +7,11 @@ line, import it without pointing up the layers.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -108,6 +110,17 @@ def mix_seed(*parts: int) -> int:
 def seeded_generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator on ``device`` seeded by :func:`mix_seed` of ``parts``."""
     return torch.Generator(device=device).manual_seed(mix_seed(*parts))
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """The global CPU RNG seeded with ``seed`` inside the block and restored after it: a random
+    network built in the block (a tiny test encoder, a compressor's initial weights) is a function
+    of ``seed`` alone, the same on every rank and in every process, and the caller's RNG stream
+    is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def per_rank_batch(global_batch_size: int, world_size: int, what: str = "global batch size") -> int:

@@ -40,6 +40,40 @@ def open_dataset(config):
     return dataset
 
 
+def check_dataset_vae(dataset, vae: str, vae_sha256: str) -> None:
+    """Refuse a dataset whose stored VAE moments another VAE computed than the run's ``encoders.vae``
+    (``vae``, whose weights have the fingerprint ``vae_sha256``): the run would learn another
+    VAE's latent space and decode its samples with the wrong decoder.
+
+    Identity is the fingerprint of the weights, not the name: a hub name and a local copy of the
+    same weights agree; a ``tiny-random`` VAE of another seed, or a patch autoencoder fitted again
+    (``patch-pca`` in another run directory) does not. A dataset prepared before fingerprints were
+    recorded is compared by name. The published layout records no VAE: it is assumed to be
+    ``vae``, and the log says so."""
+    if not getattr(dataset, "has_moments", False):
+        return
+    if dataset.vae is None:
+        log.info("data: %s records no VAE (the published layout): its moments are taken to be encoders.vae's (%s)",
+                 dataset.root, vae)
+        return
+    if (dataset.vae_sha256 == vae_sha256) if dataset.vae_sha256 else (dataset.vae == vae):
+        return
+    from reglue.data.shards import DatasetError
+    from reglue.models.autoencoder import AUTOENCODER_FILE, PATCH_AUTOENCODER
+
+    recorded = f"sha256 {dataset.vae_sha256[:12]}" if dataset.vae_sha256 else "no fingerprint recorded"
+    if dataset.vae == vae:
+        fix = "prepare the data again with the run's VAE (a tiny-random VAE needs --vae-seed equal to train.seed)"
+    elif vae == PATCH_AUTOENCODER:  # fitted by the run itself: no dataset can have been prepared with it before
+        fix = (f"train with --set encoders.vae={dataset.vae}, or prepare the data with --vae none (the run encodes the "
+               f"images with the autoencoder it fits) or --vae RUN/{AUTOENCODER_FILE} of an earlier run")
+    else:
+        fix = f"train with --set encoders.vae={dataset.vae}, or prepare the data again with --vae {vae}"
+
+    raise DatasetError(f"{dataset.root}: its VAE moments were computed with {dataset.vae!r} ({recorded}) but "
+                       f"encoders.vae is {vae!r} (sha256 {vae_sha256[:12]}), another latent space: {fix}")
+
+
 def resolve_backend(requested: str, dataset) -> str:
     """``dali`` | ``torch`` from ``data.backend`` (auto: DALI when importable and the data are
     encoded files, else torch)."""

@@ -16,6 +16,12 @@ on its GPU (or the CPU) in batches. A shard is written to a temporary folder and
 complete, so an interrupted run resumes by re-running the same command: finished shards are
 skipped. Files PIL cannot read are skipped, counted and listed in ``report.json``. When every
 shard is done, rank 0 writes ``dataset.json`` (counts, classes, latent statistics).
+
+Which VAE. Each shard records the fingerprint of the VAE weights that computed its moments
+(``reglue.models.state.weights_fingerprint``, in ``shard.json``); ``dataset.json`` keeps the VAE's
+name and that fingerprint (``vae``, ``vae_sha256``), refusing to finish a dataset whose shards
+were encoded by different VAEs (a resume with other weights under the same name). Training checks
+the fingerprint against its ``encoders.vae`` (``reglue.data.check_dataset_vae``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import numpy as np
 import torch
 
 from reglue.data.shards import FORMAT, FORMAT_VERSION, MOMENT_CHANNELS, SHARD_DONE, SHARDS_DIR, DatasetError
+from reglue.models.state import weights_fingerprint
 from reglue.outputs import ensure_output_dir, write_json_atomic
 
 log = logging.getLogger("reglue.prepare")
@@ -257,6 +264,8 @@ class ShardWriter:
             self.moments.append(moments)
 
     def close(self, info: dict) -> dict:
+        """Write the shard's arrays and ``shard.json`` (``info`` plus counts and moment statistics),
+        then rename the shard into place."""
         self.images.close()
         np.save(self.tmp / "offsets.npy", np.array(self.offsets, dtype=np.int64))
         np.save(self.tmp / "labels.npy", np.array(self.labels, dtype=np.int64))
@@ -322,7 +331,8 @@ def _encode_batch(vae, pending: list, device: torch.device) -> List[Optional[tor
 def _prepare_shards(out: Path, todo: List[int], shards: Dict[int, list], root: Path, options: PrepareOptions, vae, device,
                     num_workers: int, batch_size: int, bar) -> None:
     """Write the shards ``todo`` in order; one DataLoader streams all their sources, so the
-    workers stay busy across shard boundaries."""
+    workers stay busy across shard boundaries. Each shard records ``vae``'s fingerprint."""
+    vae_sha256 = weights_fingerprint(vae.state_dict()) if vae is not None else None
     latent_size = options.image_size // 8 if vae is not None else None
     flat = [source for k in todo for source in shards[k]]
     loader = torch.utils.data.DataLoader(_SourceImages(root, flat, options), batch_size=None, num_workers=num_workers,
@@ -351,7 +361,7 @@ def _prepare_shards(out: Path, todo: List[int], shards: Dict[int, list], root: P
                 bar.update(1)
         flush()
         writer.close({"shard": k, "num_sources": len(shards[k]), "first_source": shards[k][0][0] if shards[k] else None,
-                      "skipped": skipped})
+                      "skipped": skipped, "vae_sha256": vae_sha256})
 
 
 def _read_shard_info(path: Path) -> Optional[dict]:
@@ -374,6 +384,22 @@ def _done_shards(out: Path, num_shards: int) -> List[Optional[dict]]:
     return [_read_shard_info(out / SHARDS_DIR / _shard_name(k) / SHARD_DONE) for k in range(num_shards)]
 
 
+def _dataset_vae_fingerprint(out: Path, infos: List[dict]) -> Optional[str]:
+    """The fingerprint of the VAE every shard was encoded with; None without moments, or when a
+    shard predates fingerprints (the dataset is then known by the VAE's name only). Shards of
+    different VAEs are an error naming them."""
+    by_digest: Dict[Optional[str], List[str]] = {}
+    for k, info in enumerate(infos):
+        by_digest.setdefault(info.get("vae_sha256"), []).append(_shard_name(k))
+    known = [d for d in by_digest if d]
+    if len(known) > 1:
+        groups = "; ".join(f"shards {', '.join(by_digest[d][:5])}{' ...' if len(by_digest[d]) > 5 else ''} by sha256 {d[:12]}"
+                           for d in known)
+        raise DatasetError(f"{out / SHARDS_DIR}: shards were encoded by {len(known)} different VAEs ({groups}): delete "
+                           "the shards of the wrong VAE and run the same command again, or prepare into a new --out")
+    return known[0] if known and None not in by_digest else None
+
+
 def finalize(out: str | os.PathLike, num_shards: int, classes: Dict[str, int], options: PrepareOptions) -> dict:
     """Write dataset.json and report.json once every shard is complete."""
     out = Path(out)
@@ -381,6 +407,7 @@ def finalize(out: str | os.PathLike, num_shards: int, classes: Dict[str, int], o
     missing = [_shard_name(k) for k, info in enumerate(infos) if info is None]
     if missing:
         raise DatasetError(f"{out / SHARDS_DIR}: shards not finished: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    vae_sha256 = _dataset_vae_fingerprint(out, infos)
     skipped = [item for info in infos for item in info["skipped"]]
     num_samples = sum(info["num_samples"] for info in infos)
     num_sources = sum(info["num_sources"] for info in infos)
@@ -398,6 +425,7 @@ def finalize(out: str | os.PathLike, num_shards: int, classes: Dict[str, int], o
         "num_classes": len(classes),
         "classes": classes,
         "vae": options.vae,
+        "vae_sha256": vae_sha256,
         "jpeg": {"quality": options.jpeg_quality, "subsampling": "4:4:4", "decoded_with": "libjpeg-turbo (PIL)"},
         "flip": options.flip,
         "crop": "ADM centre crop",

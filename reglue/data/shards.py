@@ -5,8 +5,9 @@ Shard format (``format: "reglue-shards"``, version 1)
 -----------------------------------------------------
 ::
 
-    ROOT/dataset.json            counts, classes, resolution, VAE, JPEG settings, latent statistics,
-                                 and the shard list [{"name": "00000", "num_samples": n}, ...]
+    ROOT/dataset.json            counts, classes, resolution, the VAE (``vae``: its name, ``vae_sha256``:
+                                 its weights' fingerprint), JPEG settings, latent statistics, and
+                                 the shard list [{"name": "00000", "num_samples": n}, ...]
     ROOT/report.json             sources read, samples written, skipped files with the reason
     ROOT/prepare.json            the recipe (settings + fingerprint of the input listing); resume check
     ROOT/shards/00000/
@@ -40,7 +41,8 @@ Published layout (REPA ``preprocessing/dataset_tools.py``, used by REGLUE)
     ROOT/vae-sd/dataset.json                     {"labels": [["00000/img-mean-std-00000000.npy", 6], ...]}
 
 Sample i is the i-th image and the i-th feature file, each list sorted by relative path, as in
-the published ``CustomDataset``.
+the published ``CustomDataset``. The layout records no VAE: its moments are taken to be the run's
+``encoders.vae``'s (the published SD-VAE ft-EMA), which training says once in its log.
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ class EncodedDataset(torch.utils.data.Dataset):
     num_classes: int
     has_moments: bool
     root: Path
+    vae: Optional[str] = None
+    """The VAE the stored moments were computed with, as named at preparation; None: not recorded."""
+    vae_sha256: Optional[str] = None
+    """Fingerprint of that VAE's weights (``reglue.models.state.weights_fingerprint``); None: not recorded."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -183,6 +189,9 @@ class ShardDataset(EncodedDataset):
         self.latent_size = _field(path, meta, "latent_size", int)
         self.num_classes = _field(path, meta, "num_classes", int)
         self.has_moments = meta.get("vae") is not None
+        if self.has_moments:
+            self.vae = _field(path, meta, "vae", str)
+            self.vae_sha256 = _field(path, meta, "vae_sha256", str) if meta.get("vae_sha256") is not None else None
         shards = _field(path, meta, "shards", list)
         for k, shard in enumerate(shards):
             if not isinstance(shard, dict):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from reglue import checkpoint as ckpt
 from reglue.data.sampler import GlobalBatchOrder
 from reglue.outputs import MetricsWriter, atomic_path, ensure_output_dir
-from reglue.runtime import DistInfo, all_reduce_sum, per_rank_batch, seeded_generator
+from reglue.runtime import DistInfo, all_reduce_sum, per_rank_batch, seeded_generator, seeded_init
 from reglue.models.compressor import SemanticCompressor
 from reglue.models.encoders import DINOv2Encoder, FeatureStats
 
@@ -118,8 +118,7 @@ def train_compressor(train_set, val_set, encoder: DINOv2Encoder, stats: FeatureS
         raise ValueError(f"feature statistics have {stats.channels} channels, DINOv2 gives {encoder.feature_channels}")
     per_rank_batch(hp.global_batch_size, world_size, "--global-batch-size")
     stats = stats.to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(hp.seed)
+    with seeded_init(hp.seed):
         model = SemanticCompressor(hp.channels).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr)
     order = GlobalBatchOrder(len(train_set), hp.global_batch_size, seed=hp.seed)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import hashlib
 import inspect
 import json
 import logging
@@ -63,6 +62,7 @@ import torch
 from reglue.config import Config, ConfigError, SampleConfig, apply_overrides
 from reglue.diffusion.samplers import sample
 from reglue.evaluation.reference import NpzWriter
+from reglue.models.state import weights_fingerprint
 from reglue.outputs import atomic_path, ensure_output_dir, ensure_output_file, write_json_atomic
 from reglue.runtime import seeded_generator
 
@@ -227,8 +227,17 @@ class ImageSampler:
     @classmethod
     def from_state(cls, config: Config, state: Dict[str, torch.Tensor], vae, device: torch.device,
                    settings: Optional[SampleConfig] = None, *, kernels: Optional[str] = None,
-                   attention: Optional[str] = None, compile: bool = False, autocast: bool = True) -> "ImageSampler":
-        """A sampler for a run's config and (EMA) weights; ``settings`` default to ``config.sample``."""
+                   attention: Optional[str] = None, compile: bool = False, autocast: Optional[bool] = None
+                   ) -> "ImageSampler":
+        """A sampler for a run's config and (EMA) weights; ``settings`` default to ``config.sample``.
+
+        ``autocast`` None: bf16 autocast, except for a ``parallel.reference`` run, which samples as
+        the published ``generate.py`` does: fp32 (TF32 matmuls, as the caller sets on CUDA) with
+        SDPA attention (unless ``attention`` says otherwise)."""
+        if autocast is None:
+            autocast = not config.parallel.reference
+        if config.parallel.reference:
+            attention = attention or "sdpa"
         model = prepare_model(config, state, device, kernels=kernels, attention=attention, compile=compile)
         size = config.data.latent_size
         return cls(model, vae.to(device), settings or config.sample, path=config.method.path,
@@ -549,16 +558,6 @@ def _set_overrides(items: Sequence[str]) -> Dict[str, str]:
             raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
         overrides[key.strip()] = value
     return overrides
-
-
-def weights_fingerprint(state: Dict[str, torch.Tensor]) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of a state dict (sorted by name)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

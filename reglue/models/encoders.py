@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -35,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reglue.models.attention import Attention
+from reglue.runtime import seeded_init
 
 __all__ = [
     "LATENT_SCALE",
@@ -66,15 +66,6 @@ DINOV2_NOREG_HUB_WEIGHTS = "hf-hub:timm/vit_base_patch14_dinov2.lvd142m"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@contextmanager
-def _seeded(seed: int):
-    """Deterministic random init that leaves the caller's RNG untouched, so a tiny model built
-    twice (training, then sampling in another process) is the same model."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +247,7 @@ def tiny_dinov2(
 ) -> DINOv2Encoder:
     """A random DINOv2 of the same architecture (patch 14, 4 registers) for tests and the CPU
     demo; deterministic in `seed`. 64x64 images give a 4x4 grid of patches."""
-    with _seeded(seed):
+    with seeded_init(seed):
         return build_dinov2(
             image_size=image_size, layers=layers, embed_dim=embed_dim, depth=depth, num_heads=num_heads
         )
@@ -610,7 +601,7 @@ def build_vae(name_or_path: str | os.PathLike = "stabilityai/sd-vae-ft-ema", see
 
     if os.fspath(name_or_path) != "tiny-random":
         return VAE(AutoencoderKL.from_pretrained(os.fspath(name_or_path)))
-    with _seeded(seed):
+    with seeded_init(seed):
         autoencoder = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
@@ -639,7 +630,7 @@ def build_frozen_dinov2(config, device: torch.device, image_size: int | None = N
     by ``train.seed``, so training, ``reglue stats`` and every rank build the same network.
     """
     enc = config.encoders
-    with _seeded(config.train.seed):
+    with seeded_init(config.train.seed):
         encoder = build_dinov2(enc.dinov2, enc.dinov2_weights, image_size=image_size or config.data.image_size,
                                layers=enc.feature_layers, attention=attention, **enc.dinov2_overrides)
     dtype = frozen_dtype(enc.dtype, device)

@@ -1,7 +1,9 @@
-"""Checking a state dict against a model before loading, with errors that name every problem."""
+"""State dicts: checked against a model before loading, with errors that name every problem, and
+fingerprinted (what identifies a set of weights whatever their file or name)."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping
 
 import torch
@@ -31,3 +33,13 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, t
         problems.append("shape mismatches: " + "; ".join(shapes[:limit]))
     if problems:
         raise ValueError(f"checkpoint does not match {what}: " + " | ".join(problems))
+
+
+def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict (sorted by name)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

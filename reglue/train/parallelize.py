@@ -27,6 +27,7 @@ import torch.nn as nn
 from reglue.config import Config, ParallelConfig
 from reglue.diffusion.transport import loss_inputs, loss_terms, training_losses
 from reglue.runtime import DistInfo
+from reglue.train.reference import PUBLISHED_FIND_UNUSED_PARAMETERS, autocast_forward, reference_autocast_dtype
 
 log = logging.getLogger("reglue.parallelize")
 
@@ -217,8 +218,9 @@ def use_fsdp(dist_info: DistInfo) -> bool:
 def build_parallel_model(config: Config, dist_info: DistInfo) -> nn.Module:
     """The run's SiT, built on the meta device, parallelised, and materialised on the device.
 
-    ``parallel.reference`` instead reproduces the published execution: an eager model wrapped in
-    DDP when several ranks train (fp16 autocast is applied by the trainer).
+    ``parallel.reference`` instead reproduces the published execution (``reglue.train.reference``):
+    an eager fp32 model whose forward runs under the recipe's autocast (fp16 recipes on CUDA),
+    wrapped in DDP when several ranks train.
     """
     from reglue.models import build_model
 
@@ -228,10 +230,14 @@ def build_parallel_model(config: Config, dist_info: DistInfo) -> nn.Module:
         model = build_model(config, kernels=execution.fused_ops, attention=execution.attention)
     if execution.reference:
         materialize(model, dist_info.device, config.train.seed)
+        autocast_dtype = reference_autocast_dtype(config, dist_info.device)
+        if autocast_dtype is not None:
+            autocast_forward(model, dist_info.device.type, autocast_dtype)
         if dist_info.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            model = DistributedDataParallel(model, device_ids=[dist_info.device] if dist_info.device.type == "cuda" else None)
+            model = DistributedDataParallel(model, device_ids=[dist_info.device] if dist_info.device.type == "cuda" else None,
+                                            find_unused_parameters=PUBLISHED_FIND_UNUSED_PARAMETERS[config.method.name])
         return model
     return materialize(parallelize(model, cfg, dist_info, execution.compile), dist_info.device, config.train.seed)
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from reglue.outputs import read_metrics
+from reglue.outputs import ensure_output_file, read_metrics
 
 log = logging.getLogger("reglue.plots")
 
@@ -270,9 +270,17 @@ def _labels(runs: Sequence[str]) -> List[str]:
     return [n if names.count(n) == 1 else str(d) for n, d in zip(names, dirs)]
 
 
+def _figure_suffixes() -> List[str]:
+    """The file endings matplotlib writes (``.png``, ``.pdf``, ``.svg``, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(f".{ext}" for ext in FigureCanvasBase.get_supported_filetypes())
+
+
 def cmd_plot(args) -> int:
+    out = ensure_output_file(args.out, "--out", suffixes=_figure_suffixes())
     runs = dict(zip(_labels(args.runs), (_run_records(r) for r in args.runs)))
-    out = save_metrics_plot(runs, Path(args.out))
+    out = save_metrics_plot(runs, out)
     print(f"wrote {out}: {len(_panel_keys(runs))} panels, runs {', '.join(runs)}")
     return 0
 

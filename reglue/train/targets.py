@@ -1,17 +1,27 @@
 """Frozen encoders of a run and the training targets they produce from a batch.
 
 Outside the optimizer and the checkpoint; small, so replicated (not sharded) on every rank; run
-under ``no_grad`` in bf16 on CUDA (fp32 on CPU); computed once per step. When the run compiles
-(``reglue.train.parallelize.resolve_execution``), the DINOv2 blocks (one graph for all of them,
-attention through our dispatch) and the semantic target (standardise -> compressor or PCA ->
-resize, the fused convolutions inside) are compiled regions. Randomly initialised
-encoders (tests, the tiny demo) are seeded from the run seed, so every rank and every resume
-builds the same ones. Statistics and PCA fitted at start are saved in the run directory and
-re-used on resume.
+under ``no_grad`` in ``encoders.dtype`` (bf16) on CUDA (fp32 on CPU); computed once per step.
+When the run compiles (``reglue.train.parallelize.resolve_execution``), the DINOv2 blocks (one
+graph for all of them, attention through our dispatch) and the semantic target (standardise ->
+compressor or PCA -> resize, the fused convolutions inside) are compiled regions; the compressor
+runs BN-folded. Randomly initialised encoders (tests, the tiny demo) are seeded from the run
+seed, so every rank and every resume builds the same ones. Statistics and PCA fitted at start are
+saved in the run directory and re-used on resume.
+
+Under ``parallel.reference`` the encoders run as the published loops run them
+(``reglue.train.reference``): fp32 weights (VAE included), DINOv2 and the semantic target under
+the recipe's autocast (fp16 for REPA/REG/REGLUE on CUDA, none for ReDi), and REGLUE's compressor
+as trained, with its BatchNorm layers (the published ``load_compression_model`` folds nothing)
+and eager convolutions.
+
+The VAE's weights fingerprint (:attr:`FrozenEncoders.vae_sha256`) is what a prepared dataset's
+moments are checked against (``reglue.data.check_dataset_vae``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Callable, Dict
@@ -19,9 +29,11 @@ from typing import Callable, Dict
 import torch
 
 from reglue.config import Config
+from reglue.models.state import weights_fingerprint
 from reglue.outputs import atomic_path
-from reglue.runtime import broadcast_object
+from reglue.runtime import broadcast_object, seeded_init
 from reglue.train.parallelize import compile_region, resolve_execution
+from reglue.train.reference import reference_autocast_dtype
 from reglue.models.encoders import (
     PCA,
     FeatureStats,
@@ -65,14 +77,22 @@ class FrozenEncoders:
         self.device = device
         self.is_main = is_main
         enc, method = config.encoders, config.method
-        self.dtype = frozen_dtype(enc.dtype, device)
         self.execution = resolve_execution(config, device)
-        self.vae = build_vae(enc.vae, seed=config.train.seed, run_dir=run_dir, fit_images=calibration_images,
-                             is_main=is_main).to(device=device, dtype=self.dtype)
+        self.reference = self.execution.reference
+        self.dtype = torch.float32 if self.reference else frozen_dtype(enc.dtype, device)
+        self.autocast_dtype = reference_autocast_dtype(config, device) if self.reference else None
+        """The published autocast of DINOv2 and the semantic target (``--reference`` fp16 recipes on
+        CUDA); None: none (the fast path runs bf16 weights, DINOv2 its own bf16 autocast)."""
+        vae = build_vae(enc.vae, seed=config.train.seed, run_dir=run_dir, fit_images=calibration_images, is_main=is_main)
+        self.vae_sha256 = weights_fingerprint(vae.state_dict())
+        """Fingerprint of the VAE's weights as built (before any cast)."""
+        self.vae = vae.to(device=device, dtype=self.dtype)
         self.dinov2 = self.reducer = self.stats = None
         self.semantic_target = semantic_target
         if method.needs_dinov2:
             self.dinov2 = build_frozen_dinov2(config, device, attention=self.execution.attention)
+            if self.reference:
+                self.dinov2.autocast_dtype = self.autocast_dtype
             if self.dinov2.embed_dim != enc.embed_dim:
                 raise ValueError(f"encoders.dinov2 has width {self.dinov2.embed_dim} but the config expects {enc.embed_dim} "
                                  "(set encoders.dinov2_overrides.embed_dim)")
@@ -158,15 +178,22 @@ class FrozenEncoders:
             if enc.dinov2_weights is not None:
                 raise ValueError("encoders.compressor is required for REGLUE with pretrained DINOv2 weights: "
                                  "train one with `reglue train-compressor` or pass the published compressor file")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.config.train.seed)
+            with seeded_init(self.config.train.seed):
                 compressor = SemanticCompressor(enc.compressor_channels)
         if tuple(compressor.channels) != tuple(enc.compressor_channels):
             raise ValueError(f"compressor has channels {tuple(compressor.channels)}, config says {enc.compressor_channels}")
         if compressor.in_channels != self.dinov2.feature_channels:
             raise ValueError(f"compressor expects {compressor.in_channels} feature channels, DINOv2 gives {self.dinov2.feature_channels}")
+        if self.reference:
+            return compressor.eval().to(device=self.device, dtype=self.dtype)
         compressor = compressor.eval().fold_batchnorm().to(device=self.device, dtype=self.dtype)
         return _FusedCompressor(compressor) if "fused_conv2d" in self.execution.fused_ops else compressor
+
+    def _published_autocast(self):
+        """The published autocast around the semantic target (``--reference`` fp16 recipes), else nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
     def targets(self, batch: Dict[str, torch.Tensor], latent_eps: torch.Tensor) -> Dict[str, object]:
@@ -181,7 +208,8 @@ class FrozenEncoders:
             enc = self.dinov2(images)
             if self.reducer is not None:
                 features = enc.features.float() if isinstance(self.reducer, PCA) else enc.features.to(self.dtype)
-                out["semantic"] = self.semantic_target(features, self.stats, self.reducer, latents.shape[-1]).float()
+                with self._published_autocast():
+                    out["semantic"] = self.semantic_target(features, self.stats, self.reducer, latents.shape[-1]).float()
             if method.use_cls:
                 out["cls"] = enc.cls.float()
             if method.use_align:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from reglue import checkpoint as ckpt
 from reglue.config import Config
-from reglue.data import build_loader, open_dataset
+from reglue.data import build_loader, check_dataset_vae, open_dataset
 from reglue.data.sampler import GlobalBatchOrder, sample_indices
 from reglue.diffusion.transport import draw_noise
 from reglue.outputs import MetricsWriter, ensure_output_dir
@@ -116,6 +116,7 @@ class Trainer:
             return torch.stack([self.dataset[i][0] for i in sample_indices(len(self.dataset), n, seed)])
 
         self.frozen = FrozenEncoders(self.config, self.dist.device, self.run_dir, calibration_images, is_main=self.dist.is_main)
+        check_dataset_vae(self.dataset, self.config.encoders.vae, self.frozen.vae_sha256)
 
     def _build_model(self) -> None:
         cfg, d = self.config, self.dist

@@ -211,12 +211,13 @@ def test_build_loader_checks_and_delivers(prepared):
 
 
 def test_training_runs_from_prepared_shards(prepared, tmp_path):
-    """`train.py --data PATH`: a few tiny-model steps read the shards (backend auto) and the stored moments."""
+    """`train.py --data PATH`: a few tiny-model steps read the shards (backend auto) and the stored moments
+    (with the VAE that computed them)."""
     from reglue.config import apply_overrides
     from reglue.train.trainer import run
 
     config = apply_overrides(_config(prepared), {
-        "train.max_steps": 2, "train.global_batch_size": 4, "train.out_dir": str(tmp_path), "train.log_every": 1,
+        "encoders.vae": "tiny-random", "train.max_steps": 2, "train.global_batch_size": 4, "train.out_dir": str(tmp_path), "train.log_every": 1,
         "train.ckpt_every": 2, "train.num_sample_images": 1, "sample.steps": 2, "train.name": "shards",
     })
     run(config)

@@ -1,0 +1,57 @@
+"""The ``reglue`` command line: a bad output path is one error line, found before the work starts;
+an OS error no check foresaw is one line too (no traceback)."""
+
+import json
+
+import pytest
+
+from reglue import cli, outputs
+from reglue.train import plots
+
+
+@pytest.fixture
+def run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss/total": 1.0 / s}) + "\n" for s in (1, 2, 3)))
+    return run
+
+
+def _error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err, captured.err
+    return captured.err.strip()
+
+
+def test_plot_checks_its_output_before_reading_the_runs(tmp_path, capsys, monkeypatch):
+    """An unwritable folder (as seen by a user without the permission: os.access says no) is
+    refused before the runs are read: the missing run is not what the error names."""
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)
+    assert cli.main(["plot", str(tmp_path / "missing-run"), "--out", str(tmp_path / "locked" / "plot.png")]) == 2
+    assert _error_line(capsys) == f"reglue plot: error: --out {tmp_path / 'locked'}: the directory is not writable"
+
+
+@pytest.mark.parametrize("out, why", [("plot.txt", "the file name must end in .avif or"),
+                                      ("file/plot.png", "a file is in the way of this directory")])
+def test_plot_refuses_a_bad_output_path(run, tmp_path, capsys, out, why):
+    (tmp_path / "file").write_text("")
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / out)]) == 2
+    assert why in _error_line(capsys)
+
+
+def test_plot_writes_the_figure(run, tmp_path, capsys):
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "plot.pdf")]) == 0
+    assert (tmp_path / "plot.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_an_os_error_during_the_work_is_one_line(run, tmp_path, capsys, monkeypatch):
+    """What no check foresaw (the folder turned read-only, the disk filled) is the last resort of
+    ``main``: one line naming the file and the reason."""
+    target = tmp_path / "plot.png"
+
+    def denied(runs, path, dpi=100):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(plots, "save_metrics_plot", denied)
+    assert cli.main(["plot", str(run), "--out", str(target)]) == 2
+    assert _error_line(capsys) == f"reglue plot: error: {target}: Permission denied"
