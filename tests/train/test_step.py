@@ -80,7 +80,7 @@ def test_no_cuda_syncs_in_steps_that_do_not_log(tmp_path):
 
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     """Two micro-batches of 16 give the weights and the logged losses of one batch of 32 (fp32, CPU)."""
-    overrides = {"train.max_steps": 2, "train.log_every": 2, "train.ckpt_every": 100}
+    overrides = {"train.max_steps": 2, "train.log_every": 2, "train.ckpt_every": 100, "train.global_batch_size": 32}
     full = Trainer(tiny(tmp_path, "full", **overrides))
     accumulated = Trainer(tiny(tmp_path, "accumulated", **overrides, **{"train.micro_batch_size": 16}))
     assert (full.accum, accumulated.accum) == (1, 2)
