@@ -91,7 +91,7 @@ def test_train_step(benchmark, tmp_path, preset, batch, variant):
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else None,
         activation_checkpointing=config.parallel.activation_checkpointing, **execution_metrics(config, device),
     )
-    del trainer
+    trainer = None  # free the model before the next variant (the closure above holds the name, not the object)
     gc.collect()
     if ON_GPU:
         torch.cuda.empty_cache()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reglue.config import ConfigError, apply_overrides
-from reglue.kernels import adaln, selfcheck
+from reglue.kernels import selfcheck
 from reglue.outputs import read_metrics
 from reglue.kernels.adaln import adaln_modulate, gated_residual_adaln_ref
 from reglue.presets import PRESETS, get_preset
@@ -16,6 +16,7 @@ from reglue.train import parallelize
 from reglue.train.cli import config_from_args
 from reglue.train.parallelize import resolve_execution
 from reglue.train.trainer import Trainer
+from tests.kernels.test_selfcheck import _fail_gated_residual_adaln as fail_gated_residual_adaln
 
 CPU = torch.device("cpu")
 
@@ -75,14 +76,7 @@ def test_failed_self_check_runs_eager_and_is_logged_and_recorded(tmp_path, monke
     """A run whose device fails gated_residual_adaln: that op runs eager, the others fused, the
     run trains like the all-eager run, and its log and first metrics record say which is which."""
     monkeypatch.setattr(parallelize, "_needs_self_check", lambda device: True)  # as on CUDA
-    launch = adaln._launch_fwd
-
-    def failing(x, y, gate, shift, scale, eps):
-        if y is not None and shift is not None:
-            raise RuntimeError("injected launch failure")
-        return launch(x, y, gate, shift, scale, eps)
-
-    monkeypatch.setattr(adaln, "_launch_fwd", failing)
+    fail_gated_residual_adaln(monkeypatch)
     base = {"train.out_dir": str(tmp_path), "train.max_steps": "2", "train.log_every": "1", "sample.steps": "2",
             "train.num_sample_images": "2", "data.synthetic_size": "256", "train.tensorboard": "false"}
     with caplog.at_level(logging.WARNING, logger="reglue.kernels"):
@@ -96,6 +90,6 @@ def test_failed_self_check_runs_eager_and_is_logged_and_recorded(tmp_path, monke
     first = records[0]
     assert first["eager_ops"] == ["gated_residual_adaln"]
     assert first["fused_ops"] == ["adaln_modulate", "fused_conv2d", "gated_residual"]
-    assert "injected launch failure" in first["self_check_failed"]["gated_residual_adaln"]
+    assert "shared memory (injected)" in first["self_check_failed"]["gated_residual_adaln"]
     want = [r["loss/total"] for r in read_metrics(eager / "metrics.jsonl") if "loss/total" in r]
     assert [r["loss/total"] for r in records] == pytest.approx(want, rel=1e-4, abs=1e-5)
