@@ -57,6 +57,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class CheckpointSaveError(CheckpointError):
+    """A save that failed (a full disk, a folder gone read-only): its partial files are removed."""
+
+
 @contextlib.contextmanager
 def _quiet_single_process():
     """DCP warns on every call without a process group; a single process is a supported mode here."""
@@ -171,14 +175,30 @@ def save_checkpoint(run_dir, step: int, state: Dict[str, Any], meta: Dict[str, A
         if tmp.exists():  # a save interrupted before its rename: never a checkpoint
             shutil.rmtree(tmp)
     barrier()
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=str(tmp))
-    barrier()  # every rank's shards and DCP's index are written (and fsynced by DCP)
+    error = None
+    try:
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=str(tmp))
+    except (CheckpointException, OSError, RuntimeError) as exc:  # DCP raises it on every rank
+        error = _save_failure(root, tmp, exc)
+    else:
+        barrier()  # every rank's shards and DCP's index are written (and fsynced by DCP)
+        if dist_info.is_main:
+            try:
+                meta = dict(meta, step=step, world_size=dist_info.world_size, format_version=FORMAT_VERSION)
+                _write_json_durable(tmp / META, meta)
+                files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+                _write_json_durable(tmp / MARKER, {"step": step, "run_id": meta["run_id"], "files": files})
+            except OSError as exc:
+                error = _save_failure(root, tmp, exc)
+        if dist_info.world_size > 1:
+            error = broadcast_object(error)  # the ranks leave together, saved or not
+    if error is not None:
+        if dist_info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # partial files only: no earlier checkpoint is touched
+        raise CheckpointSaveError(f"saving checkpoint {final} failed: {error}; the partial {tmp.name} was removed "
+                                  f"and the earlier checkpoints are intact (free space, then resume: --resume auto)")
     if dist_info.is_main:
-        meta = dict(meta, step=step, world_size=dist_info.world_size, format_version=FORMAT_VERSION)
-        _write_json_durable(tmp / META, meta)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_json_durable(tmp / MARKER, {"step": step, "run_id": meta["run_id"], "files": files})
         if final.exists():  # a damaged checkpoint, or one of a rewound run: kept, renamed
             log.warning("%s already exists; moved to %s", final, move_aside(final, "replaced"))
         os.replace(tmp, final)
@@ -186,6 +206,31 @@ def save_checkpoint(run_dir, step: int, state: Dict[str, Any], meta: Dict[str, A
         prune(run_dir, meta["run_id"], keep_last)
     barrier()
     return final
+
+
+def _save_failure(root: Path, tmp: Path, exc: BaseException) -> str:
+    """What went wrong in one line, with the free space (a full disk is the usual cause and the
+    writers' own messages rarely say so)."""
+    cause = _failures(exc)[0]
+    while cause.__cause__ is not None or cause.__context__ is not None:  # the OSError under a wrapper, if any
+        if isinstance(cause, OSError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        reason = f"{cause.filename}: {cause.strerror}" if cause.filename else cause.strerror
+    else:
+        text = str(cause).strip().splitlines()
+        reason = f"{type(cause).__name__}: {text[0] if text else ''}"
+    partial = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return reason
+    return f"{reason} ({_mib(free)} free there, {_mib(partial)} of the checkpoint written)"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def prune(run_dir, run_id: str, keep_last: int) -> None:

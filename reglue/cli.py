@@ -103,6 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     from reglue.checkpoint import CheckpointError
     from reglue.data.shards import DatasetError
+    from reglue.outputs import os_error_line
 
     try:
         return args.func(args)
@@ -110,15 +111,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"reglue {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the last resort for what no check foresaw (a disk full, a folder gone read-only)
-        print(f"reglue {args.command}: error: {_os_error_line(exc)}", file=sys.stderr)
+        print(f"reglue {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
-
-
-def _os_error_line(exc: OSError) -> str:
-    """``PATH: reason`` of an OSError, one line."""
-    if exc.filename is None:
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"{exc.filename}: {exc.strerror or exc}"
 
 
 if __name__ == "__main__":

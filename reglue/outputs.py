@@ -132,3 +132,10 @@ def read_metrics(path: Path) -> List[Dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def os_error_line(exc: OSError) -> str:
+    """``PATH: reason`` of an OSError, one line (for what no check foresaw: a disk full, a folder gone read-only)."""
+    if exc.filename is None:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{exc.filename}: {exc.strerror or exc}"

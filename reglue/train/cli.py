@@ -100,6 +100,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
         return 0
     from reglue.data.shards import DatasetError
     from reglue.checkpoint import CheckpointError
+    from reglue.outputs import os_error_line
     from reglue.train.preemption import Preempted
     from reglue.train.trainer import NonFiniteError, run
 
@@ -114,4 +115,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
             raise
         print(f"{prog}: error: {exc}\n(set REGLUE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3 if isinstance(exc, NonFiniteError) else 2
+    except OSError as exc:  # what no check foresaw: a disk full while writing metrics or plots, a folder gone read-only
+        if os.environ.get("REGLUE_DEBUG"):
+            raise
+        print(f"{prog}: error: {os_error_line(exc)}\n(set REGLUE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
     return 0

@@ -145,3 +145,85 @@ def test_copied_run_keeps_working(tmp_path):
         save(tmp_path / "a", step)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert ckpt.load_newest(tmp_path / "b", load)[0] == tmp_path / "b" / "checkpoints" / "step-00000002"
+
+
+def full_disk(monkeypatch, after_calls=0):
+    """``torch.save`` (DCP's shard writer) writes part of its data, then fails as a full disk does."""
+    import errno
+
+    real, calls = torch.save, []
+
+    def save_until_full(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= after_calls:
+            return real(obj, f, *args, **kwargs)
+        f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+
+
+@pytest.mark.parametrize("where", ["shards", "marker"])
+def test_a_failed_save_is_one_error_removes_its_partial_files_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch,
+                                                                                                   where):
+    save(tmp_path, 1)
+    if where == "shards":
+        full_disk(monkeypatch)
+        reason = "No space left on device"
+    else:
+        def marker_fails(path, value):
+            raise OSError(30, "Read-only file system", str(path))
+
+        monkeypatch.setattr(ckpt, "_write_json_durable", marker_fails)
+        reason = "meta.json: Read-only file system"
+    with pytest.raises(ckpt.CheckpointSaveError) as err:
+        save(tmp_path, 2)
+    monkeypatch.undo()
+    message = str(err.value)
+    assert "\n" not in message and "step-00000002" in message and reason in message and "free there" in message
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]  # no .tmp left
+    assert ckpt.load_newest(tmp_path, load)[1]["step"] == 1
+    assert steps(tmp_path) == [1] and save(tmp_path, 2).name == "step-00000002"  # space again: saves as usual
+
+
+def failing_save_worker(rank, init_dir, run_dir, where):
+    """Two gloo ranks save step 1, then step 2 fails on one rank only; both must raise, none hang."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{init_dir}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    info = DistInfo(rank=rank, world_size=2)
+    try:
+        state = {"model": {f"w{rank}": torch.full((8,), float(rank))}}  # per-rank keys: each rank writes a shard
+        ckpt.save_checkpoint(run_dir, 1, state, {"run_id": "r"}, info, keep_last=5)
+        patch = pytest.MonkeyPatch()
+        if where == "shards" and rank == 1:
+            full_disk(patch)
+        if where == "marker" and rank == 0:
+            patch.setattr(ckpt, "_write_json_durable", lambda path, value: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        try:
+            ckpt.save_checkpoint(run_dir, 2, state, {"run_id": "r"}, info, keep_last=5)
+            outcome = "saved"
+        except ckpt.CheckpointSaveError as exc:
+            outcome = str(exc)
+        patch.undo()
+        with open(f"{run_dir}/outcome{rank}", "w") as f:
+            f.write(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("where", ["shards", "marker"])
+def test_a_save_failing_on_one_rank_fails_on_every_rank(tmp_path, where):
+    import torch.multiprocessing as mp
+
+    run = tmp_path / "run"
+    mp.spawn(failing_save_worker, args=(str(tmp_path / "init"), str(run), where), nprocs=2, join=True)
+    for rank in (0, 1):
+        outcome = (run / f"outcome{rank}").read_text()
+        assert "No space left on device" in outcome and "step-00000002" in outcome, (rank, outcome)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
