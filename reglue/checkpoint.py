@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from reglue.outputs import human_bytes
 from reglue.runtime import DistInfo, barrier, broadcast_object
 
 log = logging.getLogger("reglue.checkpoint")
@@ -226,11 +227,7 @@ def _save_failure(root: Path, tmp: Path, exc: BaseException) -> str:
         free = shutil.disk_usage(root).free
     except OSError:
         return reason
-    return f"{reason} ({_mib(free)} free there, {_mib(partial)} of the checkpoint written)"
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    return f"{reason} ({human_bytes(free)} free there, {human_bytes(partial)} of the checkpoint written)"
 
 
 def prune(run_dir, run_id: str, keep_last: int) -> None:

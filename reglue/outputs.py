@@ -139,3 +139,11 @@ def os_error_line(exc: OSError) -> str:
     if exc.filename is None:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return f"{exc.filename}: {exc.strerror or exc}"
+
+
+def human_bytes(n: int) -> str:
+    """1.2 GiB, 3.4 MiB or 56 KiB: readable at every size that a run writes."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.0f} KiB"

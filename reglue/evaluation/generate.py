@@ -63,7 +63,7 @@ from reglue.config import Config, ConfigError, SampleConfig, apply_overrides
 from reglue.diffusion.samplers import sample
 from reglue.evaluation.reference import NpzWriter
 from reglue.models.state import weights_fingerprint
-from reglue.outputs import atomic_path, ensure_output_dir, ensure_output_file, write_json_atomic
+from reglue.outputs import atomic_path, ensure_output_dir, ensure_output_file, human_bytes, write_json_atomic
 from reglue.runtime import seeded_generator
 
 log = logging.getLogger("reglue.generate")
@@ -351,8 +351,8 @@ class SampleStore:
         need = (len(self.pending(plan)) * plan.batch_size + plan.num) * image_bytes  # blocks still to write + the .npz
         free = shutil.disk_usage(self.out.parent).free
         if need > free:
-            raise ValueError(f"--out {self.out}: needs about {need / 1e9:.1f} GB (blocks + final .npz) but "
-                             f"{free / 1e9:.1f} GB are free on that disk: free space or choose another --out")
+            raise ValueError(f"--out {self.out}: needs about {human_bytes(need)} (blocks + final .npz) but "
+                             f"{human_bytes(free)} are free on that disk: free space or choose another --out")
         return False
 
     @staticmethod

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tracemalloc
+import types
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +351,15 @@ def test_sde_sampler_loop_never_waits_for_the_gpu():
         euler_maruyama(model, x, y, cls, num_steps=10, cfg_scale=2.0, guidance_interval=(0.0, 0.9), generator=g)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_too_little_disk_space_is_refused_before_sampling(exported, tmp_path, capsys, monkeypatch):
+    def one_kib_free(path):
+        return types.SimpleNamespace(total=2**30, used=2**30 - 1024, free=1024)
+
+    monkeypatch.setattr(generate.shutil, "disk_usage", one_kib_free)
+    out = tmp_path / "s.npz"
+    assert run_generate("--weights", exported["safetensors"], "--out", out, "--num", 8, *FAST) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"reglue generate: error: --out {out}: needs about ") and "but 1 KiB are free" in line, line
+    assert not out.exists()
