@@ -20,7 +20,7 @@ def cmd_export(args) -> int:
     from reglue.checkpoint import load_run_weights
     from reglue.outputs import ensure_output_file
 
-    out = ensure_output_file(args.out, "--out")
+    out = ensure_output_file(args.out, "--out", suffixes=(".safetensors",))
     whiches = ("ema", "model") if args.weights == "both" else (args.weights,)
     config, model, path = load_run_weights(args.run, args.checkpoint, whiches[0])
     models = {whiches[0]: model}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -24,8 +25,12 @@ def _check_writable_dir(folder: Path, flag: str) -> None:
         raise OutputError(f"{flag} {folder}: a file is in the way of this directory") from None
     except OSError as exc:
         raise OutputError(f"{flag} {folder}: cannot create the directory ({exc.strerror})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {folder}: the directory is not writable")
+    try:  # a real write: os.access says yes to root on read-only or virtual filesystems (/proc, a full quota)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".reglue-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{flag} {folder}: the directory is not writable ({exc.strerror})") from None
 
 
 def ensure_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:

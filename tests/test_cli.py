@@ -2,6 +2,7 @@
 an OS error no check foresaw is one line too (no traceback)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -24,11 +25,25 @@ def _error_line(capsys) -> str:
 
 
 def test_plot_checks_its_output_before_reading_the_runs(tmp_path, capsys, monkeypatch):
-    """An unwritable folder (as seen by a user without the permission: os.access says no) is
+    """An unwritable folder (a write into it fails, as for a user without the permission) is
     refused before the runs are read: the missing run is not what the error names."""
-    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", denied)
     assert cli.main(["plot", str(tmp_path / "missing-run"), "--out", str(tmp_path / "locked" / "plot.png")]) == 2
-    assert _error_line(capsys) == f"reglue plot: error: --out {tmp_path / 'locked'}: the directory is not writable"
+    assert _error_line(capsys) == (f"reglue plot: error: --out {tmp_path / 'locked'}: the directory is not writable "
+                                   "(Permission denied)")
+
+
+def test_the_write_check_writes_for_real_and_leaves_nothing(tmp_path):
+    """os.access answers yes to root everywhere (e.g. /proc): the check writes a probe file instead."""
+    assert outputs.ensure_output_file(tmp_path / "sub" / "x.json") == tmp_path / "sub" / "x.json"
+    assert list((tmp_path / "sub").iterdir()) == []
+    proc = Path("/proc")
+    if proc.is_dir():
+        with pytest.raises(outputs.OutputError, match="/proc: the directory is not writable"):
+            outputs.ensure_output_file(proc / "x.json")
 
 
 @pytest.mark.parametrize("out, why", [("plot.txt", "the file name must end in .avif or"),
@@ -55,3 +70,15 @@ def test_an_os_error_during_the_work_is_one_line(run, tmp_path, capsys, monkeypa
     monkeypatch.setattr(plots, "save_metrics_plot", denied)
     assert cli.main(["plot", str(run), "--out", str(target)]) == 2
     assert _error_line(capsys) == f"reglue plot: error: {target}: Permission denied"
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["export", "--run", "{tmp}/missing-run", "--out", "{tmp}/config.json"], "--out {tmp}/config.json: the file name must end in .safetensors"),
+    (["stats", "--preset", "tiny", "--data", "{tmp}/missing-data", "--out", "{tmp}/stats.pt"],
+     "--out {tmp}/stats.pt: the file name must end in .safetensors"),
+])
+def test_output_names_are_checked_before_the_inputs_are_read(tmp_path, capsys, argv, why):
+    """A slip of --out (e.g. onto the run's config.json) is refused first: nothing is read or replaced."""
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert cli.main(argv) == 2
+    assert why.format(tmp=tmp_path) in _error_line(capsys)

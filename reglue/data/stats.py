@@ -232,7 +232,7 @@ def main(args) -> int:
     check_arguments(args)
     for flag, path in (("--out", args.out), ("--pca-out", args.pca_out)):
         if path:
-            ensure_output_file(path, flag)
+            ensure_output_file(path, flag, suffixes=(".safetensors",))
     config = run_config(args.preset, args.config, encoder_overrides(args))
     n_components = None
     if args.pca is not None:

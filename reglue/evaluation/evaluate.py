@@ -37,6 +37,7 @@ to 224x224 (bicubic; dgm-eval resizes with PIL's antialiased bicubic, so values 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -353,7 +354,7 @@ def _open_dataset(args):
 
 def _make_ref(args, device: torch.device) -> int:
     out = Path(args.out)
-    ensure_output_file(out, "--out", must_not_exist=True)
+    ensure_output_file(out, "--out", suffixes=(".npz",), must_not_exist=True)
     dataset = _open_dataset(args)
     inception = build_inception(args.inception_weights, device)
     dinov2 = DINOv2Features(args.dinov2_weights, device) if args.dinov2_weights else None
@@ -369,12 +370,26 @@ def _make_ref(args, device: torch.device) -> int:
     return 0
 
 
+def check_results_path(out: Path) -> None:
+    """``--out`` of an evaluation: a .json that may replace an earlier results file, never anything else
+    (``--out samples.npz`` must not destroy the samples)."""
+    ensure_output_file(out, "--out", suffixes=(".json",))
+    if out.exists():
+        try:
+            previous = json.loads(out.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            previous = None
+        if not isinstance(previous, dict):
+            raise ValueError(f"--out {out}: exists and is not a results file of reglue evaluate; it is not overwritten: "
+                             "remove it or choose another name")
+
+
 def _evaluate(args, device: torch.device) -> Dict:
     """Validate everything, then compute; returns the results dict (also printed and saved)."""
     metrics = parse_metrics(args.metrics)
     out = Path(args.out) if args.out else None
     if out is not None:
-        ensure_output_file(out, "--out")
+        check_results_path(out)
     reference = load_reference(args.ref, need_images="pr" in metrics)
     samples = NpzImages(args.samples)
     if "is" in metrics and len(samples) < args.is_split_size:
