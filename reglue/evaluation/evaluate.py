@@ -57,6 +57,7 @@ from reglue.evaluation.metrics import (ADM_NEIGHBOURS, ADM_SPLIT_SIZE, FeatureSe
 from reglue.evaluation.reference import (DEFAULT_REFERENCE_IMAGES, NpzImages, Reference, load_reference,
                                          make_reference)
 from reglue.outputs import ensure_output_file, write_json_atomic
+from reglue.runtime import seeded_init
 
 __all__ = [
     "METRICS",
@@ -107,8 +108,7 @@ class DINOv2Features:
 
         self.is_random = weights == RANDOM
         depth = timm_overrides.get("depth", 24)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_init(seed):
             # image_size=256 builds the 224 input; other sizes get views of the same model below
             self.base = build_dinov2(model_name, None if self.is_random else weights, image_size=256, layers=(depth - 1,),
                                      **timm_overrides).to(device)

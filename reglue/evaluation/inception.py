@@ -57,6 +57,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 
+from reglue.runtime import seeded_init
+
 __all__ = [
     "INCEPTION_FILE",
     "INCEPTION_SHA256",
@@ -227,8 +229,7 @@ class InceptionFeatureExtractor(nn.Module):
         super().__init__()
         path = resolve_inception_weights(weights)
         state_dict = load_checked_state_dict(path) if path is not None else None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_init(seed):
             self.net = _torch_fidelity_class()()
             if state_dict is None:
                 self._he_init()
