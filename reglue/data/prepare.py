@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -555,6 +556,10 @@ def main(args) -> int:
     meta = prepare(source, args.out, options, file_list=args.file_list, num_workers=args.workers,
                    batch_size=args.batch_size, device=args.device, rank=args.rank, world_size=args.world_size,
                    progress=not args.no_progress)
+    if meta is not None and meta["num_samples"] == 0:
+        print(f"reglue prepare: error: none of the {meta['num_sources']} source files could be read (listed in "
+              f"{Path(args.out) / 'report.json'}): {args.out} holds no samples", file=sys.stderr)
+        return 2
     if meta is not None:
         print(f"prepared {meta['num_samples']} samples ({meta['num_classes']} classes, {meta['image_size']}px) in {args.out}; "
               f"{meta['num_skipped']} unreadable files skipped (listed in {Path(args.out) / 'report.json'})")

@@ -203,6 +203,10 @@ class ShardDataset(EncodedDataset):
         self.starts = np.concatenate([[0], np.cumsum(counts)])
         if int(self.starts[-1]) != _field(path, meta, "num_samples", int):
             raise DatasetError(f"{self.root / 'dataset.json'}: shard counts sum to {int(self.starts[-1])}, num_samples says {meta['num_samples']}")
+        if int(self.starts[-1]) == 0:
+            skipped = meta.get("num_skipped") or 0
+            why = f": all {skipped} source files were unreadable (listed in {self.root / 'report.json'})" if skipped else ""
+            raise DatasetError(f"{self.root}: the prepared dataset holds no samples{why}")
         self._offsets = [_load_npy(self._file(k, "offsets.npy")) for k in range(len(counts))]
         labels = [_load_npy(self._file(k, "labels.npy")) for k in range(len(counts))]
         if verify:

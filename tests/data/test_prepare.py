@@ -245,7 +245,21 @@ def test_batch_boundary_and_empty_shards(tmp_path):
     nothing = _class_folder(tmp_path / "nothing", images=0, broken=3)
     meta = prepare(nothing, tmp_path / "out_nothing", options, num_workers=0, batch_size=2, progress=False)
     assert meta["num_samples"] == 0 and meta["num_skipped"] == 3 and meta["latent_stats"] is None
-    assert len(open_data_dir(tmp_path / "out_nothing")) == 0
+    with pytest.raises(DatasetError, match=r"out_nothing: the prepared dataset holds no samples: all 3 source files "
+                                           r"were unreadable \(listed in .*report\.json\)"):
+        open_data_dir(tmp_path / "out_nothing")  # training, stats, make-ref: one line, not 'batch exceeds size 0'
+
+
+def test_prepare_command_fails_when_nothing_could_be_read(tmp_path, capsys):
+    from reglue.cli import main
+
+    nothing = _class_folder(tmp_path / "nothing", images=0, broken=2)
+    out = tmp_path / "out"
+    assert main(["prepare", "--source", str(nothing), "--out", str(out), "--resolution", "16", "--vae", VAE,
+                 "--workers", "0", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"reglue prepare: error: none of the 2 source files could be read (listed in {out / 'report.json'}): "
+        f"{out} holds no samples")
 
 
 def test_dataset_json_of_the_wrong_type_is_one_clear_error(prepared, tmp_path):
