@@ -213,10 +213,8 @@ def _save_failure(root: Path, tmp: Path, exc: BaseException) -> str:
     """What went wrong in one line, with the free space (a full disk is the usual cause and the
     writers' own messages rarely say so)."""
     cause = _failures(exc)[0]
-    while cause.__cause__ is not None or cause.__context__ is not None:  # the OSError under a wrapper, if any
-        if isinstance(cause, OSError):
-            break
-        cause = cause.__cause__ or cause.__context__
+    while not isinstance(cause, OSError) and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__  # the OSError under a wrapper, if any
     if isinstance(cause, OSError) and cause.strerror:
         reason = f"{cause.filename}: {cause.strerror}" if cause.filename else cause.strerror
     else:

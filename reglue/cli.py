@@ -107,11 +107,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, DatasetError, FileNotFoundError, ValueError) as exc:
-        print(f"reglue {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the last resort for what no check foresaw (a disk full, a folder gone read-only)
-        print(f"reglue {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+    # OSError: also the last resort for what no check foresaw (a disk full, a folder gone read-only)
+    except (CheckpointError, DatasetError, ValueError, OSError) as exc:
+        print(f"reglue {args.command}: error: {os_error_line(exc) if isinstance(exc, OSError) else exc}", file=sys.stderr)
         return 2
 
 

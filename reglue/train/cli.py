@@ -110,14 +110,11 @@ def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{prog}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, ValueError, NonFiniteError) as exc:
+    # OSError: also what no check foresaw (a disk full while writing metrics or plots, a folder gone read-only)
+    except (ConfigError, CheckpointError, DatasetError, ValueError, NonFiniteError, OSError) as exc:
         if os.environ.get("REGLUE_DEBUG"):
             raise
-        print(f"{prog}: error: {exc}\n(set REGLUE_DEBUG=1 for the traceback)", file=sys.stderr)
+        line = os_error_line(exc) if isinstance(exc, OSError) else exc
+        print(f"{prog}: error: {line}\n(set REGLUE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3 if isinstance(exc, NonFiniteError) else 2
-    except OSError as exc:  # what no check foresaw: a disk full while writing metrics or plots, a folder gone read-only
-        if os.environ.get("REGLUE_DEBUG"):
-            raise
-        print(f"{prog}: error: {os_error_line(exc)}\n(set REGLUE_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
     return 0
