@@ -182,6 +182,7 @@ def save_checkpoint(run_dir, step: int, state: Dict[str, Any], meta: Dict[str, A
             dcp.save(state, checkpoint_id=str(tmp))
     except (CheckpointException, OSError, RuntimeError) as exc:  # DCP raises it on every rank
         error = _save_failure(root, tmp, exc)
+        barrier()  # every rank has measured the partial files before rank 0 removes them
     else:
         barrier()  # every rank's shards and DCP's index are written (and fsynced by DCP)
         if dist_info.is_main:
@@ -220,7 +221,11 @@ def _save_failure(root: Path, tmp: Path, exc: BaseException) -> str:
     else:
         text = str(cause).strip().splitlines()
         reason = f"{type(cause).__name__}: {text[0] if text else ''}"
-    partial = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
+    partial = 0
+    for folder, _, names in os.walk(tmp):  # files may vanish meanwhile (another rank's cleanup): count what is there
+        for name in names:
+            with contextlib.suppress(OSError):
+                partial += os.stat(os.path.join(folder, name)).st_size
     try:
         free = shutil.disk_usage(root).free
     except OSError:

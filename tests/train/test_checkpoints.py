@@ -3,6 +3,7 @@ deleted), the newest loadable one used, pruning limited to the run's own complet
 
 import json
 import logging
+import re
 import shutil
 
 import pytest
@@ -223,7 +224,10 @@ def test_a_save_failing_on_one_rank_fails_on_every_rank(tmp_path, where):
 
     run = tmp_path / "run"
     mp.spawn(failing_save_worker, args=(str(tmp_path / "init"), str(run), where), nprocs=2, join=True)
-    for rank in (0, 1):
-        outcome = (run / f"outcome{rank}").read_text()
+    outcomes = [(run / f"outcome{rank}").read_text() for rank in (0, 1)]
+    for rank, outcome in enumerate(outcomes):
         assert "No space left on device" in outcome and "step-00000002" in outcome, (rank, outcome)
+    # both ranks measured the partial files before rank 0 removed them (no rank races the cleanup)
+    written = [re.search(r", ([0-9.]+ \w+) of the checkpoint written", o).group(1) for o in outcomes]
+    assert written[0] == written[1], outcomes
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
