@@ -6,14 +6,19 @@ Layout of ``<run>/checkpoints/step-00001000/``::
     __<rank>_0.distcp   DCP shards of whatever state the caller saves (model, EMA, optimizer)
     .metadata           DCP's index of the shards
     meta.json           step, config, world size, run id, counters
-    complete.json       written last: the size of every other file
+    complete.json       written last: the size and the CRC-32 of every other file
 
 A checkpoint is written into ``step-XXXXXXXX.tmp``; after every rank's shards and the metadata,
-rank 0 writes ``complete.json`` and renames the folder. It counts as complete only when the marker
-reads and every file it lists is there at its listed size, so a truncated or missing shard, a
-missing ``.metadata`` or ``meta.json`` or an unreadable marker is seen in milliseconds, without
-reading the shards. Resume and export take the newest checkpoint that *loads*: damaged ones are
-named in one warning line each and skipped, never deleted. Pruning (``keep_last``) removes only
+each rank computes the CRC-32 of its own shards (``__<rank>_*``, read back from the page cache:
+~2.5 GB/s of one core, about 0.5 s per rank for SiT-XL/2's ~11 GB of model, EMA and Adam state
+over 8 ranks), rank 0 those of the rest, writes ``complete.json`` and renames the folder. It
+counts as complete only when the marker reads and every file it lists is there at its listed
+size, so a truncated or missing shard, a missing ``.metadata`` or ``meta.json`` or an unreadable
+marker is seen in milliseconds, without reading the shards. Before a checkpoint is loaded (resume,
+export, generate, sample) the checksums are verified, each rank a share of the files, so a shard
+garbled at its own size is refused instead of loaded as wrong weights; checkpoints written before
+checksums were recorded are checked by size only. Resume and export take the newest checkpoint
+that *loads*: damaged ones are named in one warning line each and skipped, never deleted. Pruning (``keep_last``) removes only
 complete checkpoints of the current run (its ``run_id``), so the newest loadable one always stays.
 
 All randomness of a step is drawn from generators seeded by (seed, step), so the step counter
@@ -33,6 +38,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -42,8 +48,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from reglue.integrity import DamagedFileError, crc32_file, verify_crc32
 from reglue.outputs import human_bytes
-from reglue.runtime import DistInfo, barrier, broadcast_object
+from reglue.runtime import DistInfo, all_gather_object, barrier, broadcast_object
 
 log = logging.getLogger("reglue.checkpoint")
 
@@ -124,6 +131,9 @@ def checkpoint_damage(path: str | Path) -> Optional[str]:
     for required in (DCP_INDEX, META):
         if required not in files:
             return f"{MARKER} does not list {required}"
+    checksums = _marker_checksums(path)
+    if checksums is not None and set(checksums) != set(files):
+        return f"unreadable {MARKER} (its checksums do not list the same files as its sizes)"
     for name, size in sorted(files.items()):
         file = path / name
         if not file.is_file():
@@ -136,6 +146,42 @@ def checkpoint_damage(path: str | Path) -> Optional[str]:
     except CheckpointError as exc:
         return str(exc)
     return None
+
+
+def _marker_checksums(path: Path) -> Optional[Dict[str, int]]:
+    """``{file: CRC-32}`` from the marker; None for a checkpoint saved before checksums (sizes only)."""
+    recorded = _read_json_object(path / MARKER, "completion marker").get("crc32")
+    if recorded is None:
+        return None
+    try:
+        return {name: int(value, 16) for name, value in recorded.items()}
+    except (AttributeError, TypeError, ValueError):
+        return {}  # a damaged list: fails the comparison with the file sizes
+
+
+def content_damage(path: str | Path) -> Optional[str]:
+    """Collective: the first file of the checkpoint whose CRC-32 differs from the marker's, or None.
+    Each rank reads every world_size-th file (all ranks return the same answer)."""
+    path = Path(path)
+    checksums = _marker_checksums(path) or {}
+    names = sorted(checksums)
+    rank, world = (torch_dist.get_rank(), torch_dist.get_world_size()) if torch_dist.is_initialized() else (0, 1)
+    problem = None
+    for name in names[rank::world]:
+        try:
+            verify_crc32(path / name, checksums[name], name)
+        except DamagedFileError as exc:
+            problem = str(exc).removeprefix(f"{path / name}: ")
+            break
+        except OSError as exc:
+            problem = f"{name} is unreadable ({exc.strerror})"
+            break
+    return next((p for p in all_gather_object(problem) if p is not None), None)
+
+
+def _own_checksums(tmp: Path, rank: int) -> Dict[str, str]:
+    """CRC-32 of the DCP shards this rank wrote (``__<rank>_*.distcp``), as 8 hex digits."""
+    return {p.name: f"{crc32_file(p):08x}" for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
 
 
 def _fsync(path: Path) -> None:
@@ -184,13 +230,22 @@ def save_checkpoint(run_dir, step: int, state: Dict[str, Any], meta: Dict[str, A
         error = _save_failure(root, tmp, exc)
         barrier()  # every rank has measured the partial files before rank 0 removes them
     else:
-        barrier()  # every rank's shards and DCP's index are written (and fsynced by DCP)
+        try:  # every rank's shards and DCP's index are written (and fsynced by DCP) once all have returned
+            own = _own_checksums(tmp, dist_info.rank)
+        except OSError as exc:
+            own = _save_failure(root, tmp, exc)
+        gathered = all_gather_object(own)  # also the barrier after the shards
         if dist_info.is_main:
+            error = next((g for g in gathered if isinstance(g, str)), None)
             try:
-                meta = dict(meta, step=step, world_size=dist_info.world_size, format_version=FORMAT_VERSION)
-                _write_json_durable(tmp / META, meta)
-                files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-                _write_json_durable(tmp / MARKER, {"step": step, "run_id": meta["run_id"], "files": files})
+                if error is None:
+                    meta = dict(meta, step=step, world_size=dist_info.world_size, format_version=FORMAT_VERSION)
+                    _write_json_durable(tmp / META, meta)
+                    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+                    checksums = {name: crc for g in gathered for name, crc in g.items()}
+                    checksums.update({name: f"{crc32_file(tmp / name):08x}" for name in files if name not in checksums})
+                    _write_json_durable(tmp / MARKER, {"step": step, "run_id": meta["run_id"], "files": files,
+                                                       "crc32": {name: checksums[name] for name in files}})
             except OSError as exc:
                 error = _save_failure(root, tmp, exc)
         if dist_info.world_size > 1:
@@ -253,7 +308,7 @@ def load_checkpoint(path: str | Path, state: Dict[str, Any]) -> Dict[str, Any]:
 
     DCP reports failures as ``CheckpointException``, a ``BaseException`` (not an ``Exception``)
     raised on every rank, so all ranks see the same failure and can fall back together."""
-    damage = checkpoint_damage(path)
+    damage = checkpoint_damage(path) or content_damage(path)
     if damage is not None:
         raise CheckpointError(f"{path}: {damage}")
     meta = read_meta(path)

@@ -15,10 +15,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def cmd_export(args) -> int:
-    from safetensors.torch import save_file
-
     from reglue.checkpoint import load_run_weights
-    from reglue.outputs import ensure_output_file
+    from reglue.integrity import save_safetensors
+    from reglue.outputs import atomic_path, ensure_output_file
 
     out = ensure_output_file(args.out, "--out", suffixes=(".safetensors",))
     whiches = ("ema", "model") if args.weights == "both" else (args.weights,)
@@ -31,7 +30,8 @@ def cmd_export(args) -> int:
         prefix = f"{which}." if args.weights == "both" else ""
         tensors.update({prefix + k: v.contiguous() for k, v in loaded.state_dict().items()})
     metadata = {"config": config.to_json(), "checkpoint": str(path), "weights": args.weights}
-    save_file(tensors, out, metadata=metadata)
+    with atomic_path(out) as tmp:
+        save_safetensors(tensors, tmp, metadata=metadata)
     print(f"wrote {len(tensors)} tensors ({args.weights}) from {path} to {out}")
     return 0
 

@@ -86,6 +86,15 @@ def broadcast_object(obj, src: int = 0):
     return obj
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [None] * dist.get_world_size()
+        dist.all_gather_object(box, obj)
+        return box
+    return [obj]
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

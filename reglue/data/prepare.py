@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -40,7 +41,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from reglue.data.shards import FORMAT, FORMAT_VERSION, MOMENT_CHANNELS, SHARD_DONE, SHARDS_DIR, DatasetError
+from reglue.data.shards import (FORMAT, FORMAT_VERSION, INDEX_FILES, MOMENT_CHANNELS, SAMPLE_CHECKSUMS, SHARD_DONE,
+                                SHARDS_DIR, DatasetError)
+from reglue.integrity import crc32_file
 from reglue.models.state import weights_fingerprint
 from reglue.outputs import ensure_output_dir, write_json_atomic
 
@@ -252,12 +255,13 @@ class ShardWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         self.images = open(self.tmp / "images.bin", "wb")
-        self.offsets, self.labels, self.sources, self.moments = [0], [], [], []
+        self.offsets, self.labels, self.sources, self.moments, self.image_crcs = [0], [], [], [], []
         self.latent_size = latent_size
         self.stats = _MomentStats()
 
     def add(self, data: bytes, label: int, source: str, moments: Optional[torch.Tensor]) -> None:
         self.images.write(data)
+        self.image_crcs.append(zlib.crc32(data))
         self.offsets.append(self.offsets[-1] + len(data))
         self.labels.append(label)
         self.sources.append(source)
@@ -265,18 +269,24 @@ class ShardWriter:
             self.moments.append(moments)
 
     def close(self, info: dict) -> dict:
-        """Write the shard's arrays and ``shard.json`` (``info`` plus counts and moment statistics),
-        then rename the shard into place."""
+        """Write the shard's arrays and ``shard.json`` (``info`` plus counts, moment statistics and
+        the CRC-32 of its index files), then rename the shard into place."""
         self.images.close()
         np.save(self.tmp / "offsets.npy", np.array(self.offsets, dtype=np.int64))
         np.save(self.tmp / "labels.npy", np.array(self.labels, dtype=np.int64))
+        checksums = np.zeros((len(self.labels), 2), dtype=np.uint32)
+        checksums[:, 0] = self.image_crcs
         if self.latent_size is not None:
             shape = (0, MOMENT_CHANNELS, self.latent_size, self.latent_size)
             moments = torch.stack(self.moments) if self.moments else torch.zeros(shape)
             self.stats.update(moments)
-            np.save(self.tmp / "moments.npy", moments.numpy().astype(np.float32))
+            moments = moments.numpy().astype(np.float32)
+            checksums[:, 1] = [zlib.crc32(row) for row in moments]
+            np.save(self.tmp / "moments.npy", moments)
+        np.save(self.tmp / SAMPLE_CHECKSUMS, checksums)
         (self.tmp / "sources.txt").write_text("".join(s + "\n" for s in self.sources))
-        info = dict(info, num_samples=len(self.labels), latent_moments=self.stats.to_json())
+        info = dict(info, num_samples=len(self.labels), latent_moments=self.stats.to_json(),
+                    crc32={name: f"{crc32_file(self.tmp / name):08x}" for name in INDEX_FILES})
         (self.tmp / SHARD_DONE).write_text(json.dumps(info, indent=1))
         if self.final.exists():  # an unfinished leftover (no shard.json): replace it
             shutil.rmtree(self.final)

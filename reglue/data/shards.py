@@ -16,7 +16,14 @@ Shard format (``format: "reglue-shards"``, version 1)
         labels.npy               int64 (n,)
         moments.npy              float32 (n, 8, h, w): SD-VAE latent mean ++ std (absent with --vae none)
         sources.txt              one line per sample: source path relative to the input, "\\tflip" for flips
-        shard.json               written last: the shard is complete iff this file exists
+        checksums.npy            uint32 (n, 2): CRC-32 of each sample's JPEG bytes and of its moments row
+        shard.json               written last: the shard is complete iff this file exists; ``crc32``: the
+                                 CRC-32 of offsets.npy, labels.npy, checksums.npy and sources.txt
+
+Damage is refused, not read: the index files are verified against ``shard.json`` when a dataset
+is opened (they are small: 24 bytes a sample), and each sample's bytes against ``checksums.npy``
+as they are read (a CRC of ~30 KB per sample, next to decoding it), so nothing reads the whole of
+``images.bin`` or ``moments.npy`` up front. Shards prepared before checksums are read unverified.
 
 Global sample index i lives in the shard whose cumulative range holds it (shards in name order).
 Random access by index is what lets both loaders (the torch DataLoader and DALI's
@@ -50,16 +57,22 @@ from __future__ import annotations
 import io
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from reglue.integrity import DamagedFileError, crc_mismatch, verify_crc32
+
 FORMAT = "reglue-shards"
 FORMAT_VERSION = 1
 SHARDS_DIR = "shards"
 SHARD_DONE = "shard.json"
+SAMPLE_CHECKSUMS = "checksums.npy"
+INDEX_FILES = ("offsets.npy", "labels.npy", SAMPLE_CHECKSUMS, "sources.txt")
+"""The files of a shard whose CRC-32 ``shard.json`` records (verified at open)."""
 MOMENT_CHANNELS = 8
 
 
@@ -207,7 +220,12 @@ class ShardDataset(EncodedDataset):
             skipped = meta.get("num_skipped") or 0
             why = f": all {skipped} source files were unreadable (listed in {self.root / 'report.json'})" if skipped else ""
             raise DatasetError(f"{self.root}: the prepared dataset holds no samples{why}")
+        if verify:
+            for k in range(len(counts)):
+                self._verify_index_files(k)
         self._offsets = [_load_npy(self._file(k, "offsets.npy")) for k in range(len(counts))]
+        self._checksums = [_load_npy(self._file(k, SAMPLE_CHECKSUMS)) if self._file(k, SAMPLE_CHECKSUMS).is_file() else None
+                           for k in range(len(counts))]
         labels = [_load_npy(self._file(k, "labels.npy")) for k in range(len(counts))]
         if verify:
             self._verify(counts, labels)
@@ -218,11 +236,41 @@ class ShardDataset(EncodedDataset):
     def _file(self, shard: int, name: str) -> Path:
         return self.root / SHARDS_DIR / self.shard_names[shard] / name
 
+    def _verify_index_files(self, shard: int) -> None:
+        """The index files against the CRC-32 in ``shard.json`` (none recorded: prepared before checksums)."""
+        done = self._file(shard, SHARD_DONE)
+        if not done.is_file():
+            raise DatasetError(f"{done}: missing (shard not finished; re-run `reglue prepare`)")
+        recorded = _load_json(done).get("crc32")
+        if recorded is None:
+            return
+        for name in INDEX_FILES:
+            path = self._file(shard, name)
+            try:
+                expected = int(recorded[name], 16)
+            except (KeyError, TypeError, ValueError):
+                raise DatasetError(f"{done}: its crc32 record lacks or garbles {name}") from None
+            if not path.is_file():
+                raise DatasetError(f"{path}: missing")
+            try:
+                verify_crc32(path, expected, "the file")
+            except DamagedFileError as exc:
+                raise DatasetError(f"{exc}: prepare the dataset again") from None
+
+    def _check_sample(self, index: int, shard: int, local: int, column: int, data) -> None:
+        """Sample bytes against their CRC-32 in ``checksums.npy`` (column 0: JPEG, 1: moments)."""
+        checksums = self._checksums[shard]
+        if checksums is None:
+            return
+        expected, actual = int(checksums[local, column]), zlib.crc32(data)
+        if actual != expected:
+            file, what = ("images.bin", "the JPEG") if column == 0 else ("moments.npy", "the moments row")
+            raise DatasetError(f"{self._file(shard, file)} sample {local} (global {index}): "
+                               f"{crc_mismatch(what, actual, expected)}; prepare the dataset again")
+
     def _verify(self, counts: np.ndarray, labels: List[np.ndarray]) -> None:
         for k, n in enumerate(counts):
             n = int(n)
-            if not self._file(k, SHARD_DONE).is_file():
-                raise DatasetError(f"{self._file(k, SHARD_DONE)}: missing (shard not finished; re-run `reglue prepare`)")
             offsets = self._offsets[k]
             if offsets.shape != (n + 1,) or (n and (offsets[0] != 0 or np.any(np.diff(offsets) <= 0))):
                 raise DatasetError(f"{self._file(k, 'offsets.npy')}: expected {n + 1} increasing offsets from 0, got shape {offsets.shape}")
@@ -264,13 +312,17 @@ class ShardDataset(EncodedDataset):
     def encoded(self, index: int) -> np.ndarray:
         shard, local = self.locate(index)
         offsets = self._offsets[shard]
-        return self._open(shard)[0][offsets[local] : offsets[local + 1]]
+        data = self._open(shard)[0][offsets[local] : offsets[local + 1]]
+        self._check_sample(index, shard, local, 0, data)
+        return data
 
     def moments(self, index: int) -> Optional[np.ndarray]:
         if not self.has_moments:
             return None
         shard, local = self.locate(index)
-        return self._open(shard)[1][local]
+        row = self._open(shard)[1][local]
+        self._check_sample(index, shard, local, 1, row)
+        return row
 
     def describe(self, index: int) -> str:
         shard, local = self.locate(index)

@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from reglue.data.sampler import sample_indices
-from reglue.runtime import all_reduce_sum
+from reglue.runtime import all_gather_object, all_reduce_sum
 from reglue.models.encoders import PCA, DINOv2Encoder, FeatureStats, RunningMoments
 
 log = logging.getLogger("reglue.stats")
@@ -50,13 +50,10 @@ def image_batches(dataset, indices: Sequence[int], batch_size: int, num_workers:
 
 def gather_moments(moments: RunningMoments) -> RunningMoments:
     """Merge every rank's partial moments (in rank order, so all ranks get the same result)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return moments
-    parts = [None] * dist.get_world_size()
     local = (moments.count, None if moments.mean is None else moments.mean.cpu(), None if moments.m2 is None else moments.m2.cpu())
-    dist.all_gather_object(parts, local)
+    parts = all_gather_object(local)
+    if len(parts) == 1:
+        return moments
     total = RunningMoments()
     for count, mean, m2 in parts:
         total.merge(RunningMoments(count, mean, m2))

@@ -193,10 +193,10 @@ def _resume(out: Path, model, optimizer, hp: CompressorTraining, steps_per_epoch
 
 
 def _save_weights(model, path: Path) -> None:
-    from safetensors.torch import save_file
+    from reglue.integrity import save_safetensors
 
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
 
 
 def add_parser(subparsers) -> None:

@@ -255,12 +255,14 @@ class Evaluator:
             from tqdm import tqdm
 
             bar = tqdm(total=len(images), unit="img", desc=desc, dynamic_ncols=True)
-        for batch in _prefetched(images.batches(self.batch_size), pin=self.device.type == "cuda"):
-            self.add_images(features, batch)
+        try:  # the file's CRC-32 is verified after its last batch: a damaged file raises here, before any score
+            for batch in _prefetched(images.batches(self.batch_size), pin=self.device.type == "cuda"):
+                self.add_images(features, batch)
+                if bar is not None:
+                    bar.update(len(batch))
+        finally:
             if bar is not None:
-                bar.update(len(batch))
-        if bar is not None:
-            bar.close()
+                bar.close()  # an error then starts on a line of its own
         return features
 
     def reference_features(self, desc: Optional[str] = None) -> Optional[FeatureSet]:

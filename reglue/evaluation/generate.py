@@ -62,6 +62,7 @@ import torch
 from reglue.config import Config, ConfigError, SampleConfig, apply_overrides
 from reglue.diffusion.samplers import sample
 from reglue.evaluation.reference import NpzWriter
+from reglue.integrity import DamagedFileError, load_safetensors
 from reglue.models.state import weights_fingerprint
 from reglue.outputs import atomic_path, ensure_output_dir, ensure_output_file, human_bytes, write_json_atomic
 from reglue.runtime import seeded_generator
@@ -491,9 +492,7 @@ def _read_weight_file(path: Path, model) -> None:
     from reglue.models.sit import load_sit_checkpoint
 
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        reader = lambda: load_file(str(path))  # noqa: E731
+        reader = lambda: load_safetensors(path, fix="export it again (`reglue export`)")[0]  # noqa: E731
     else:
 
         def reader():
@@ -502,6 +501,8 @@ def _read_weight_file(path: Path, model) -> None:
 
     try:
         ckpt = reader()
+    except DamagedFileError:  # already one line naming the file and the fix
+        raise
     except Exception as exc:  # truncated zip, unpickling refused, foreign file
         raise ValueError(f"--weights {path}: cannot read it ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                          "is the file complete?") from None

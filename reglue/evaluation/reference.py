@@ -14,7 +14,9 @@ and the sample batches its evaluator reads; ``numpy.savez`` layout):
 
 :class:`NpzImages` reads ``arr_0`` by batches: memory-mapped when the member is stored
 uncompressed (``numpy.savez``; 50,000 256² images are 9.8 GB), streamed through ``zipfile``
-when it is deflated (``savez_compressed``). :class:`NpzWriter` writes the same layout array by
+when it is deflated (``savez_compressed``). Either way the member's zip CRC-32 is verified
+(computed over the batches as they are read; :class:`~reglue.integrity.DamagedFileError` after the
+last batch when it differs: consume every batch before reporting anything). :class:`NpzWriter` writes the same layout array by
 array, big arrays in batches, and renames the file into place only once complete, so an
 interrupted run leaves no half-written reference where a good one was expected.
 """
@@ -25,6 +27,7 @@ import math
 import os
 import struct
 import zipfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ import torch
 
 from reglue.evaluation.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor
 from reglue.evaluation.metrics import FeatureSet, GaussianStats
+from reglue.integrity import DamagedFileError, RunningCrc32, crc32_file
 
 __all__ = [
     "NpzError",
@@ -97,6 +101,8 @@ class NpzImages:
                     shape, fortran, dtype = read_header[version](f)
                 except (ValueError, KeyError, EOFError) as err:
                     raise NpzError(self.path, [f"'{key}' is not a readable .npy array ({err!r})"]) from err
+                except (zipfile.BadZipFile, zlib.error) as err:  # a small member is read to its end, CRC check included
+                    raise DamagedFileError(self.path, f"'{key}' is damaged ({err})") from err
                 self._header_bytes = f.tell()
         self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
         problems = []
@@ -126,24 +132,36 @@ class NpzImages:
         """uint8 (B, H, W, 3) arrays, in order, the last one possibly smaller."""
         row_bytes = math.prod(self.shape[1:])
         if self._info.compress_type == zipfile.ZIP_STORED:
-            offset = _member_data_offset(self.path, self._info) + self._header_bytes
+            start_of_member = _member_data_offset(self.path, self._info)
+            offset = start_of_member + self._header_bytes
             if offset + len(self) * row_bytes > self.path.stat().st_size:
                 raise NpzError(self.path, [f"'{self.key}' runs past the end of the file: truncated"])
+            # the memory map bypasses zipfile's CRC check: the member's CRC-32 is computed here, over
+            # the .npy header and then each batch as it is read, and compared after the last one
+            check = RunningCrc32(self.path, self._info.CRC, f"'{self.key}'",
+                                 crc32_file(self.path, start_of_member, self._header_bytes))
             images = np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=self.shape)
             for start in range(0, len(self), batch_size):
-                yield np.array(images[start : start + batch_size])
+                batch = np.array(images[start : start + batch_size])
+                check.update(batch)
+                yield batch
+            check.verify()
             return
         with zipfile.ZipFile(self.path) as zf, zf.open(self._info) as f:
+            def read(size: int, start: int) -> bytes:
+                try:
+                    return f.read(size)
+                except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as err:  # zipfile's CRC check among them
+                    raise DamagedFileError(self.path, f"'{self.key}' is damaged: unreadable from image {start} ({err})") from err
+
             f.read(self._header_bytes)
             for start in range(0, len(self), batch_size):
                 count = min(batch_size, len(self) - start)
-                try:
-                    data = f.read(count * row_bytes)
-                except (zipfile.BadZipFile, OSError, EOFError) as err:
-                    raise NpzError(self.path, [f"'{self.key}' could not be read at image {start} ({err})"]) from err
+                data = read(count * row_bytes, start)
                 if len(data) != count * row_bytes:
                     raise NpzError(self.path, [f"'{self.key}' ends at image {start + len(data) // row_bytes}: truncated"])
                 yield np.frombuffer(data, dtype=np.uint8).reshape(count, *self.shape[1:]).copy()
+            read(1, len(self))  # reading to the member's end is what makes zipfile compare its CRC-32
 
 
 class NpzWriter:
@@ -241,7 +259,7 @@ def load_reference(path, need_images: bool = True) -> Reference:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in keys}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-        raise NpzError(path, [f"statistics not readable ({err})"]) from err
+        raise NpzError(path, [f"statistics not readable: damaged or truncated ({err})"]) from err
     problems = [p for key, shape in STATS_SHAPES.items() for p in _stats_problems(arrays, key, shape)]
     dinov2 = None
     if any(k in arrays for k in DINOV2_KEYS):

@@ -23,7 +23,6 @@ a VAE is named (e.g. ``reglue prepare``).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reglue.integrity import load_safetensors, save_safetensors
 from reglue.models.encoders import LATENT_SCALE, PCA, VAE
 from reglue.outputs import atomic_path
 from reglue.runtime import broadcast_object
@@ -139,27 +139,19 @@ class PatchAutoencoder(nn.Module):
         return cls(pca, code_scale, weight, solution[-1])
 
     def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
+        """With a CRC-32 in the header (:func:`reglue.integrity.save_safetensors`), verified by :meth:`load`."""
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, os.fspath(path), metadata={"format": _FORMAT, "patch_size": str(self.patch_size)})
+        save_safetensors(tensors, path, metadata={"format": _FORMAT, "patch_size": str(self.patch_size)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PatchAutoencoder":
-        """Read a file written by :meth:`save`; anything else (another safetensors file, a truncated
-        or damaged one) is a ValueError naming the file."""
-        from safetensors import SafetensorError, safe_open
-
+        """Read a file written by :meth:`save`, its checksum verified; anything else (another
+        safetensors file, a truncated or damaged one) is a ValueError naming the file."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"patch autoencoder not found: {path}")
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); delete it to fit the autoencoder "
-                             "again (the same images and seed give the same one, up to rounding)") from None
+        tensors, metadata = load_safetensors(path, fix="delete it to fit the autoencoder again (the same images and "
+                                                        "seed give the same one, up to rounding)")
         if metadata.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a patch autoencoder (its metadata says format={metadata.get('format')!r})")
         try:

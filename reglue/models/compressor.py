@@ -171,10 +171,10 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"compressor checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    if path.endswith(".safetensors"):  # ours (`reglue train-compressor`) verified; published ones carry no checksum
+        from reglue.integrity import load_safetensors
 
-        return load_file(path)
+        return load_safetensors(path, fix="train it again (`reglue train-compressor`) or restore it")[0]
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state_dict)}")

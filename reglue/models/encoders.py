@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reglue.integrity import load_safetensors, save_safetensors
 from reglue.models.attention import Attention
 from reglue.runtime import seeded_init
 
@@ -189,9 +190,7 @@ def _load_vit_weights(model: nn.Module, path: str) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state_dict = load_file(path)
+        state_dict = load_safetensors(path)[0]  # published weights carry no checksum: read unverified
     else:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     state_dict = checkpoint_filter_fn(state_dict, model)
@@ -308,20 +307,17 @@ class FeatureStats:
         return ((features.float() - mean) / std).to(features.dtype)
 
     def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
-        save_file({"mean": self.mean.cpu().contiguous(), "std": self.std.cpu().contiguous()}, os.fspath(path))
+        save_safetensors({"mean": self.mean.cpu().contiguous(), "std": self.std.cpu().contiguous()}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
-        """From our `.safetensors`, or the published REGLUE `.pth` ({'mean', 'std'} numpy arrays)."""
+        """From our `.safetensors` (its checksum verified), or the published REGLUE `.pth` ({'mean',
+        'std'} numpy arrays, which carry no checksum of ours: read unverified)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"feature statistics not found: {path}")
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            data = load_file(path)
+            data = load_safetensors(path, fix="compute them again (`reglue stats`)")[0]
         else:
             data = _load_legacy_stats(path)
         try:
@@ -493,18 +489,14 @@ class PCA(nn.Module):
         return torch.einsum("nkhw,kc->nchw", z, self.components) + self.mean.view(1, -1, 1, 1)
 
     def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         tensors = {k: v.cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, os.fspath(path), metadata={"whiten": str(int(self.whiten))})
+        save_safetensors(tensors, path, metadata={"whiten": str(int(self.whiten))})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PCA":
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), framework="pt") as f:
-            whiten = (f.metadata() or {}).get("whiten", "0") == "1"
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        """A file of :meth:`save`, its checksum verified."""
+        tensors, metadata = load_safetensors(path, fix="fit it again (`reglue stats --pca`)")
+        whiten = metadata.get("whiten", "0") == "1"
         return cls(tensors["mean"], tensors["components"], tensors["explained_variance"], whiten=whiten)
 
 

@@ -385,10 +385,10 @@ def load_sit_checkpoint(model: SiT, path_or_state, key: str = "ema", strict: boo
     elif os.path.isdir(path_or_state):
         raise ValueError(f"{path_or_state} is a directory: for a reglue training checkpoint use "
                          "`reglue export --checkpoint DIR --out FILE.safetensors` and load that file")
-    elif str(path_or_state).endswith(".safetensors"):
-        from safetensors.torch import load_file
+    elif str(path_or_state).endswith(".safetensors"):  # an export's checksum is verified (see reglue.integrity)
+        from reglue.integrity import load_safetensors
 
-        ckpt = load_file(str(path_or_state))
+        ckpt = load_safetensors(path_or_state, fix="export it again (`reglue export`)")[0]
     else:
         # The published train.py stores its argparse.Namespace under "args": allow exactly that class.
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -333,3 +333,33 @@ def test_data_commands_check_their_outputs_first(prepared, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "a file is in the way" in err and "Traceback" not in err, err
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_damaged_shard_files_are_refused_where_they_are_read(prepared, tmp_path):
+    """Same-size garbles: index files at open (checked against shard.json), a sample's JPEG or
+    moments when that sample is read (against checksums.npy); the other samples still read."""
+    from tests._damage import garble
+
+    def damaged(name, file, at=None):
+        root = tmp_path / name
+        shutil.copytree(prepared, root)
+        garble(root / "shards" / "00000" / file, size=40, at=at)
+        return root
+
+    intact = ShardDataset(prepared)
+    first_shard = int(intact.starts[1])
+    for file in ("labels.npy", "offsets.npy", "checksums.npy", "sources.txt"):
+        with pytest.raises(DatasetError, match=rf"00000/{file}: the file is damaged: CRC-32") as caught:
+            ShardDataset(damaged(f"index-{file}", file))
+        assert len(str(caught.value).splitlines()) == 1
+    offsets = np.load(prepared / "shards" / "00000" / "offsets.npy")
+    dataset = ShardDataset(damaged("jpeg", "images.bin", at=int(offsets[1]) + 100))  # inside sample 1's JPEG
+    with pytest.raises(DatasetError, match=r"00000/images\.bin sample 1 \(global 1\): the JPEG is damaged: CRC-32"):
+        dataset[1]
+    assert torch.equal(dataset[0][0], intact[0][0]) and first_shard > 2 and torch.equal(dataset[2][0], intact[2][0])
+    row_bytes = intact.moments(0).nbytes
+    header = (prepared / "shards" / "00000" / "moments.npy").stat().st_size - first_shard * row_bytes
+    dataset = ShardDataset(damaged("moments", "moments.npy", at=header + 2 * row_bytes + 8))  # sample 2's row
+    with pytest.raises(DatasetError, match=r"00000/moments\.npy sample 2 \(global 2\): the moments row is damaged"):
+        dataset[2]
+    np.testing.assert_array_equal(dataset.moments(1), intact.moments(1))

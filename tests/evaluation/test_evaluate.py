@@ -277,3 +277,93 @@ def test_reference_images_are_opened_when_present_and_required_when_needed(fake_
     assert load_reference(tmp_path / "stats-only.npz", need_images=False).images is None
     with pytest.raises(ValueError, match="no 'arr_0' array"):
         load_reference(tmp_path / "stats-only.npz", need_images=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Damage: every .npz reader verifies the zip CRC-32, streaming
+# --------------------------------------------------------------------------------------------
+
+
+def written_samples(path, images):
+    """A sample batch as ``reglue generate`` writes it (NpzWriter, streamed, arr_0 + arr_1)."""
+    with NpzWriter(path) as writer:
+        with writer.streamed("arr_0", images.shape, np.uint8) as write:
+            for start in range(0, len(images), 4):
+                write(images[start : start + 4])
+        writer.add("arr_1", np.arange(len(images)))
+    return path
+
+
+def arr_0_middle(path):
+    """Offset of the middle of arr_0's image bytes in the file (where a zeroed disk block hit)."""
+    import zipfile
+
+    from reglue.evaluation.reference import _member_data_offset
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("arr_0.npy")
+    return _member_data_offset(path, info) + info.file_size // 2
+
+
+def test_damaged_sample_batch_is_refused_in_one_line_and_nothing_is_written(fake_ref, tmp_path):
+    """Field case: 100 KB zeroed in the middle of a generate .npz was scored (exit 0, another FID)."""
+    from tests._damage import garble
+
+    images = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)  # > one 4 KB zip read
+    samples = written_samples(tmp_path / "samples.npz", images)
+    garble(samples, size=100, at=arr_0_middle(samples))
+    code, out, err = run_cli("--ref", fake_ref, "--samples", samples, "--metrics", "fid", "--inception-weights", "random",
+                             "--batch-size", 2, "--out", tmp_path / "results.json")
+    assert_one_error(code, err.strip().splitlines()[-1], str(samples), "'arr_0' is damaged: CRC-32")  # below the bar
+    assert "FID" not in out and not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("save", ["stored", "deflated"])
+def test_npz_images_verify_the_crc_while_streaming_and_refuse_damage(tmp_path, save):
+    from reglue.integrity import DamagedFileError
+    from tests._damage import garble
+
+    images = np.random.default_rng(4).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "images.npz"
+    (np.savez if save == "stored" else np.savez_compressed)(path, images)
+    np.testing.assert_array_equal(np.concatenate(list(NpzImages(path).batches(3))), images)
+    garble(path, size=50, at=arr_0_middle(path) if save == "stored" else None)
+    with pytest.raises(DamagedFileError, match=r"images\.npz: 'arr_0' is damaged") as caught:
+        for _ in NpzImages(path).batches(3):
+            pass
+    assert len(str(caught.value).splitlines()) == 1
+
+
+def test_npz_images_checksum_without_holding_the_images(tmp_path):
+    """The CRC is computed over the batches as read: memory stays at a few batches, not the array."""
+    import tracemalloc
+
+    images = np.random.default_rng(5).integers(0, 256, (64, 64, 64, 3), dtype=np.uint8)  # 786 KB
+    path = written_samples(tmp_path / "samples.npz", images)
+    tracemalloc.start()
+    try:
+        count = sum(len(batch) for batch in NpzImages(path).batches(4))  # 49 KB per batch
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 64 and peak < images.nbytes // 4, peak
+
+
+def test_damaged_reference_statistics_or_images_are_refused(fake_ref, tmp_path):
+    from reglue.integrity import DamagedFileError
+    from tests._damage import garble
+
+    ref = tmp_path / "ref.npz"
+    rng = np.random.default_rng(6)
+    np.savez(ref, arr_0=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), mu=np.zeros(2048),
+             sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    images_only = tmp_path / "images-damaged.npz"
+    images_only.write_bytes(ref.read_bytes())
+    garble(images_only, size=100, at=arr_0_middle(images_only))
+    reference = load_reference(images_only)  # opening reads headers only; the images are verified as streamed
+    with pytest.raises(DamagedFileError, match="'arr_0' is damaged"):
+        list(reference.images.batches(5))
+    garble(ref, size=1000)  # the middle of the file: inside sigma
+    samples = samples_file(tmp_path, np.zeros((6, 16, 16, 3), np.uint8))
+    code, _, err = run_cli("--ref", ref, "--samples", samples, "--metrics", "fid", "--inception-weights", MISSING_WEIGHTS)
+    assert_one_error(code, err, str(ref), "statistics not readable: damaged", "CRC-32")

@@ -20,6 +20,7 @@ from reglue.cli import main as reglue_main
 from reglue.config import ConfigError, SampleConfig, apply_overrides
 from reglue.evaluation import generate
 from reglue.evaluation.generate import BlockPlan, ImageSampler, SampleStore, generate_share
+from tests._damage import garble
 from reglue.models import build_model
 from reglue.models.encoders import build_vae
 from reglue.presets import get_preset
@@ -252,6 +253,21 @@ def test_streamed_npz_memory_does_not_grow_with_n(tmp_path):
     assert np.array_equal(labels, np.arange(6050) % 10)
 
 
+def test_a_damaged_block_file_is_refused_when_assembling(tmp_path):
+    """Block files are zip .npz: a same-size garble fails numpy's CRC check, named in one line, and
+    no OUT is written."""
+    store = SampleStore(tmp_path / "s.npz")
+    plan = BlockPlan(num=8, batch_size=4, seed=0, num_classes=10)
+    store.write_manifest({"test": 1})
+    for k in range(2):
+        store.write_block(k, np.random.default_rng(k).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), np.arange(4))
+    garble(store.block_path(1), size=64)
+    assert store.pending(plan) == []  # its zip directory reads: only the CRC tells
+    with pytest.raises(ValueError, match=r"block file .*block-000001\.npz is damaged .*CRC-32.*run the same command"):
+        store.assemble(plan, (32, 32, 3), {"test": 1})
+    assert not store.out.exists()
+
+
 def test_sample_flags_cover_every_sample_config_field():
     parser = argparse.ArgumentParser()
     generate.add_sample_arguments(parser)
@@ -324,6 +340,12 @@ def test_bad_weights_are_one_clear_line(exported, tmp_path, capsys):
     assert "cannot read it" in one_error_line(capsys)
     assert run_generate("--weights", exported["pt"], *out) == 2
     assert "add --preset" in one_error_line(capsys)
+    garbled = tmp_path / "garbled.safetensors"
+    garbled.write_bytes(exported["safetensors"].read_bytes())
+    garble(garbled, size=64)  # same size: only the export's checksum tells
+    assert run_generate("--weights", garbled, *out) == 2
+    err = one_error_line(capsys)
+    assert str(garbled) in err and "the file is damaged: CRC-32" in err and "export it again" in err
     assert run_generate("--weights", exported["pt"], "--preset", "no-such-preset", *out) == 2
     assert "unknown preset" in one_error_line(capsys)
     assert not (tmp_path / "s.npz").exists()

@@ -90,7 +90,7 @@ def test_files_that_do_not_fit_are_refused_with_the_file_named(fitted, tmp_path)
     path = tmp_path / AUTOENCODER_FILE
     fitted.save(path)
     path.write_bytes(path.read_bytes()[:-100])  # a truncated copy
-    with pytest.raises(ValueError, match=f"{AUTOENCODER_FILE} is not a readable safetensors file.*delete it"):
+    with pytest.raises(ValueError, match=f"{AUTOENCODER_FILE}: the file is damaged: CRC-32 .*delete it"):
         build_vae("patch-pca", run_dir=tmp_path, fit_images=synthetic_images)
 
     PCA.fit(torch.randn(4, 8, 3, 3), n_components=2).save(path)  # another kind of safetensors file

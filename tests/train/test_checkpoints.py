@@ -11,6 +11,8 @@ import torch
 
 from reglue import checkpoint as ckpt
 from reglue.runtime import DistInfo
+from reglue.integrity import crc32_file
+from tests import _damage as damage
 
 
 def save(run, step, run_id="run-a", keep_last=10):
@@ -41,11 +43,15 @@ def truncate(path, name):
     (path / name).write_bytes(data[: len(data) // 2])
 
 
-def garble(path, name):
-    """Same size, wrong bytes at the start: only loading can tell."""
-    data = bytearray((path / name).read_bytes())
-    data[:16] = b"\xff" * 16
-    (path / name).write_bytes(bytes(data))
+def garble(path, name, at=None):
+    """Same size, wrong bytes (in the middle, or at ``at``): only the checksum (or loading) can tell."""
+    damage.garble(path / name, size=64, at=at)
+
+
+def alter_meta(path):
+    """meta.json rewritten at the same size with another step: valid JSON, sizes unchanged."""
+    text = (path / "meta.json").read_text()
+    (path / "meta.json").write_text(text.replace('"step": 3', '"step": 4'))
 
 
 def rewrite(path, name, text):
@@ -64,7 +70,12 @@ DAMAGE = {
     "meta.json of the wrong type": (lambda p: rewrite(p, "meta.json", "[]"), "must be a JSON object, got list"),
     "unreadable marker": (lambda p: (p / "complete.json").write_text("{trunc"), "unreadable completion marker"),
     "missing marker": (lambda p: (p / "complete.json").unlink(), "no complete.json"),
-    "garbled shard": (lambda p: garble(p, "__0_0.distcp"), "does not load (UnpicklingError"),
+    "garbled shard start": (lambda p: garble(p, "__0_0.distcp", at=0), "__0_0.distcp is damaged: CRC-32"),
+    "garbled shard middle": (lambda p: garble(p, "__0_0.distcp"), "__0_0.distcp is damaged: CRC-32"),
+    "garbled .metadata": (lambda p: garble(p, ".metadata"), ".metadata is damaged: CRC-32"),
+    "altered meta.json": (alter_meta, "meta.json is damaged: CRC-32"),
+    "damaged checksum list": (lambda p: (p / "complete.json").write_text(
+        '{"files": {".metadata": 1, "meta.json": 1}, "crc32": {"meta.json": "0"}}'), "its checksums do not list"),
 }
 
 
@@ -108,6 +119,7 @@ def test_marker_lists_every_file_and_an_interrupted_save_is_no_checkpoint(tmp_pa
     marker = json.loads((path / "complete.json").read_text())
     assert set(marker["files"]) == {p.name for p in path.iterdir()} - {"complete.json"}
     assert marker["files"][".metadata"] == (path / ".metadata").stat().st_size
+    assert marker["crc32"] == {name: f"{crc32_file(path / name):08x}" for name in marker["files"]}
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -212,8 +224,13 @@ def failing_save_worker(rank, init_dir, run_dir, where):
         except ckpt.CheckpointSaveError as exc:
             outcome = str(exc)
         patch.undo()
+        first = ckpt.checkpoint_dir(run_dir) / "step-00000001"
+        if rank == 0:
+            garble(first, "__0_0.distcp")  # rank 1 verifies it (every world_size-th file): both must hear of it
+        dist.barrier()
+        found = ckpt.content_damage(first)
         with open(f"{run_dir}/outcome{rank}", "w") as f:
-            f.write(outcome)
+            f.write(f"{outcome}\n{found}")
     finally:
         dist.destroy_process_group()
 
@@ -224,10 +241,21 @@ def test_a_save_failing_on_one_rank_fails_on_every_rank(tmp_path, where):
 
     run = tmp_path / "run"
     mp.spawn(failing_save_worker, args=(str(tmp_path / "init"), str(run), where), nprocs=2, join=True)
-    outcomes = [(run / f"outcome{rank}").read_text() for rank in (0, 1)]
+    outcomes, found = zip(*((run / f"outcome{rank}").read_text().split("\n") for rank in (0, 1)))
+    assert found[0] == found[1] and found[0].startswith("__0_0.distcp is damaged: CRC-32"), found
     for rank, outcome in enumerate(outcomes):
         assert "No space left on device" in outcome and "step-00000002" in outcome, (rank, outcome)
     # both ranks measured the partial files before rank 0 removed them (no rank races the cleanup)
     written = [re.search(r", ([0-9.]+ \w+) of the checkpoint written", o).group(1) for o in outcomes]
     assert written[0] == written[1], outcomes
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
+
+
+def test_a_checkpoint_saved_before_checksums_still_loads(tmp_path):
+    """Markers without ``crc32`` (older saves) are checked by size only."""
+    path = save(tmp_path, 1)
+    marker = json.loads((path / "complete.json").read_text())
+    del marker["crc32"]
+    (path / "complete.json").write_text(json.dumps(marker))
+    assert ckpt.checkpoint_damage(path) is None and ckpt.content_damage(path) is None
+    assert load(path)["step"] == 1

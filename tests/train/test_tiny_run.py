@@ -142,15 +142,18 @@ def test_triton_kernels_train_like_eager(tmp_path):
 
 
 def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, capsys, caplog):
-    """A truncated shard of the newest checkpoint: resume and export use the one before, say so, and
-    keep the damaged one."""
+    """A shard of the newest checkpoint garbled at its own size (only its checksum tells): resume and
+    export use the one before, say so in one warning, and keep the damaged one."""
+    from tests._damage import garble
+
     Trainer(tiny(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 1})).fit()
     damaged = tmp_path / "run" / "checkpoints" / "step-00000002"
     shard = damaged / "__0_0.distcp"
-    shard.write_bytes(shard.read_bytes()[:1000])
+    garble(shard, size=4096)
     assert reglue_main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "w.safetensors")]) == 0
     assert "step-00000001 to" in capsys.readouterr().out
-    assert any(str(damaged) in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "reglue.checkpoint" and str(damaged) in r.getMessage()]
+    assert len(warnings) == 1 and "__0_0.distcp is damaged: CRC-32" in warnings[0], warnings
     assert Trainer(tiny(tmp_path, **{"train.max_steps": 3})).step == 1
     assert shard.is_file()
 
