@@ -33,7 +33,7 @@ from reglue.outputs import MetricsWriter, ensure_output_dir
 from reglue.runtime import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, seeded_generator, shutdown
 from reglue.train.ema import EMA
 from reglue.train.evaluation import TrainingEvaluation
-from reglue.train.metrics import count_flops, device_peak_flops, report_class_match
+from reglue.train.metrics import count_flops, device_peak_flops, report_class_match, sit_flops_per_image
 from reglue.train.mesh import CollectiveCounter, model_parameters
 from reglue.train.parallelize import build_parallel_model, execution_metrics, loss_fn, run_mesh
 from reglue.train.plots import dataset_class_names, save_sample_grid, write_run_plot
@@ -241,22 +241,8 @@ class Trainer:
 
         The SiT part is counted on a meta-device copy (shapes only), so compiled, sharded or
         wrapped training models are never touched by the counter."""
-        from reglue.models import build_model
-
         one = {k: v[:1] for k, v in batch.items()}
-        encoders = count_flops(lambda: self.frozen.targets(one, latent_eps[:1]))
-        with torch.device("meta"):
-            model = build_model(self.config, kernels="eager")
-            x = torch.zeros(1, *self.x_shape)
-            cls = torch.zeros(1, model.cls_token_dim) if model.cls_token_dim else None
-            t, y = torch.zeros(1), torch.zeros(1, dtype=torch.long)
-
-        def fwd_bwd():
-            out, zs, cls_out = model(x, t, y, cls)
-            loss = out.sum() + sum(z.sum() for z in zs) + (cls_out.sum() if cls_out is not None else 0)
-            loss.backward()
-
-        return float(encoders + count_flops(fwd_bwd))
+        return float(count_flops(lambda: self.frozen.targets(one, latent_eps[:1])) + sit_flops_per_image(self.config))
 
     # ------------------------------------------------------------------------------ the loop
     def fit(self) -> Path:

@@ -69,9 +69,16 @@ def assert_weights_close(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=2e-6, msg=k)
 
 
+def grad_norms(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["grad_norm"] for r in rows if "grad_norm" in r]
+
+
 def test_two_nodes_match_one_process(runs):
+    """Same losses, gradient norms (each shard counted once, not once per copy) and weights."""
     tmp, two, one, _ = runs
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+    assert len(grad_norms(two)) == STEPS and grad_norms(two) == pytest.approx(grad_norms(one), rel=1e-5)
     assert_weights_close(export(two, tmp / "two.safetensors"), export(one, tmp / "one.safetensors"))
 
 
