@@ -9,6 +9,8 @@ count, the figures hold for any model size; ``bench/scaling.py`` scales them to 
   pytest bench/bench_comm.py -s                       # the table, and the expected figures checked
   python bench/bench_comm.py --json bench/results/comm_per_param.json   # what scaling.py reads
 
+It also checks ``bench/scaling.py``'s projection on the tiny preset against those figures.
+
 The counts are of a CPU run: parameters and reductions in fp32. On CUDA the all-gathers carry
 bf16 parameters (``parallel.param_dtype``), half the bytes; the reductions stay fp32 by default.
 """
@@ -22,6 +24,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import scaling
 
 ROOT = Path(__file__).resolve().parents[1]
 MESHES = {  # name -> overrides; on 2 nodes of 2 processes
@@ -99,6 +104,19 @@ def test_collective_bytes_per_param(tmp_path):
     # replication: the whole fp32 gradient all-reduced over every rank; no gathers
     assert rep["all_gather"] == rep["reduce_scatter"] == {"within_node": 0, "across_nodes": 0}
     assert 3.9 < rep["all_reduce"]["across_nodes"] < 4.05
+
+
+def test_projection_runs_and_hsdp_keeps_flat_fsdp_off_the_network():
+    """The tiny preset's table: HSDP moves across nodes only its all-reduce of a shard (4 B per
+    parameter / 8), flat FSDP all of its 2 + 2 + 4 B per parameter; one node has nothing across."""
+    facts = scaling.preset_counts("tiny")
+    rows = scaling.project(json.loads(scaling.COUNTS.read_text()), facts, "H100", 8, 450.0, 50.0, 0.4)
+    at = {(r["batch"], r["gpus"], r["strategy"]): r for r in rows}
+    p = facts["params"] / 1e9
+    assert at[(256, 8, "hsdp")]["across_gb"] == at[(256, 8, "flat-fsdp")]["across_gb"] == 0
+    assert at[(256, 32, "hsdp")]["across_gb"] == pytest.approx(4 * p / 8, rel=0.03)
+    assert at[(256, 32, "flat-fsdp")]["across_gb"] == pytest.approx(8 * p, rel=0.03)
+    assert at[(256, 32, "hsdp")]["step_ms"][0] < at[(256, 32, "flat-fsdp")]["step_ms"][0]
 
 
 if __name__ == "__main__":
