@@ -66,6 +66,8 @@ class Trainer:
         self.config = config
         self.dist = dist_info or init_distributed()
         _setup_logging(self.dist)
+        self.mesh = run_mesh(config, self.dist)  # first: a shape that does not fit the world stops here
+        log.info("%s", self.mesh.describe())
         self.run_dir = Path(config.train.out_dir) / config.train.name
         self.plan = self._plan_run_dir(overwrite)
         self._set_numerics()
@@ -125,8 +127,6 @@ class Trainer:
         self.signals = StopSignals()
         self.stop_vote = StopVote(d.device, self.signals)
         self.reference = cfg.parallel.reference
-        self.mesh = run_mesh(cfg, d)
-        log.info("%s", self.mesh.describe())
         self.model = build_parallel_model(cfg, d, self.mesh)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]

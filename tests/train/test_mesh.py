@@ -103,3 +103,15 @@ def test_each_torchrun_round_gets_fresh_store_keys(monkeypatch):
     assert round1[1].get("rank0_address") == b"new" and round0[1].get("rank0_address") == b"old"
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
     assert _elastic_store(2, timeout) is None
+
+
+def test_a_mesh_that_does_not_fit_stops_the_run_before_it_writes(tmp_path):
+    from reglue.config import apply_overrides
+    from reglue.presets import get_preset
+    from reglue.train.trainer import Trainer
+
+    config = apply_overrides(get_preset("tiny"), {"train.out_dir": str(tmp_path), "train.name": "run",
+                                                  "parallel.shard_degree": "3"})
+    with pytest.raises(ConfigError, match="parallel.shard_degree: 3 does not divide the world size 1"):
+        Trainer(config)
+    assert not (tmp_path / "run").exists()
