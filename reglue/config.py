@@ -275,7 +275,7 @@ class ParallelConfig:
     is pure replication (DDP-like, the whole model and optimizer on every rank)."""
     reduce_dtype: str = "fp32"
     """dtype of the gradient reductions (reduce-scatter, and HSDP's all-reduce across nodes) on
-    CUDA; the CPU reduces in fp32. ``bf16`` halves the bytes of the gradient reductions (a third
+    CUDA; the CPU reduces in fp32. ``bf16`` halves the bytes of the gradient reductions (a quarter
     less traffic per step under flat FSDP, half of HSDP's cross-node bytes) but sums in bf16:
     8 significand bits, so the rounding of the sum grows with the number of ranks and small
     gradient components are lost; fp32 is the safe default (torchtitan's too)."""

@@ -115,3 +115,13 @@ def test_a_mesh_that_does_not_fit_stops_the_run_before_it_writes(tmp_path):
     with pytest.raises(ConfigError, match="parallel.shard_degree: 3 does not divide the world size 1"):
         Trainer(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_reduce_dtype_bf16_on_cuda_only():
+    from reglue.train.parallelize import reduce_dtype
+
+    bf16, fp32 = ParallelConfig(reduce_dtype="bf16"), ParallelConfig()
+    assert reduce_dtype(bf16, torch.device("cuda", 0)) == torch.bfloat16
+    assert reduce_dtype(fp32, torch.device("cuda", 0)) == reduce_dtype(bf16, torch.device("cpu")) == torch.float32
+    with pytest.raises(ConfigError, match="parallel.reduce_dtype"):
+        ParallelConfig(reduce_dtype="fp16")
