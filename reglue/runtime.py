@@ -51,15 +51,16 @@ def _elastic_store(world_size: int, timeout: datetime.timedelta):
     workers were still healthy when another node re-joined restarts them without counting a
     restart (seen here: node 0 at count 0, node 1 at count 1). Every worker of every round joins
     once, and rounds do not overlap (an agent stops all its workers before the next rendezvous),
-    so the n-th join belongs to round ``(n - 1) // world_size``: that round's prefix. A worker
+    so the n-th join belongs to round ``(n - 1) // world_size``: that round's prefix (counted
+    per world size, so rounds of another size after an elastic resize do not shift it). A worker
     that dies before it joins (during its imports) shifts the count; the rounds after then time
     out in ``init_process_group`` instead of training. None when not under torchrun's agent store.
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
-    joined = store.add("reglue/joined", 1)
-    return dist.PrefixStore(f"reglue/round_{(joined - 1) // world_size}", store)
+    joined = store.add(f"reglue/world_{world_size}/joined", 1)
+    return dist.PrefixStore(f"reglue/world_{world_size}/round_{(joined - 1) // world_size}", store)
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:

@@ -101,6 +101,11 @@ def test_each_torchrun_round_gets_fresh_store_keys(monkeypatch):
     assert round1[1].check(["rank0_address"]) is False
     round1[0].set("rank0_address", "new")
     assert round1[1].get("rank0_address") == b"new" and round0[1].get("rank0_address") == b"old"
+    shrunk = _elastic_store(1, timeout)  # an elastic round of another size, then a full one again
+    assert shrunk.check(["rank0_address"]) is False
+    round2 = [_elastic_store(2, timeout) for _ in range(2)]
+    round2[0].set("rank0_address", "newer")
+    assert round2[1].get("rank0_address") == b"newer" and round1[1].get("rank0_address") == b"new"
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
     assert _elastic_store(2, timeout) is None
 
