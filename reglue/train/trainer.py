@@ -143,7 +143,8 @@ class Trainer:
         else:
             self.train_one = FastStep(self.model, self.params, self.optimizer, self.ema, cfg, self.mesh,
                                       micro_losses=self._micro_losses, vote=self.stop_vote.flag)
-        self.comm_counted = self.reference  # DDP's reducer calls the process group from C++: nothing to count
+        # Nothing to count in a world of one; DDP's reducer (reference) calls the process group from C++.
+        self.comm_counted = self.reference or not d.distributed
         self.x_shape = (cfg.in_channels, cfg.data.latent_size, cfg.data.latent_size)
         self.flops_per_image = None
         self.peak_flops = device_peak_flops(d.device)

@@ -101,7 +101,7 @@ def stop_with_sigterm(tmp_path, name, steps, nproc, after_step):
     proc = launch(tmp_path, name, steps, nproc=nproc, wait=False)
     metrics, deadline = tmp_path / name / "metrics.jsonl", time.time() + 300
     while proc.poll() is None and time.time() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= after_step:
+        if metrics.is_file() and metrics.read_text().count("\"loss/total\"") >= after_step:  # step log lines only
             break
         time.sleep(0.05)
     sent = time.perf_counter()
