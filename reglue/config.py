@@ -259,7 +259,26 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    """Activation checkpointing -> regional compile -> FSDP2, in that order."""
+    """Activation checkpointing -> regional compile -> FSDP2, in that order, on a 2-D device mesh
+    ``replicate_degree`` x ``shard_degree`` (``reglue.train.mesh``): the parameters are sharded
+    over the ranks of a shard group and replicated over the groups (HSDP)."""
+
+    replicate_degree: Union[int, str] = "auto"
+    """How many copies of the sharded model (data-parallel groups that all-reduce their gradient
+    shards). ``auto``: world size / ``shard_degree``."""
+    shard_degree: Union[int, str] = "auto"
+    """How many ranks share one copy of the parameters, gradients and optimizer state. ``auto``:
+    the processes of one node (torchrun's ``LOCAL_WORLD_SIZE``), or world / ``replicate_degree``
+    when that is set. So by default parameters are sharded within a node (NVLink) and replicated
+    across nodes: only the gradient all-reduce of each rank's shard crosses the network. ``1`` x
+    world (``replicate_degree=1``) is flat FSDP over every rank; world x 1 (``shard_degree=1``)
+    is pure replication (DDP-like, the whole model and optimizer on every rank)."""
+    reduce_dtype: str = "fp32"
+    """dtype of the gradient reductions (reduce-scatter, and HSDP's all-reduce across nodes) on
+    CUDA; the CPU reduces in fp32. ``bf16`` halves the bytes of the gradient reductions (a quarter
+    less traffic per step under flat FSDP, half of HSDP's cross-node bytes) but sums in bf16:
+    8 significand bits, so the rounding of the sum grows with the number of ranks and small
+    gradient components are lost; fp32 is the safe default (torchtitan's too)."""
 
     compile: Union[bool, str] = "auto"
     """torch.compile what the step runs, region by region (each SiT block, the embedders, projectors
@@ -286,6 +305,11 @@ class ParallelConfig:
                  f"must be true, false or 'auto', got {self.compile!r}")
         _choice(self.activation_checkpointing, "parallel.activation_checkpointing", ("off", "full", "selective"))
         _choice(self.param_dtype, "parallel.param_dtype", ("bf16", "fp32"))
+        _choice(self.reduce_dtype, "parallel.reduce_dtype", ("bf16", "fp32"))
+        for name in ("replicate_degree", "shard_degree"):
+            value = getattr(self, name)
+            _require(value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                     f"parallel.{name}", f"must be 'auto' or a positive integer, got {value!r}")
         _choice(self.reference_precision, "parallel.reference_precision", REFERENCE_PRECISIONS)
 
 

@@ -27,6 +27,9 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1
+    """Processes per node (torchrun's ``LOCAL_WORLD_SIZE``): ranks ``n * local_world_size ...
+    (n + 1) * local_world_size - 1`` run on node ``n``."""
 
     @property
     def is_main(self) -> bool:
@@ -37,12 +40,37 @@ class DistInfo:
         return self.world_size > 1
 
 
+def _elastic_store(world_size: int, timeout: datetime.timedelta):
+    """The store of this torchrun round: the agent's store, keys prefixed by the round.
+
+    torchrun keeps one store server for the whole job, and torch's ``env://`` handler connects
+    every round of workers to it without a prefix (torch 2.14, ``rendezvous._create_c10d_store``:
+    "We create a new TCPStore for every retry"), so the workers restarted after a failure find
+    the keys of the round before (its ranks' addresses, its barrier counts) and hang in
+    ``init_process_group``. ``TORCHELASTIC_RESTART_COUNT`` cannot name the round: an agent whose
+    workers were still healthy when another node re-joined restarts them without counting a
+    restart (seen here: node 0 at count 0, node 1 at count 1). Every worker of every round joins
+    once, and rounds do not overlap (an agent stops all its workers before the next rendezvous),
+    so the n-th join belongs to round ``(n - 1) // world_size``: that round's prefix (counted
+    per world size, so rounds of another size after an elastic resize do not shift it). A worker
+    that dies before it joins (during its imports) shifts the count; the rounds after then time
+    out in ``init_process_group`` instead of training. None when not under torchrun's agent store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    joined = store.add(f"reglue/world_{world_size}/joined", 1)
+    return dist.PrefixStore(f"reglue/world_{world_size}/round_{(joined - 1) // world_size}", store)
+
+
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
-    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun) and start the process group when world size > 1
-    (nccl on CUDA, gloo on the CPU)."""
+    """Read RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE (torchrun) and start the process group when
+    world size > 1 (nccl on CUDA, gloo on the CPU); under torchrun on a store of this round
+    (:func:`_elastic_store`), so a run restarted by ``--max-restarts`` starts again."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -50,12 +78,13 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store = _elastic_store(world_size, timeout)
         dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-            device_id=device if device.type == "cuda" else None,
+            backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+            **({} if store is None else {"store": store, "rank": rank, "world_size": world_size}),
         )
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, local_world_size=local_world_size)
 
 
 def barrier() -> None:

@@ -34,6 +34,25 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+def sit_flops_per_image(config) -> int:
+    """Training FLOPs of the SiT for one image (forward and backward), counted on a meta-device
+    copy (shapes only), so no weights are allocated and no training model is touched."""
+    from reglue.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(config, kernels="eager")
+        x = torch.zeros(1, config.in_channels, config.data.latent_size, config.data.latent_size)
+        cls = torch.zeros(1, model.cls_token_dim) if model.cls_token_dim else None
+        t, y = torch.zeros(1), torch.zeros(1, dtype=torch.long)
+
+    def fwd_bwd():
+        out, zs, cls_out = model(x, t, y, cls)
+        loss = out.sum() + sum(z.sum() for z in zs) + (cls_out.sum() if cls_out is not None else 0)
+        loss.backward()
+
+    return count_flops(fwd_bwd)
+
+
 def report_class_match(dataset, images: torch.Tensor, labels: torch.Tensor, metrics: MetricsWriter, step: int) -> Optional[str]:
     """For a dataset with a fixed classifier of its classes (the synthetic set's
     :class:`~reglue.data.synthetic.HueClassifier`): the share of ``images`` (uint8 (N, 3, H, W))

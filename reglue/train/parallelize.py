@@ -6,7 +6,8 @@
   compile; on the CPU eager without compile. ``reference`` = the published execution.
 - :func:`build_parallel_model`, in torchtitan's order: activation checkpointing per block ->
   regional ``torch.compile`` (each block, then the embedders, projectors and final layer) ->
-  ``fully_shard`` per block then the root (FSDP2, bf16 params / fp32 reductions on CUDA).
+  ``fully_shard`` per block then the root (FSDP2 on the run's mesh, ``reglue.train.mesh``: flat
+  FSDP on one node, HSDP across nodes; bf16 params / ``parallel.reduce_dtype`` reductions on CUDA).
 - :func:`loss_fn`: the training loss with its elementwise stages compiled; the frozen encoders
   compile their own regions (``reglue.train.targets``).
 - :func:`execution_metrics`: what a metrics record says about all this.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet
+from typing import Callable, Dict, FrozenSet, Optional
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,7 @@ import torch.nn as nn
 from reglue.config import Config, ParallelConfig
 from reglue.diffusion.transport import loss_inputs, loss_terms, training_losses
 from reglue.runtime import DistInfo
+from reglue.train.mesh import ParallelMesh, build_mesh
 from reglue.train.reference import PUBLISHED_FIND_UNUSED_PARAMETERS, autocast_forward, reference_autocast_dtype
 
 log = logging.getLogger("reglue.parallelize")
@@ -210,13 +212,25 @@ def compute_param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtyp
     return torch.bfloat16 if (device.type == "cuda" and cfg.param_dtype == "bf16") else torch.float32
 
 
+def reduce_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
+    """dtype of FSDP2's gradient reductions: ``parallel.reduce_dtype`` on CUDA, fp32 on the CPU."""
+    return torch.bfloat16 if (device.type == "cuda" and cfg.reduce_dtype == "bf16") else torch.float32
+
+
 def use_fsdp(dist_info: DistInfo) -> bool:
     """FSDP2 whenever several ranks train, and on a single GPU (for its mixed-precision policy)."""
     return dist_info.distributed or dist_info.device.type == "cuda"
 
 
-def build_parallel_model(config: Config, dist_info: DistInfo) -> nn.Module:
-    """The run's SiT, built on the meta device, parallelised, and materialised on the device.
+def run_mesh(config: Config, dist_info: DistInfo) -> ParallelMesh:
+    """The run's mesh (:mod:`reglue.train.mesh`), with a ``DeviceMesh`` when the run shards (the
+    published reference execution runs DDP on the default group)."""
+    return build_mesh(config.parallel, dist_info, shards=use_fsdp(dist_info) and not config.parallel.reference)
+
+
+def build_parallel_model(config: Config, dist_info: DistInfo, mesh: Optional[ParallelMesh] = None) -> nn.Module:
+    """The run's SiT, built on the meta device, parallelised on ``mesh`` (default: :func:`run_mesh`),
+    and materialised on the device.
 
     ``parallel.reference`` instead reproduces the published execution (``reglue.train.reference``):
     an eager fp32 model whose forward runs under the recipe's autocast (fp16 recipes on CUDA),
@@ -239,7 +253,8 @@ def build_parallel_model(config: Config, dist_info: DistInfo) -> nn.Module:
             model = DistributedDataParallel(model, device_ids=[dist_info.device] if dist_info.device.type == "cuda" else None,
                                             find_unused_parameters=PUBLISHED_FIND_UNUSED_PARAMETERS[config.method.name])
         return model
-    return materialize(parallelize(model, cfg, dist_info, execution.compile), dist_info.device, config.train.seed)
+    mesh = mesh or run_mesh(config, dist_info)
+    return materialize(parallelize(model, cfg, dist_info, mesh, execution.compile), dist_info.device, config.train.seed)
 
 
 def compile_model(model: nn.Module) -> None:
@@ -253,13 +268,13 @@ def compile_model(model: nn.Module) -> None:
     model.head = compile_region(model.head)
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo, compile: bool) -> nn.Module:
-    """AC -> compile -> FSDP2 on a (meta-device) SiT; parameters are materialised afterwards."""
+def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo, mesh: ParallelMesh, compile: bool) -> nn.Module:
+    """AC -> compile -> FSDP2 on ``mesh`` of a (meta-device) SiT; parameters are materialised afterwards."""
     for i, block in enumerate(model.blocks):
         model.blocks[i] = apply_activation_checkpointing(block, cfg.activation_checkpointing)
     if compile:
         compile_model(model)
-    if use_fsdp(dist_info):
+    if mesh.device_mesh is not None:
         import warnings
 
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -268,26 +283,15 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo, comp
         # modifies them in place, which is what this FSDP2 warning is about.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
-        if not torch.distributed.is_initialized():
-            _init_single_process_group(dist_info)
-        param_dtype = compute_param_dtype(cfg, dist_info.device)
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        param_dtype, reduce = compute_param_dtype(cfg, dist_info.device), reduce_dtype(cfg, dist_info.device)
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
+        shard = functools.partial(fully_shard, mesh=mesh.fsdp_mesh, reshard_after_forward=cfg.reshard_after_forward)
         for block in model.blocks:
-            fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+            shard(block, mp_policy=mp)
         # The root keeps its inputs as given: t must reach the timestep embedding in fp32 (bf16
         # would round it to ~3 significant digits); the embedders cast x themselves.
-        root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-        fully_shard(model, mp_policy=root_mp, reshard_after_forward=cfg.reshard_after_forward)
+        shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce, cast_forward_inputs=False))
     return model
-
-
-def _init_single_process_group(dist_info: DistInfo) -> None:
-    """FSDP2 needs a process group even for one GPU: a world of one on a local store."""
-    import tempfile
-
-    store = torch.distributed.FileStore(tempfile.mktemp(prefix="reglue-pg-"), 1)
-    backend = "nccl" if dist_info.device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """The training step, without a host sync: what happens between two batches.
 
 Per step: the micro-batches' losses are back-propagated (gradients accumulate; FSDP2 reduces them
-after the last one), then ONE all-reduce carries the loss components, this rank's share of the
-squared gradient norm, and the stop vote of :mod:`reglue.train.preemption`. A non-finite loss or
+after the last one), then ONE all-reduce over all ranks carries the loss components, this rank's
+share of the squared gradient norm (its shard's, divided by the mesh's replicate degree), and the
+stop vote of :mod:`reglue.train.preemption`. A non-finite loss or
 gradient norm skips the update on the device: fused AdamW's ``found_inf`` leaves parameters,
 moments and step counts as they were, and the EMA's weight becomes 0. Skips are counted on the
 device (:class:`SkipCounter`) and read on log and checkpoint steps only, so a run of
@@ -20,6 +21,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import torch
 
 from reglue.runtime import all_reduce_sum
+from reglue.train.mesh import ParallelMesh
 
 LossFn = Callable[[Dict[str, torch.Tensor], object, torch.Tensor, int], Dict[str, torch.Tensor]]
 
@@ -77,10 +79,10 @@ class SkipCounter:
 class FastStep:
     """One optimizer step over this rank's share of a global batch; no host syncs."""
 
-    def __init__(self, model, params, optimizer, ema, config, world_size: int, fsdp: bool, micro_losses: LossFn,
+    def __init__(self, model, params, optimizer, ema, config, mesh: ParallelMesh, micro_losses: LossFn,
                  vote: Callable[[], torch.Tensor]):
         self.model, self.params, self.optimizer, self.ema = model, params, optimizer, ema
-        self.config, self.world_size, self.fsdp = config, world_size, fsdp
+        self.config, self.mesh, self.fsdp = config, mesh, mesh.device_mesh is not None
         self.micro_losses, self.vote = micro_losses, vote
 
     def __call__(self, step: int, batch, noise, latent_eps, offset: int, micro: int, accum: int
@@ -98,9 +100,11 @@ class FastStep:
                 sums[k] = sums.get(k, 0) + v.detach().float() / accum
         grads = local_grads(self.params)
         keys = sorted(sums)
-        squared_norm = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        # Each gradient shard lives on the `replicate` ranks that hold the same shard (HSDP): the
+        # sum over all ranks counts it that many times.
+        squared_norm = torch.stack(torch._foreach_norm(grads)).float().square().sum() / self.mesh.replicate
         reduced = all_reduce_sum(torch.stack([sums[k] for k in keys] + [squared_norm, self.vote()]))
-        means = reduced[: len(keys)] / self.world_size
+        means = reduced[: len(keys)] / self.mesh.world_size
         grad_norm = reduced[len(keys)].sqrt()
         finite = torch.isfinite(grad_norm) & torch.isfinite(means[keys.index("total")])
         if optim.grad_clip > 0:  # as torch.nn.utils.clip_grad_norm_

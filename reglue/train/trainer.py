@@ -14,6 +14,7 @@ batch and stops on a signal (:mod:`reglue.train.preemption`). Hooks: :meth:`Trai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -32,8 +33,9 @@ from reglue.outputs import MetricsWriter, ensure_output_dir
 from reglue.runtime import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, seeded_generator, shutdown
 from reglue.train.ema import EMA
 from reglue.train.evaluation import TrainingEvaluation
-from reglue.train.metrics import count_flops, device_peak_flops, report_class_match
-from reglue.train.parallelize import build_parallel_model, execution_metrics, loss_fn, use_fsdp
+from reglue.train.metrics import count_flops, device_peak_flops, report_class_match, sit_flops_per_image
+from reglue.train.mesh import CollectiveCounter, model_parameters
+from reglue.train.parallelize import build_parallel_model, execution_metrics, loss_fn, run_mesh
 from reglue.train.plots import dataset_class_names, save_sample_grid, write_run_plot
 from reglue.train.preemption import Preempted, StopSignals, StopVote
 from reglue.train.reference import ReferenceStep
@@ -64,6 +66,8 @@ class Trainer:
         self.config = config
         self.dist = dist_info or init_distributed()
         _setup_logging(self.dist)
+        self.mesh = run_mesh(config, self.dist)  # first: a shape that does not fit the world stops here
+        log.info("%s", self.mesh.describe())
         self.run_dir = Path(config.train.out_dir) / config.train.name
         self.plan = self._plan_run_dir(overwrite)
         self._set_numerics()
@@ -123,7 +127,7 @@ class Trainer:
         self.signals = StopSignals()
         self.stop_vote = StopVote(d.device, self.signals)
         self.reference = cfg.parallel.reference
-        self.model = build_parallel_model(cfg, d)
+        self.model = build_parallel_model(cfg, d, self.mesh)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = EMA(self.model)
@@ -137,8 +141,10 @@ class Trainer:
             self.train_one = ReferenceStep(self.model, self.params, self.optimizer, self.ema, cfg, d.device,
                                            ddp=d.distributed, micro_losses=self._micro_losses, vote=self.stop_vote.flag)
         else:
-            self.train_one = FastStep(self.model, self.params, self.optimizer, self.ema, cfg, d.world_size,
-                                      fsdp=use_fsdp(d), micro_losses=self._micro_losses, vote=self.stop_vote.flag)
+            self.train_one = FastStep(self.model, self.params, self.optimizer, self.ema, cfg, self.mesh,
+                                      micro_losses=self._micro_losses, vote=self.stop_vote.flag)
+        # Nothing to count in a world of one; DDP's reducer (reference) calls the process group from C++.
+        self.comm_counted = self.reference or not d.distributed
         self.x_shape = (cfg.in_channels, cfg.data.latent_size, cfg.data.latent_size)
         self.flops_per_image = None
         self.peak_flops = device_peak_flops(d.device)
@@ -213,33 +219,31 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = _lr_at(self.config, step)
         noise, latent_eps = self._step_randomness(step)
-        metrics, stop_votes = self.train_one(step, to_device(batch, self.dist.device), noise, latent_eps,
-                                             self.dist.rank * self.per_rank, self.micro, self.accum)
+        with CollectiveCounter(self.mesh) if not self.comm_counted else contextlib.nullcontext() as counter:
+            metrics, stop_votes = self.train_one(step, to_device(batch, self.dist.device), noise, latent_eps,
+                                                 self.dist.rank * self.per_rank, self.micro, self.accum)
+        if counter is not None:
+            self._log_collectives(step, counter)
         self.stop_vote.publish(stop_votes)
         self.skips.record(metrics["skipped"])
         return metrics
+
+    def _log_collectives(self, step: int, counter: CollectiveCounter) -> None:
+        """Once per process, after its first step: what that step's collectives moved, per rank."""
+        self.comm_counted = True
+        num_params = model_parameters(self.model)
+        log.info("step %d on the %s: %s", step + 1, self.mesh.describe(), counter.describe(num_params))
+        if self.dist.is_main:
+            self.metrics.write({"step": step + 1, "mesh": self.mesh.summary(), "params": num_params,
+                                "collectives_per_rank_per_step": counter.record(num_params)})
 
     def _count_flops(self, batch, latent_eps) -> float:
         """Training FLOPs per image: frozen encoders forward + SiT forward and backward.
 
         The SiT part is counted on a meta-device copy (shapes only), so compiled, sharded or
         wrapped training models are never touched by the counter."""
-        from reglue.models import build_model
-
         one = {k: v[:1] for k, v in batch.items()}
-        encoders = count_flops(lambda: self.frozen.targets(one, latent_eps[:1]))
-        with torch.device("meta"):
-            model = build_model(self.config, kernels="eager")
-            x = torch.zeros(1, *self.x_shape)
-            cls = torch.zeros(1, model.cls_token_dim) if model.cls_token_dim else None
-            t, y = torch.zeros(1), torch.zeros(1, dtype=torch.long)
-
-        def fwd_bwd():
-            out, zs, cls_out = model(x, t, y, cls)
-            loss = out.sum() + sum(z.sum() for z in zs) + (cls_out.sum() if cls_out is not None else 0)
-            loss.backward()
-
-        return float(encoders + count_flops(fwd_bwd))
+        return float(count_flops(lambda: self.frozen.targets(one, latent_eps[:1])) + sit_flops_per_image(self.config))
 
     # ------------------------------------------------------------------------------ the loop
     def fit(self) -> Path:

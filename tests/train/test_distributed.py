@@ -24,20 +24,65 @@ COMMON = ["--set", "sample.steps=3", "--set", "train.num_sample_images=4", "--se
           "--set", "data.synthetic_size=512", "--set", "train.tensorboard=false"]
 
 
-def launch(tmp_path, name, steps, nproc=1, extra=(), wait=True):
+def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
-    args = ["train.py", "--out", str(tmp_path), "--name", name, "--max-steps", str(steps), *COMMON, *extra]
+    return env
+
+
+def _train_args(tmp_path, name, steps, extra):
+    return ["train.py", "--out", str(tmp_path), "--name", name, "--max-steps", str(steps), *COMMON, *extra]
+
+
+def _torchrun():
+    return [sys.executable, "-m", "torch.distributed.run"]
+
+
+def launch(tmp_path, name, steps, nproc=1, extra=(), wait=True):
+    args = _train_args(tmp_path, name, steps, extra)
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+        cmd = [*_torchrun(), "--standalone", "--nproc_per_node", str(nproc), *args]
     else:
         cmd = [sys.executable, *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     return tmp_path / name
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_nodes(tmp_path, name, steps, extra=(), nnodes=2, nproc=2, max_restarts=0):
+    """``nnodes`` torchrun agents on this machine (one per simulated node, c10d rendezvous on a
+    free local port), ``nproc`` gloo workers each; returns the agents' processes (logs in
+    ``tmp_path/agent-<name>-<n>.log``)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = []
+    for node in range(nnodes):
+        log = open(tmp_path / f"agent-{name}-{node}.log", "w")
+        cmd = [*_torchrun(), f"--nnodes={nnodes}", f"--node-rank={node}", f"--nproc-per-node={nproc}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--max-restarts={max_restarts}",
+               *_train_args(tmp_path, name, steps, extra)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_nodes(tmp_path, name, procs, timeout=600):
+    """Wait for the agents of :func:`launch_nodes`; all must succeed. Returns the run dir and the logs."""
+    deadline = time.time() + timeout
+    for proc in procs:
+        proc.wait(timeout=max(1, deadline - time.time()))
+    logs = "\n".join((tmp_path / f"agent-{name}-{n}.log").read_text() for n in range(len(procs)))
+    assert all(p.returncode == 0 for p in procs), logs[-6000:]
+    return tmp_path / name, logs
 
 
 def losses(run_dir):
@@ -56,7 +101,7 @@ def stop_with_sigterm(tmp_path, name, steps, nproc, after_step):
     proc = launch(tmp_path, name, steps, nproc=nproc, wait=False)
     metrics, deadline = tmp_path / name / "metrics.jsonl", time.time() + 300
     while proc.poll() is None and time.time() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= after_step:
+        if metrics.is_file() and metrics.read_text().count("\"loss/total\"") >= after_step:  # step log lines only
             break
         time.sleep(0.05)
     sent = time.perf_counter()

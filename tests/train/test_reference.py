@@ -108,10 +108,11 @@ def test_ddp_find_unused_parameters_as_published(monkeypatch):
     import torch.distributed as dist
 
     from reglue.runtime import DistInfo
+    from reglue.train.mesh import init_single_process_group
 
     assert PUBLISHED_FIND_UNUSED_PARAMETERS == {"sit": False, "repa": False, "redi": False, "reg": True, "reglue": True}
     monkeypatch.setattr(DistInfo, "distributed", property(lambda self: True))  # DDP, in a world of one
-    parallelize._init_single_process_group(DistInfo())
+    init_single_process_group(DistInfo())
     try:
         for method, want in (("reglue", True), ("sit", False)):
             cfg = apply_overrides(get_preset("tiny"), {"parallel.reference": "true", "method.name": method})
