@@ -52,8 +52,8 @@ import torch
 
 from reglue.config import EVAL_METRICS
 from reglue.evaluation.inception import InceptionFeatureExtractor, build_inception, to_nchw_uint8
-from reglue.evaluation.metrics import (ADM_NEIGHBOURS, ADM_SPLIT_SIZE, FeatureSet, frechet_distance, inception_score,
-                                       precision_recall)
+from reglue.evaluation.metrics import (ADM_NEIGHBOURS, ADM_SPLIT_SIZE, FeatureSet, format_score, frechet_distance,
+                                       inception_score, precision_recall)
 from reglue.evaluation.reference import (DEFAULT_REFERENCE_IMAGES, NpzImages, Reference, load_reference,
                                          make_reference)
 from reglue.outputs import ensure_output_file, write_json_atomic
@@ -446,7 +446,7 @@ def main(args) -> int:
         print(f"WARNING: {results['WARNING']}")
     for key, name in RESULT_NAMES.items():
         if key in results:
-            print(f"{name}: {results[key]}")
+            print(f"{name}: {format_score(key, results[key])}")
     if args.out:
         write_json_atomic(Path(args.out), results)
         print(f"wrote {args.out}")

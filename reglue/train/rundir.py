@@ -112,6 +112,7 @@ def plan_run(config: Config, run_dir: Path, overwrite: bool) -> RunPlan:
         damage = ckpt.checkpoint_damage(resume)
         if damage is not None:
             raise ckpt.CheckpointError(f"--resume {resume}: {damage}")
+        _check_not_past(resume, ckpt.read_meta(resume), config)
         return RunPlan(resume_from=resume, run_id=uuid.uuid4().hex)
     return RunPlan(resume_from=None, run_id=uuid.uuid4().hex)
 
@@ -129,11 +130,13 @@ def _plan_occupied(config: Config, run_dir: Path, resume: str, contents: List[st
             raise ckpt.CheckpointError(f"--resume {resume}: {damage}")
         meta = ckpt.read_meta(path)
         _check_same_run(run_dir, contents, meta["config"], config)
+        _check_not_past(path, meta, config)
         return RunPlan(resume_from=str(path), run_id=meta["run_id"])
     complete = [p for p in checkpoints if ckpt.checkpoint_damage(p) is None]
     if complete:
         meta = ckpt.read_meta(complete[-1])
         _check_same_run(run_dir, contents, meta["config"], config)
+        _check_not_past(run_dir, meta, config)
         return RunPlan(resume_from="auto", run_id=meta["run_id"])
     if checkpoints:
         reasons = "; ".join(f"{p.name}: {ckpt.checkpoint_damage(p)}" for p in reversed(checkpoints))
@@ -150,3 +153,12 @@ def _check_same_run(run_dir: Path, contents: List[str], saved: Dict, config: Con
     diffs = config_differences(saved, config)
     if diffs:
         raise _refuse(run_dir, contents, "its settings differ (" + "; ".join(diffs) + ")")
+
+
+def _check_not_past(where, meta: Dict, config: Config) -> None:
+    """A run already past ``train.max_steps`` cannot be shortened: training on would do nothing, and
+    its checkpoints and metrics describe the longer run."""
+    step, end = int(meta.get("step", 0)), config.train.max_steps
+    if step > end:
+        raise RunDirError(f"{where} is at step {step}, past --max-steps {end} (train.max_steps): a shorter run needs "
+                          "another --name, or --overwrite to move this run aside and start afresh")
