@@ -159,14 +159,9 @@ def add_encoder_arguments(p) -> None:
 
 
 def encoder_overrides(args) -> dict:
-    from reglue.config import ConfigError
+    from reglue.config import parse_set_items
 
-    overrides = {}
-    for item in getattr(args, "set", None) or ():
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
-        overrides[key.strip()] = value
+    overrides = parse_set_items(getattr(args, "set", None))
     if args.dinov2_weights is not None:
         overrides["encoders.dinov2_weights"] = args.dinov2_weights
     if args.layers:

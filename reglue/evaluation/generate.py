@@ -59,7 +59,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from reglue.config import Config, ConfigError, SampleConfig, apply_overrides
+from reglue.config import Config, SampleConfig, apply_overrides, parse_set_items
 from reglue.diffusion.samplers import sample
 from reglue.evaluation.reference import NpzWriter
 from reglue.models.state import weights_fingerprint
@@ -467,10 +467,7 @@ def _config_from(preset: Optional[str], config_file: Optional[str]) -> Config:
             return Config.from_dict(json.loads(Path(config_file).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"--config {config_file}: cannot read a config ({exc})") from None
-    try:
-        return get_preset(preset)
-    except KeyError as exc:
-        raise ValueError(str(exc).strip("'\"")) from None
+    return get_preset(preset)
 
 
 def _safetensors_config(path: Path) -> Optional[Config]:
@@ -517,7 +514,7 @@ def load_source(args) -> Source:
     from reglue.checkpoint import load_run_weights
     from reglue.models import build_model
 
-    overrides = _set_overrides(args.set)
+    overrides = parse_set_items(args.set)
     if args.weights:
         if args.run or args.checkpoint:
             raise ValueError("give either --weights FILE or --run/--checkpoint DIR, not both")
@@ -548,16 +545,6 @@ def load_source(args) -> Source:
     if overrides:
         config = apply_overrides(config, overrides)
     return Source(config, model, f"{path} (EMA)", label_classes(config), run_dir=path.parent.parent)
-
-
-def _set_overrides(items: Sequence[str]) -> Dict[str, str]:
-    overrides = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
-        overrides[key.strip()] = value
-    return overrides
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import List, Optional
 
-from reglue.config import KERNEL_SETTINGS, Config, ConfigError, apply_overrides
+from reglue.config import KERNEL_SETTINGS, Config, ConfigError, apply_overrides, parse_set_items
 from reglue.presets import PRESETS, get_preset
 
 
@@ -22,7 +22,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         description="Train SiT / REPA / ReDi / REG / REGLUE. With no arguments: the `tiny` preset on the built-in "
         "synthetic dataset (CPU, under a minute on 2 cores). Multi-GPU: torchrun --nproc_per_node=8 train.py --preset ...",
     )
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named run (default: tiny)")
+    p.add_argument("--preset", default="tiny", metavar="NAME",
+                   help=f"named run (default: tiny): {', '.join(sorted(PRESETS))}")
     p.add_argument("--config", help="a config.json (e.g. a run's) to start from instead of a preset")
     p.add_argument("--data", help="prepared dataset directory (`reglue prepare`) or the published layout")
     p.add_argument("--data-backend", choices=("auto", "dali", "torch"))
@@ -67,17 +68,13 @@ def config_from_args(argv: Optional[List[str]] = None, prog: str = "train.py") -
     try:
         config = Config.from_file(args.config) if args.config else get_preset(args.preset)
         overrides = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
-            overrides[key.strip()] = value
+        overrides.update(parse_set_items(args.set))
         if args.data and not args.config and "data.image_size" not in overrides:
             _follow_dataset_image_size(args.data, config, overrides)
         config = apply_overrides(config, overrides)
-    except (ConfigError, KeyError) as exc:
+    except ConfigError as exc:
         # one line naming the field and the fix (argparse's usage block is for malformed flags)
-        parser.exit(2, f"{prog}: error: {exc.args[0] if isinstance(exc, KeyError) else exc}\n")
+        parser.exit(2, f"{prog}: error: {exc}\n")
     return config, args
 
 

@@ -18,8 +18,16 @@ from reglue.train.cli import config_from_args
      "train.py: error: encoders.dinov2_overrides: cannot parse '3' as Dict[str, Any] (write a Python literal, e.g. {'key': 1})"),
     (["--set", "optim.lr=-1"], "train.py: error: optim.lr: must be positive, got -1.0"),
     (["--set", "nonsense"], "train.py: error: --set 'nonsense': expected SECTION.FIELD=VALUE"),
-    (["--set", "optim.nope=1"], "train.py: error: optim.nope: unknown field; optim has "
-                                "['beta1', 'beta2', 'eps', 'grad_clip', 'lr', 'warmup_steps', 'weight_decay']"),
+    (["--set", "optim.nope=1"], "train.py: error: optim.nope: unknown field of optim 'nope'; choose from beta1, beta2, "
+                                "eps, grad_clip, lr, warmup_steps, weight_decay"),
+    (["--set", "train.max_step=5"], "train.py: error: train.max_step: unknown field of train 'max_step'; did you mean "
+                                    "max_steps or eval_steps?"),
+    (["--set", "optim.weight_decy=0"], "train.py: error: optim.weight_decy: unknown field of optim 'weight_decy'; did you "
+                                       "mean weight_decay?"),
+    (["--set", "modle.depth=2"], "train.py: error: modle.depth: unknown section 'modle'; did you mean model?"),
+    (["--set", "model=2"], "train.py: error: model: expected SECTION.FIELD"),
+    (["--preset", "reglue-sit-xl2"], "train.py: error: unknown preset 'reglue-sit-xl2'; did you mean reglue-sit-xl-2, "
+                                     "reglue-sit-b-2 or reg-sit-xl-2?"),
     (["--config", "/nonexistent/config.json"], "train.py: error: --config /nonexistent/config.json: no such file"),
 ])
 def test_config_errors_are_one_line(argv, line, capsys):
