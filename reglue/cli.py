@@ -58,10 +58,14 @@ def cmd_sample(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reglue", description="REGLUE / REG / ReDi / REPA / SiT training toolkit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="train (same flags as train.py)", add_help=False)
+    sub = parser.add_subparsers(dest="command", required=True, help="the command (reglue COMMAND --help for its flags)")
+    sub.add_parser("train", help="train (same flags as train.py)", add_help=False,
+                   description="Train a model: the flags of train.py (see reglue train --help)")
 
-    p = sub.add_parser("export", help="write a run's EMA (and/or model) weights as safetensors")
+    p = sub.add_parser("export", help="write a run's EMA (and/or model) weights as safetensors",
+                       description="Writes the EMA (or the trained, or both) weights of a run's latest checkpoint, or of "
+                                   "--checkpoint, to one .safetensors file with the run's config in its metadata (what "
+                                   "reglue generate --weights and reglue sample read).")
     p.add_argument("--run", help="run directory (uses its latest checkpoint)")
     p.add_argument("--checkpoint", help="a checkpoint directory instead of --run")
     p.add_argument("--out", required=True, help="output .safetensors file")
@@ -69,14 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ema/model: plain SiT keys (load with strict=True); both: keys prefixed 'ema.' and 'model.'")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("sample", help="sample an image grid from a run's EMA weights")
-    p.add_argument("--run")
-    p.add_argument("--checkpoint")
-    p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--num", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("sample", help="sample an image grid from a run's EMA weights",
+                       description="Draws --num samples from a run's EMA weights with the run's sampler settings (each "
+                                   "flag below overrides one) and writes them as one image grid, grouped by class.")
+    p.add_argument("--run", help="run directory (uses its latest checkpoint)")
+    p.add_argument("--checkpoint", help="a checkpoint directory (step-XXXXXXXX) instead of --run's latest")
+    p.add_argument("--out", required=True, help="output image (.png, .jpg or .webp)")
+    p.add_argument("--num", type=int, default=16, help="number of samples (default 16); labels cycle over the classes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples' noise (default 0)")
     p.add_argument("--vae", help="override the run's VAE (hub name or folder)")
-    p.add_argument("--device")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
     from reglue.evaluation.generate import add_sample_arguments
 
     add_sample_arguments(p)

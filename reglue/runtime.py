@@ -16,6 +16,22 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """DataLoader workers by default: the CPUs this process may use (its affinity, which a
+    container or ``taskset`` narrows), less one for the main process, at most 8; 0 on one CPU."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform (macOS)
+        cpus = os.cpu_count() or 1
+    return max(0, min(MAX_DEFAULT_WORKERS, cpus - 1))
+
+
+WORKERS_HELP = "(default: the CPUs this process may use less one, at most 8: {} here)"
+
+
 # --------------------------------------------------------------------------------------------
 # Process group
 # --------------------------------------------------------------------------------------------

@@ -82,3 +82,54 @@ def test_output_names_are_checked_before_the_inputs_are_read(tmp_path, capsys, a
     argv = [a.format(tmp=tmp_path) for a in argv]
     assert cli.main(argv) == 2
     assert why.format(tmp=tmp_path) in _error_line(capsys)
+
+
+def _parsers():
+    """(name, parser) of train.py and of every ``reglue`` subcommand."""
+    import argparse
+
+    from reglue.train.cli import build_parser as train_parser
+
+    yield "train.py", train_parser()
+    root = cli.build_parser()
+    yield "reglue", root
+    [sub] = [a for a in root._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, parser in sub.choices.items():
+        yield f"reglue {name}", parser
+
+
+@pytest.mark.parametrize("name, parser", list(_parsers()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_command_and_flag_has_help(name, parser):
+    assert parser.description, f"{name} has no description"
+    missing = [a.option_strings or a.dest for a in parser._actions if not a.help]
+    assert not missing, f"{name}: no help text for {missing}"
+
+
+def test_reference_help_says_each_recipes_precision():
+    """What --reference trains in is each preset's parallel.reference_precision, as the help says."""
+    from reglue.presets import get_preset
+    from reglue.train.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert get_preset("sit-xl-2").parallel.reference_precision == "fp32"
+    assert get_preset("reglue-sit-xl-2").parallel.reference_precision == "fp16"
+    assert "fp32 for sit-*, redi-*; fp16 autocast for repa-*, reg-*, reglue-*" in text
+
+
+@pytest.mark.parametrize("cpus, workers", [(1, 0), (2, 1), (5, 4), (64, 8)])
+def test_dataloader_workers_default_to_the_cpus_this_process_may_use(monkeypatch, cpus, workers):
+    import os
+    import warnings
+
+    import torch
+
+    from reglue.runtime import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert default_workers() == workers
+    args = cli.build_parser().parse_args(["evaluate", "--make-ref", "--data", "d", "--out", "r.npz"])
+    assert args.workers == workers
+    loader = torch.utils.data.DataLoader(range(4), num_workers=default_workers())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "This DataLoader will create N worker processes ... suggested max ..."
+        loader.check_worker_number_rationality()

@@ -43,6 +43,7 @@ import torch
 from reglue.data.shards import FORMAT, FORMAT_VERSION, MOMENT_CHANNELS, SHARD_DONE, SHARDS_DIR, DatasetError
 from reglue.models.state import weights_fingerprint
 from reglue.outputs import ensure_output_dir, write_json_atomic
+from reglue.runtime import WORKERS_HELP, default_workers
 
 log = logging.getLogger("reglue.prepare")
 
@@ -534,14 +535,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                    help="diffusers hub name, local folder, 'tiny-random' (tests), or 'none' (images only)")
     p.add_argument("--vae-seed", type=int, default=0, help="seed of the tiny-random VAE")
-    p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY)
+    p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY,
+                   help=f"quality of the stored JPEGs (4:4:4; default {JPEG_QUALITY})")
     p.add_argument("--shard-size", type=int, default=1000, help="source images per shard")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode/crop/encode processes per rank")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="decode/crop/encode processes per rank " + WORKERS_HELP.format(default_workers()))
     p.add_argument("--batch-size", type=int, default=64, help="VAE batch")
     p.add_argument("--device", help="VAE device (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--rank", type=int, help="this process's rank when not launched by torchrun")
     p.add_argument("--world-size", type=int, help="number of processes when not launched by torchrun")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
 

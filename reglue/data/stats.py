@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from reglue.data.sampler import sample_indices
-from reglue.runtime import all_reduce_sum
+from reglue.runtime import WORKERS_HELP, all_reduce_sum, default_workers
 from reglue.models.encoders import PCA, DINOv2Encoder, FeatureStats, RunningMoments
 
 log = logging.getLogger("reglue.stats")
@@ -154,8 +154,10 @@ def add_encoder_arguments(p) -> None:
                    help="override any field of the config, e.g. --set method.name=redi (repeatable; "
                         "--dinov2-weights/--layers win over it)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward per rank")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="DataLoader workers per rank " + WORKERS_HELP.format(default_workers()))
+    p.add_argument("--seed", type=int, default=0, help="seed of the random subsets (and of train-compressor's data "
+                                                        "order, hold-out and initialisation)")
 
 
 def encoder_overrides(args) -> dict:

@@ -57,7 +57,7 @@ from reglue.evaluation.metrics import (ADM_NEIGHBOURS, ADM_SPLIT_SIZE, FeatureSe
 from reglue.evaluation.reference import (DEFAULT_REFERENCE_IMAGES, NpzImages, Reference, load_reference,
                                          make_reference)
 from reglue.outputs import ensure_output_file, write_json_atomic
-from reglue.runtime import seeded_init
+from reglue.runtime import WORKERS_HELP, default_workers, seeded_init
 
 __all__ = [
     "METRICS",
@@ -322,7 +322,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--preset", default="tiny", help="--make-ref --data synthetic: the preset whose demo set (default tiny)")
     p.add_argument("--config", help="--make-ref --data synthetic: a run's config.json instead of --preset")
     p.add_argument("--seed", type=int, default=0, help="--make-ref: seed of the arr_0 subset")
-    p.add_argument("--workers", type=int, default=4, help="--make-ref: DataLoader workers decoding images")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="--make-ref: DataLoader workers decoding images " + WORKERS_HELP.format(default_workers()))
     p.set_defaults(func=main)
 
 

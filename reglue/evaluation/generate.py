@@ -591,7 +591,7 @@ def add_parser(subparsers) -> None:
     out.add_argument("--batch-size", type=int, default=128,
                      help="samples per model call and per block, per device (default: 128); part of what "
                           "the samples are, like --seed")
-    out.add_argument("--seed", type=int, default=0)
+    out.add_argument("--seed", type=int, default=0, help="seed of every block's noise and labels (default 0)")
     out.add_argument("--labels", choices=LABEL_MODES, default="balanced",
                      help="balanced: sample i has class i mod classes (exactly num/classes each); "
                           "random: uniform draws (the ADM convention)")

@@ -12,8 +12,17 @@ import os
 import sys
 from typing import List, Optional
 
-from reglue.config import KERNEL_SETTINGS, Config, ConfigError, apply_overrides, parse_set_items
-from reglue.presets import PRESETS, get_preset
+from reglue.config import ATTENTION, KERNEL_SETTINGS, Config, ConfigError, apply_overrides, parse_set_items
+from reglue.presets import METHOD_PRESETS, PRESETS, get_preset
+
+
+def _reference_precisions() -> str:
+    """Which presets' recipes train in which precision, e.g. ``fp32 for sit-*, redi-*; fp16 ... for repa-*``."""
+    by_precision = {}
+    for method, build in METHOD_PRESETS.items():
+        by_precision.setdefault(build("B").parallel.reference_precision, []).append(f"{method}-*")
+    names = {"fp16": "fp16 autocast", "fp32": "fp32"}
+    return "; ".join(f"{names.get(p, p)} for {', '.join(m)}" for p, m in sorted(by_precision.items(), reverse=True))
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
@@ -26,22 +35,26 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                    help=f"named run (default: tiny): {', '.join(sorted(PRESETS))}")
     p.add_argument("--config", help="a config.json (e.g. a run's) to start from instead of a preset")
     p.add_argument("--data", help="prepared dataset directory (`reglue prepare`) or the published layout")
-    p.add_argument("--data-backend", choices=("auto", "dali", "torch"))
+    p.add_argument("--data-backend", choices=("auto", "dali", "torch"),
+                   help="data.backend: dali (GPU decoding), torch (DataLoader + PIL), auto (DALI when installed and --data is set)")
     p.add_argument("--out", help="output root; the run writes into OUT/NAME (default: runs)")
     p.add_argument("--name", help="run name (default: the preset's)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--max-steps", type=int, help="train.max_steps: optimizer steps of the whole run (a resumed run trains on to it)")
+    p.add_argument("--global-batch-size", type=int, help="train.global_batch_size: images per step over all ranks")
     p.add_argument("--micro-batch-size", type=int, help="per-rank batch per forward (gradient accumulation fills the rest)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, help="train.seed: data order, noise and initialisation")
+    p.add_argument("--lr", type=float, help="optim.lr: AdamW learning rate")
     p.add_argument("--kernels", choices=KERNEL_SETTINGS, help="fused Triton ops (default auto: on CUDA, self-checked)")
-    p.add_argument("--attention", choices=("auto", "fa3", "fa2", "xformers", "sdpa", "math"))
+    p.add_argument("--attention", choices=ATTENTION,
+                   help="model.attention backend (default auto: FA3 -> FA2 -> xformers -> SDPA, the first that runs)")
     p.add_argument("--compile", nargs="?", const="true", choices=("auto", "true", "false"),
                    help="torch.compile the step region by region (default auto: on CUDA)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="false", help="run eager (no torch.compile)")
-    p.add_argument("--activation-checkpointing", choices=("off", "full", "selective"))
+    p.add_argument("--activation-checkpointing", choices=("off", "full", "selective"),
+                   help="parallel.activation_checkpointing per SiT block (selective: keep matmul and attention outputs)")
     p.add_argument("--reference", action="store_true", default=None,
-                   help="run the published recipe's execution (eager, fp16 autocast, DDP, per-step syncs) for comparison")
+                   help="run the published recipe's execution for comparison: eager, DDP, per-step syncs, in the recipe's "
+                        f"precision (parallel.reference_precision: {_reference_precisions()})")
     p.add_argument("--wandb-project", help="also log to Weights & Biases")
     p.add_argument("--resume", help="auto (latest checkpoint of the run, default), none, or a checkpoint directory")
     p.add_argument("--overwrite", action="store_true",

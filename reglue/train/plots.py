@@ -286,7 +286,9 @@ def cmd_plot(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plot", help="training curves of one or several runs in one figure (to compare methods)")
+    p = sub.add_parser("plot", help="training curves of one or several runs in one figure (to compare methods)",
+                       description="One panel per metric of the runs' metrics.jsonl (losses, grad norm, lr, img/s, "
+                                   "eval/*) against the step, every run as a line of its own.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or their metrics.jsonl files)")
     p.add_argument("--out", default="runs-plot.png", help="output image (default: runs-plot.png)")
     p.set_defaults(func=cmd_plot)

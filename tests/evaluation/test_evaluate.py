@@ -13,7 +13,7 @@ from reglue.cli import main as cli_main
 from reglue.evaluation import evaluate
 from reglue.evaluation.evaluate import DINOv2Features, score_features
 from reglue.evaluation.inception import InceptionFeatures
-from reglue.evaluation.metrics import FeatureSet, GaussianStats, frechet_distance
+from reglue.evaluation.metrics import FeatureSet, GaussianStats, format_score, frechet_distance
 from reglue.evaluation.reference import NpzImages, NpzWriter, Reference, load_reference
 
 MISSING_WEIGHTS = "/nonexistent/inception.pth"  # input errors must be reported before the network is built
@@ -80,8 +80,10 @@ def test_evaluate_end_to_end_scores_the_reference_dataset_as_identical(made_ref,
     assert code == 0, err
     results = json.loads((tmp_path / "res" / "results.json").read_text())
     assert "RANDOM" in out and "random" in results["WARNING"]
-    for name in ("FID:", "sFID:", "Inception Score:", "Precision:", "Recall:"):
-        assert name in out
+    lines = out.splitlines()
+    for key, name in (("fid", "FID"), ("sfid", "sFID"), ("inception_score", "Inception Score"), ("precision", "Precision"),
+                      ("recall", "Recall")):  # printed rounded to what they mean, the full value in the JSON
+        assert f"{name}: {format_score(key, results[key])}" in lines, (name, lines)
     # the same 5 images through make-ref's statistics and evaluate's features: distance 0
     assert abs(results["fid"]) < 1e-6 and abs(results["sfid"]) < 1e-6
     assert results["recall"] == 1.0 and results["precision"] >= 0.8  # the reference images are among the samples
