@@ -18,20 +18,22 @@ def cmd_export(args) -> int:
     from safetensors.torch import save_file
 
     from reglue.checkpoint import load_run_weights
-    from reglue.outputs import ensure_output_file
+    from reglue.outputs import atomic_path, ensure_output_file, removed_on_failure
 
-    out = ensure_output_file(args.out, "--out", suffixes=(".safetensors",))
-    whiches = ("ema", "model") if args.weights == "both" else (args.weights,)
-    config, model, path = load_run_weights(args.run, args.checkpoint, whiches[0])
-    models = {whiches[0]: model}
-    for which in whiches[1:]:  # from the checkpoint the first one came from
-        models[which] = load_run_weights(checkpoint=str(path), which=which)[1]
-    tensors = {}
-    for which, loaded in models.items():
-        prefix = f"{which}." if args.weights == "both" else ""
-        tensors.update({prefix + k: v.contiguous() for k, v in loaded.state_dict().items()})
-    metadata = {"config": config.to_json(), "checkpoint": str(path), "weights": args.weights}
-    save_file(tensors, out, metadata=metadata)
+    with removed_on_failure():
+        out = ensure_output_file(args.out, "--out", suffixes=(".safetensors",), overwrite=args.overwrite)
+        whiches = ("ema", "model") if args.weights == "both" else (args.weights,)
+        config, model, path = load_run_weights(args.run, args.checkpoint, whiches[0])
+        models = {whiches[0]: model}
+        for which in whiches[1:]:  # from the checkpoint the first one came from
+            models[which] = load_run_weights(checkpoint=str(path), which=which)[1]
+        tensors = {}
+        for which, loaded in models.items():
+            prefix = f"{which}." if args.weights == "both" else ""
+            tensors.update({prefix + k: v.contiguous() for k, v in loaded.state_dict().items()})
+        metadata = {"config": config.to_json(), "checkpoint": str(path), "weights": args.weights}
+        with atomic_path(out) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
     print(f"wrote {len(tensors)} tensors ({args.weights}) from {path} to {out}")
     return 0
 
@@ -41,22 +43,25 @@ def cmd_sample(args) -> int:
     from reglue.config import apply_overrides
     from reglue.evaluation.generate import sample_grid, sample_overrides
     from reglue.models.encoders import build_vae
-    from reglue.outputs import ensure_output_file
+    from reglue.outputs import ensure_output_file, removed_on_failure
     from reglue.train.plots import save_sample_grid
     from reglue.train.sampling import sample_labels
 
-    out = ensure_output_file(args.out, "--out", suffixes=IMAGE_SUFFIXES)
-    config, model, path = load_run_weights(args.run, args.checkpoint, "ema")
-    config = apply_overrides(config, sample_overrides(args))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae = build_vae(args.vae or config.encoders.vae, seed=config.train.seed, run_dir=path.parent.parent).to(device)
-    images = sample_grid(config, model.state_dict(), vae, device, args.num, args.seed)
-    save_sample_grid(images, out, sample_labels(config, args.num))
+    with removed_on_failure():
+        out = ensure_output_file(args.out, "--out", suffixes=IMAGE_SUFFIXES, overwrite=args.overwrite)
+        config, model, path = load_run_weights(args.run, args.checkpoint, "ema")
+        config = apply_overrides(config, sample_overrides(args))
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        vae = build_vae(args.vae or config.encoders.vae, seed=config.train.seed, run_dir=path.parent.parent).to(device)
+        images = sample_grid(config, model.state_dict(), vae, device, args.num, args.seed)
+        save_sample_grid(images, out, sample_labels(config, args.num))
     print(f"wrote {args.num} samples from {path} to {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from reglue.outputs import add_overwrite_flag
+
     parser = argparse.ArgumentParser(prog="reglue", description="REGLUE / REG / ReDi / REPA / SiT training toolkit")
     sub = parser.add_subparsers(dest="command", required=True, help="the command (reglue COMMAND --help for its flags)")
     sub.add_parser("train", help="train (same flags as train.py)", add_help=False,
@@ -71,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--weights", choices=("ema", "model", "both"), default="ema",
                    help="ema/model: plain SiT keys (load with strict=True); both: keys prefixed 'ema.' and 'model.'")
+    add_overwrite_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="sample an image grid from a run's EMA weights",
@@ -83,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the samples' noise (default 0)")
     p.add_argument("--vae", help="override the run's VAE (hub name or folder)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    add_overwrite_flag(p)
     from reglue.evaluation.generate import add_sample_arguments
 
     add_sample_arguments(p)

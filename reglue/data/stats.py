@@ -172,6 +172,8 @@ def encoder_overrides(args) -> dict:
 
 
 def add_parser(subparsers) -> None:
+    from reglue.outputs import add_overwrite_flag
+
     p = subparsers.add_parser(
         "stats",
         help="per-channel mean/std of the DINOv2 features over a dataset (encoders.feature_stats); "
@@ -200,6 +202,7 @@ def add_parser(subparsers) -> None:
                         f"(default: {DEFAULT_PCA_IMAGES}; 0 = all)")
     p.add_argument("--pca-whiten", action="store_true",
                    help="divide each component by its standard deviation (the published ReDi does not)")
+    add_overwrite_flag(p)
     add_encoder_arguments(p)
     p.set_defaults(func=main)
 
@@ -222,37 +225,38 @@ def check_arguments(args) -> None:
 
 def main(args) -> int:
     from reglue.data.shards import open_data_dir
-    from reglue.outputs import ensure_output_file
+    from reglue.outputs import atomic_path, ensure_output_file, removed_on_failure
     from reglue.runtime import init_distributed, shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    check_arguments(args)
-    for flag, path in (("--out", args.out), ("--pca-out", args.pca_out)):
-        if path:
-            ensure_output_file(path, flag, suffixes=(".safetensors",))
-    config = run_config(args.preset, args.config, encoder_overrides(args))
-    n_components = None
-    if args.pca is not None:
-        n_components = args.pca or config.method.semantic_channels
-        if config.method.semantic != "pca":
-            log.warning("--pca with a %s config: the PCA is of its DINOv2 layers %s; ReDi uses layer (11,) "
-                        "(--preset redi-sit-xl-2, or --set method.name=redi --layers 11)",
-                        config.method.name, config.encoders.feature_layers)
-        elif n_components != config.method.semantic_channels:
-            log.warning("--pca %d but the config's method.semantic_channels is %d: a run with this config will "
-                        "reject the PCA", n_components, config.method.semantic_channels)
     dist_info = init_distributed()
     try:
-        dataset = open_data_dir(args.data)
-        encoder = build_feature_encoder(config, dataset.image_size, dist_info.device)
-        if args.stats_in:
-            stats = FeatureStats.load(args.stats_in)
-        else:
+        with removed_on_failure():  # a failed start leaves no new folder behind
+            check_arguments(args)
+            for flag, path in (("--out", args.out), ("--pca-out", args.pca_out)):
+                if path:
+                    ensure_output_file(path, flag, suffixes=(".safetensors",), overwrite=args.overwrite)
+            config = run_config(args.preset, args.config, encoder_overrides(args))
+            n_components = None
+            if args.pca is not None:
+                n_components = args.pca or config.method.semantic_channels
+                if config.method.semantic != "pca":
+                    log.warning("--pca with a %s config: the PCA is of its DINOv2 layers %s; ReDi uses layer (11,) "
+                                "(--preset redi-sit-xl-2, or --set method.name=redi --layers 11)",
+                                config.method.name, config.encoders.feature_layers)
+                elif n_components != config.method.semantic_channels:
+                    log.warning("--pca %d but the config's method.semantic_channels is %d: a run with this config will "
+                                "reject the PCA", n_components, config.method.semantic_channels)
+            dataset = open_data_dir(args.data)
+            encoder = build_feature_encoder(config, dataset.image_size, dist_info.device)
+            stats = FeatureStats.load(args.stats_in) if args.stats_in else None
+        if stats is None:
             stats = compute_dataset_stats(dataset, encoder, batch_size=args.batch_size, max_images=args.max_images,
                                           seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size,
                                           num_workers=args.workers, progress=True)
             if dist_info.is_main:
-                stats.save(args.out)
+                with atomic_path(args.out) as tmp:
+                    stats.save(tmp)
                 print(f"wrote {stats.channels}-channel feature statistics to {args.out} (layers {config.encoders.feature_layers})")
         if n_components is not None:
             pca = compute_dataset_pca(dataset, encoder, stats, n_components, max_images=args.pca_images or None,
@@ -260,7 +264,8 @@ def main(args) -> int:
                                       rank=dist_info.rank, world_size=dist_info.world_size, num_workers=args.workers,
                                       progress=True)
             if dist_info.is_main:
-                pca.save(args.pca_out)
+                with atomic_path(args.pca_out) as tmp:
+                    pca.save(tmp)
                 images = min(len(dataset), args.pca_images or len(dataset))
                 print(f"wrote a {pca.in_channels}->{pca.latent_channels} PCA{' (whitened)' if pca.whiten else ''} "
                       f"fitted on {images} images to {args.pca_out} (layers {config.encoders.feature_layers}); "

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 
 from reglue import checkpoint as ckpt
 from reglue.config import Config
+from reglue.outputs import move_aside, setting_differences
 
 log = logging.getLogger("reglue.train")
 
@@ -44,12 +45,9 @@ def config_differences(saved: Dict, config: Config) -> List[str]:
     # A field the saved config lacks was added after it was written: it had the field's default.
     defaults = type(config)().to_dict()
     fields = [(section, k) for section in _RESUME_LOCKED for k in current[section] if k not in _FREE_MODEL_FIELDS]
-    fields += list(_RESUME_LOCKED_FIELDS)
-    same = lambda a, b: json.loads(json.dumps(a)) == json.loads(json.dumps(b))  # noqa: E731  (tuples vs lists)
-    saved_value = lambda section, k: saved[section].get(k, defaults[section][k])  # noqa: E731
-    return [f"{section}.{k}: {saved_value(section, k)!r} there, {current[section][k]!r} now"
-            for section, k in fields
-            if isinstance(saved.get(section), dict) and not same(saved_value(section, k), current[section][k])]
+    fields = [(section, k) for section, k in fields + list(_RESUME_LOCKED_FIELDS) if isinstance(saved.get(section), dict)]
+    return setting_differences({f"{section}.{k}": saved[section].get(k, defaults[section][k]) for section, k in fields},
+                               {f"{section}.{k}": current[section][k] for section, k in fields})
 
 
 def check_resume_config(saved: Dict, config: Config, path) -> None:
@@ -106,7 +104,7 @@ def plan_run(config: Config, run_dir: Path, overwrite: bool) -> RunPlan:
     if contents:
         if resume not in ("auto", "none") and Path(resume).resolve().is_relative_to(run_dir.resolve()):
             raise RunDirError(f"--overwrite would move {run_dir} aside, with the checkpoint --resume {resume} names")
-        aside = ckpt.move_aside(run_dir, "replaced")
+        aside = move_aside(run_dir, "replaced")
         log.warning("--overwrite: moved the previous run in %s to %s", run_dir, aside)
     if resume not in ("auto", "none"):
         damage = ckpt.checkpoint_damage(resume)

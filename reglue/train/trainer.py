@@ -28,7 +28,7 @@ from reglue.config import Config
 from reglue.data import build_loader, check_dataset_vae, open_dataset
 from reglue.data.sampler import GlobalBatchOrder, sample_indices
 from reglue.diffusion.transport import draw_noise
-from reglue.outputs import MetricsWriter, ensure_output_dir, read_metrics
+from reglue.outputs import MetricsWriter, ensure_output_dir, read_metrics, removed_on_failure
 from reglue.runtime import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, seeded_generator, shutdown
 from reglue.train.ema import EMA
 from reglue.train.evaluation import TrainingEvaluation, scores_line
@@ -65,14 +65,15 @@ class Trainer:
         self.dist = dist_info or init_distributed()
         _setup_logging(self.dist)
         self.run_dir = Path(config.train.out_dir) / config.train.name
-        self.plan = self._plan_run_dir(overwrite)
-        self._set_numerics()
-        self._build_batching()
-        self._build_data()
-        self._build_encoders()
-        self._build_model()
-        self._resume()
-        self._build_outputs()
+        with removed_on_failure():  # a failed start (bad data, a model that does not build, Ctrl-C) leaves no new run dir
+            self.plan = self._plan_run_dir(overwrite)
+            self._set_numerics()
+            self._build_batching()
+            self._build_data()
+            self._build_encoders()
+            self._build_model()
+            self._resume()
+            self._build_outputs()
 
     # ------------------------------------------------------------------------------ builders
     def _plan_run_dir(self, overwrite: bool) -> RunPlan:

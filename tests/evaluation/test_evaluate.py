@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from reglue.cli import main as cli_main
-from reglue.evaluation import evaluate
 from reglue.evaluation.evaluate import DINOv2Features, score_features
 from reglue.evaluation.inception import InceptionFeatures
 from reglue.evaluation.metrics import FeatureSet, GaussianStats, format_score, frechet_distance
@@ -234,29 +233,39 @@ def test_unwritable_output_is_refused_before_any_work(fake_ref, tmp_path):
     assert_one_error(code, err, "is a directory")
 
 
-def test_results_never_replace_anything_but_an_earlier_results_file(fake_ref, tmp_path):
-    """Field case: ``--out samples.npz`` (a slip for --samples) replaced the samples with JSON."""
+def test_results_replace_nothing_without_overwrite(fake_ref, tmp_path):
+    """Field case: ``--out samples.npz`` (a slip for --samples) replaced the samples with JSON: a
+    results file must end in .json, and an existing one is replaced only with --overwrite."""
     samples = samples_file(tmp_path, np.zeros((6, 16, 16, 3), np.uint8))
     kept = samples.read_bytes()
     notes = tmp_path / "notes.json"
     notes.write_text("my notes, not JSON")
     for out, why in [(samples, "the file name must end in .json"),
-                     (notes, "exists and is not a results file of reglue evaluate; it is not overwritten")]:
+                     (notes, f"--out {notes}: already exists; pass --overwrite to replace it, or choose another name")]:
         code, _, err = run_cli("--ref", fake_ref, "--samples", samples, "--out", out, "--metrics", "fid",
                                "--inception-weights", MISSING_WEIGHTS)
         assert_one_error(code, err, why)
     assert samples.read_bytes() == kept and notes.read_text() == "my notes, not JSON"
-    previous = tmp_path / "results.json"
-    previous.write_text('{"fid": 1.0}')
-    evaluate.check_results_path(previous)  # an earlier result may be replaced by a rerun
+    code, _, err = run_cli("--ref", fake_ref, "--samples", samples, "--out", notes, "--metrics", "fid",
+                           "--inception-weights", MISSING_WEIGHTS, "--overwrite")
+    assert_one_error(code, err, MISSING_WEIGHTS)  # past the output check, to the next input
+    assert notes.read_text() == "my notes, not JSON"  # a failed evaluation replaces nothing
+    code, _, err = run_cli("--ref", fake_ref, "--samples", samples, "--out", tmp_path / "new" / "deeper" / "r.json",
+                           "--metrics", "fid", "--inception-weights", MISSING_WEIGHTS)
+    assert_one_error(code, err, MISSING_WEIGHTS)
+    assert not (tmp_path / "new").exists()  # a failed start leaves no folder behind
 
 
 def test_make_ref_never_overwrites_a_reference(tmp_path):
     existing = tmp_path / "ref.npz"
     existing.write_bytes(b"precious")
     code, _, err = run_cli("--make-ref", "--data", "synthetic", "--out", existing, "--inception-weights", MISSING_WEIGHTS)
-    assert_one_error(code, err, "already exists")
+    assert_one_error(code, err, "already exists; pass --overwrite")
     assert existing.read_bytes() == b"precious"
+    code, _, err = run_cli("--make-ref", "--data", "synthetic", "--out", existing, "--inception-weights", MISSING_WEIGHTS,
+                           "--overwrite")
+    assert_one_error(code, err, MISSING_WEIGHTS)
+    assert existing.read_bytes() == b"precious"  # replaced only by a complete reference
     code, _, err = run_cli("--make-ref", "--data", "synthetic", "--out", tmp_path / "ref.json",
                            "--inception-weights", MISSING_WEIGHTS)
     assert_one_error(code, err, "the file name must end in .npz")

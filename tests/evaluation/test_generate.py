@@ -176,7 +176,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(exported, reference, tmp
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     parts = tmp_path / "resumed.npz.parts"
     assert sorted(p.name for p in parts.glob("block-*")) == ["block-000000.npz", "block-000001.npz"]
-    assert len(list(parts.glob(".block-000002.npz.*.tmp"))) == 1  # written, never renamed
+    assert len(list(parts.glob(".block-000002.npz.*.tmp.npz"))) == 1  # written, never renamed
     assert not (tmp_path / "resumed.npz").exists()
 
     drawn = []
