@@ -125,7 +125,8 @@ def ensure_resumable_dir(path: str | os.PathLike, flag: str, overwrite: bool, ho
     checks the settings with :func:`check_same_settings`; other files there: refused. With
     ``overwrite``, anything there is moved aside first."""
     path = Path(path)
-    occupied = path.is_dir() and any(path.iterdir())
+    # dot-files do not count: temporaries (another rank's write probe or half-written record) start with "."
+    occupied = path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir())
     if occupied and overwrite:
         move_aside(path, "replaced")
     elif occupied and not holds_output:
@@ -153,13 +154,19 @@ def setting_differences(recorded: Mapping, current: Mapping) -> List[str]:
             for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
 
 
+MAX_SHOWN_DIFFERENCES = 6
+"""Differing settings named in one error line (a class list can differ in a thousand places)."""
+
+
 def check_same_settings(what: str, recorded: Mapping, current: Mapping) -> None:
     """Refuse to resume ``what`` (e.g. "--out runs/x.npz.parts") with settings other than those it
     was started with: one line naming each setting that differs, with both values."""
     diffs = setting_differences(recorded, current)
     if diffs:
-        raise OutputError(f"{what} was started with other settings ({'; '.join(diffs)}): run with those settings to "
-                          "resume it, or pass --overwrite to start afresh")
+        shown = "; ".join(diffs[:MAX_SHOWN_DIFFERENCES]) + (f"; and {len(diffs) - MAX_SHOWN_DIFFERENCES} more"
+                                                           if len(diffs) > MAX_SHOWN_DIFFERENCES else "")
+        raise OutputError(f"{what} was started with other settings ({shown}): run with those settings to resume it, "
+                          "or pass --overwrite to start afresh")
 
 
 def move_aside(path: Path, why: str) -> Path:
