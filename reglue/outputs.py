@@ -84,6 +84,10 @@ def _check_writable_dir(folder: Path, flag: str) -> None:
         raise OutputError(f"{flag} {folder}: cannot create the directory ({exc.strerror})") from None
     if top is not None and _created:
         _created[-1].append(top)
+    _probe_write(folder, flag)
+
+
+def _probe_write(folder: Path, flag: str) -> None:
     try:  # a real write: os.access says yes to root on read-only or virtual filesystems (/proc, a full quota)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".reglue-write-check-")
         os.close(fd)
@@ -96,6 +100,17 @@ def ensure_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Create ``path`` (and parents) or fail now with one line naming ``flag``."""
     path = Path(path)
     _check_writable_dir(path, flag)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """What :func:`ensure_output_dir` checks, without creating anything: ``path`` or its nearest
+    existing parent is a writable directory (for a command that creates its output later)."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"{flag} {path}: a file is in the way of this directory")
+    _probe_write(existing, flag)
     return path
 
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from reglue import checkpoint as ckpt
 from reglue.data.sampler import GlobalBatchOrder
-from reglue.outputs import MetricsWriter, atomic_path, ensure_output_dir
+from reglue.outputs import (MetricsWriter, add_overwrite_flag, atomic_path, check_output_dir, check_same_settings,
+                            ensure_resumable_dir, removed_on_failure)
 from reglue.runtime import DistInfo, all_reduce_sum, per_rank_batch, seeded_generator, seeded_init
 from reglue.models.compressor import SemanticCompressor
 from reglue.models.encoders import DINOv2Encoder, FeatureStats
@@ -99,35 +100,42 @@ def validation_loss(model, encoder, stats, dataset, batch_size: int, rank: int, 
 
 def train_compressor(train_set, val_set, encoder: DINOv2Encoder, stats: FeatureStats, out_dir: str | os.PathLike,
                      hp: CompressorTraining = CompressorTraining(), *, rank: int = 0, world_size: int = 1,
-                     num_workers: int = 0, val_batch_size: Optional[int] = None, progress: bool = False) -> List[dict]:
+                     num_workers: int = 0, val_batch_size: Optional[int] = None, progress: bool = False,
+                     overwrite: bool = False) -> List[dict]:
     """Train (or resume) a SemanticCompressor; returns the per-epoch history.
 
     train_set / val_set: map-style datasets of ``(image uint8 (3, H, W), label, ...)``.
     Writes under ``out_dir``: ``compressor.safetensors`` and ``log.jsonl`` (rank 0), and a DCP
     checkpoint per epoch (``checkpoints/``, as the trainer's: complete only with its marker; a
-    damaged newest one is skipped on resume).
+    damaged newest one is skipped on resume). The same command resumes; other settings are
+    refused (naming them); ``overwrite`` moves an existing run aside first.
     """
     from reglue.data.loader import TorchLoader
 
-    out = ensure_output_dir(out_dir, "--out")
+    if overwrite and world_size > 1:
+        raise ValueError("--overwrite with several processes: move --out aside first (each rank would move it)")
+    out = Path(out_dir)
     device = encoder.pixel_mean.device
     dist_info = DistInfo(rank=rank, world_size=world_size, device=device)
-    if tuple(hp.channels)[0] != encoder.feature_channels:
-        raise ValueError(f"compressor input {hp.channels[0]} != DINOv2 feature channels {encoder.feature_channels}")
-    if stats.channels != encoder.feature_channels:
-        raise ValueError(f"feature statistics have {stats.channels} channels, DINOv2 gives {encoder.feature_channels}")
-    per_rank_batch(hp.global_batch_size, world_size, "--global-batch-size")
-    stats = stats.to(device)
-    with seeded_init(hp.seed):
-        model = SemanticCompressor(hp.channels).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr)
-    order = GlobalBatchOrder(len(train_set), hp.global_batch_size, seed=hp.seed)
-    steps_per_epoch = order.steps_per_epoch
-    step, history, run_id = _resume(out, model, optimizer, hp, steps_per_epoch, dist_info)
+    with removed_on_failure():  # a failed start leaves no new folder behind
+        ours = any((out / name).exists() for name in ("checkpoints", "log.jsonl", "compressor.safetensors"))
+        ensure_resumable_dir(out, "--out", overwrite, ours, "a train-compressor run")
+        if tuple(hp.channels)[0] != encoder.feature_channels:
+            raise ValueError(f"compressor input {hp.channels[0]} != DINOv2 feature channels {encoder.feature_channels}")
+        if stats.channels != encoder.feature_channels:
+            raise ValueError(f"feature statistics have {stats.channels} channels, DINOv2 gives {encoder.feature_channels}")
+        per_rank_batch(hp.global_batch_size, world_size, "--global-batch-size")
+        stats = stats.to(device)
+        with seeded_init(hp.seed):
+            model = SemanticCompressor(hp.channels).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr)
+        order = GlobalBatchOrder(len(train_set), hp.global_batch_size, seed=hp.seed)
+        steps_per_epoch = order.steps_per_epoch
+        step, history, run_id = _resume(out, model, optimizer, hp, steps_per_epoch, dist_info)
+        metrics = MetricsWriter(out / "log.jsonl", resume_step=step) if rank == 0 else None
     trained = model
     if world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics = MetricsWriter(out / "log.jsonl", resume_step=step) if rank == 0 else None
     model.train()
     end = hp.epochs * steps_per_epoch
     bar = None
@@ -167,7 +175,9 @@ def train_compressor(train_set, val_set, encoder: DINOv2Encoder, stats: FeatureS
 
 
 def _recipe(hp: CompressorTraining, steps_per_epoch: int) -> dict:
-    return {"channels": list(hp.channels), "steps_per_epoch": steps_per_epoch}
+    """What a resumed run must share with the run it continues (``epochs`` may grow)."""
+    return {"channels": list(hp.channels), "steps_per_epoch": steps_per_epoch, "lr": hp.lr, "min_lr": hp.min_lr,
+            "cosine_epochs": hp.cosine_epochs, "global_batch_size": hp.global_batch_size, "seed": hp.seed}
 
 
 def _resume(out: Path, model, optimizer, hp: CompressorTraining, steps_per_epoch: int, dist_info: DistInfo):
@@ -180,10 +190,8 @@ def _resume(out: Path, model, optimizer, hp: CompressorTraining, steps_per_epoch
         return meta
 
     latest = ckpt.latest_checkpoint(out)
-    saved = ckpt.read_meta(latest)["config"] if latest else _recipe(hp, steps_per_epoch)
-    if saved != _recipe(hp, steps_per_epoch):  # refuse a different recipe before loading anything
-        raise ValueError(f"{latest} was written with channels {tuple(saved['channels'])} and {saved['steps_per_epoch']} "
-                         f"steps per epoch; this run has {tuple(hp.channels)} and {steps_per_epoch} (use another --out)")
+    if latest:  # refuse a different recipe before loading anything
+        check_same_settings(f"--out {out}", ckpt.read_meta(latest)["config"], _recipe(hp, steps_per_epoch))
     found = ckpt.load_newest(out, load, dist_info)
     if found is None:
         return 0, [], uuid.uuid4().hex
@@ -217,6 +225,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--min-lr", type=float, default=1e-4, help="floor of the cosine schedule (default 1e-4)")
     p.add_argument("--cosine-epochs", type=int, default=100, help="cosine period in epochs (published: 100 over 25 epochs); 0 = --epochs")
     p.add_argument("--global-batch-size", type=int, default=4096, help="images per step over all ranks (default 4096)")
+    add_overwrite_flag(p)
     add_encoder_arguments(p)
     p.set_defaults(func=main)
 
@@ -227,7 +236,7 @@ def main(args) -> int:
     from reglue.runtime import init_distributed, shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ensure_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out")  # created once the inputs are read (train_compressor)
     config = run_config(args.preset, args.config, encoder_overrides(args))
     channels = tuple(int(c) for c in args.channels.split(",")) if args.channels else config.encoders.compressor_channels
     hp = CompressorTraining(channels=channels, epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
@@ -243,7 +252,7 @@ def main(args) -> int:
         encoder = build_feature_encoder(config, dataset.image_size, dist_info.device)
         history = train_compressor(train_set, val_set, encoder, FeatureStats.load(args.stats), args.out, hp,
                                    rank=dist_info.rank, world_size=dist_info.world_size, num_workers=args.workers,
-                                   val_batch_size=args.batch_size, progress=True)
+                                   val_batch_size=args.batch_size, progress=True, overwrite=args.overwrite)
         if dist_info.is_main and history:
             print(f"compressor after epoch {history[-1]['epoch']}: val loss {history[-1]['val_loss']:.5f}; "
                   f"weights in {Path(args.out) / 'compressor.safetensors'}")
