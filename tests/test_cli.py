@@ -133,3 +133,37 @@ def test_dataloader_workers_default_to_the_cpus_this_process_may_use(monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "This DataLoader will create N worker processes ... suggested max ..."
         loader.check_worker_number_rationality()
+
+
+def test_plot_replaces_an_existing_figure_only_with_overwrite(run, tmp_path, capsys):
+    out = tmp_path / "plot.png"
+    out.write_bytes(b"an older figure")
+    assert cli.main(["plot", str(run), "--out", str(out)]) == 2
+    assert _error_line(capsys) == (f"reglue plot: error: --out {out}: already exists; pass --overwrite to replace it, "
+                                   "or choose another name")
+    assert out.read_bytes() == b"an older figure"
+    assert cli.main(["plot", str(tmp_path / "missing-run"), "--out", str(out), "--overwrite"]) == 2
+    assert out.read_bytes() == b"an older figure"  # replaced only by a complete figure
+    assert cli.main(["plot", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert out.read_bytes().startswith(b"\x89PNG") and not list(tmp_path.glob(".plot.png.*"))
+
+
+def test_a_failed_command_leaves_no_output_folder(run, tmp_path, capsys):
+    """Field case: folders created for --out stayed behind, empty, after a bad input."""
+    assert cli.main(["plot", str(tmp_path / "missing-run"), "--out", str(tmp_path / "new" / "sub" / "plot.png")]) == 2
+    assert "no metrics.jsonl there" in _error_line(capsys)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    assert cli.main(["stats", "--preset", "tiny", "--data", str(tmp_path / "missing-data"),
+                     "--out", str(tmp_path / "kept" / "new" / "stats.safetensors")]) == 2
+    assert "missing-data" in _error_line(capsys)
+    assert list((tmp_path / "kept").iterdir()) == []  # what existed before stays
+
+
+def test_stats_refuses_an_existing_output_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "stats.safetensors"
+    out.write_bytes(b"earlier statistics")
+    assert cli.main(["stats", "--preset", "tiny", "--data", str(tmp_path / "d"), "--out", str(out)]) == 2
+    assert "already exists; pass --overwrite" in _error_line(capsys)
+    assert cli.main(["stats", "--preset", "tiny", "--data", str(tmp_path / "d"), "--out", str(out), "--overwrite"]) == 2
+    assert "already exists" not in _error_line(capsys) and out.read_bytes() == b"earlier statistics"

@@ -129,3 +129,15 @@ def test_rerunning_a_finished_run_repeats_its_result_and_a_shorter_one_is_refuse
     err = capsys.readouterr().err.splitlines()
     assert err[0] == (f"train.py: error: {tmp_path / 'tiny'} is at step 2, past --max-steps 1 (train.max_steps): a shorter "
                       "run needs another --name, or --overwrite to move this run aside and start afresh"), err
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    """Field case: an empty OUT/tiny/ after a bad --data."""
+    from reglue.train.cli import main
+
+    assert main(["--out", str(tmp_path / "runs"), "--data", str(tmp_path / "no-such-data")]) == 2
+    assert "no-such-data" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs").mkdir()
+    assert main(["--out", str(tmp_path / "runs"), "--data", str(tmp_path / "no-such-data")]) == 2
+    assert list((tmp_path / "runs").iterdir()) == []  # the folder that was there stays, the run dir does not
