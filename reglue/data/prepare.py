@@ -44,7 +44,7 @@ from reglue.data.shards import FORMAT, FORMAT_VERSION, MOMENT_CHANNELS, SHARD_DO
 from reglue.models.state import weights_fingerprint
 from reglue.outputs import (add_overwrite_flag, check_same_settings, ensure_resumable_dir, removed_on_failure,
                             write_json_atomic)
-from reglue.runtime import WORKERS_HELP, default_workers
+from reglue.runtime import WORKERS_HELP, default_workers, progress_bar
 
 log = logging.getLogger("reglue.prepare")
 
@@ -357,8 +357,7 @@ def _prepare_shards(out: Path, todo: List[int], shards: Dict[int, list], root: P
                 pending.append((data, decoded, record["label"], record["path"] + ("\tflip" if flipped else "")))
             if len(pending) >= batch_size:
                 flush()
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         flush()
         writer.close({"shard": k, "num_sources": len(shards[k]), "first_source": shards[k][0][0] if shards[k] else None,
                       "skipped": skipped, "vae_sha256": vae_sha256})
@@ -493,15 +492,9 @@ def prepare(
                 vae = build_vae(options.vae, seed=options.vae_seed).to(device)
 
     if mine:
-        bar = None
-        if progress and rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img", desc=f"prepare (rank 0 of {world_size})",
-                       dynamic_ncols=True)
-        _prepare_shards(out, mine, shards, root, options, vae, device, num_workers, batch_size, bar)
-        if bar is not None:
-            bar.close()
+        with progress_bar(progress and rank == 0, total=sum(len(shards[k]) for k in mine), unit="img",
+                          desc=f"prepare (rank 0 of {world_size})") as bar:
+            _prepare_shards(out, mine, shards, root, options, vae, device, num_workers, batch_size, bar)
 
     if rank != 0:
         return None

@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from reglue.data.sampler import sample_indices
-from reglue.runtime import WORKERS_HELP, all_reduce_sum, default_workers
+from reglue.runtime import WORKERS_HELP, all_reduce_sum, default_workers, progress_bar
 from reglue.models.encoders import PCA, DINOv2Encoder, FeatureStats, RunningMoments
 
 log = logging.getLogger("reglue.stats")
@@ -72,17 +72,10 @@ def compute_dataset_stats(dataset, encoder: DINOv2Encoder, *, batch_size: int = 
     device = encoder.pixel_mean.device
     indices = sample_indices(len(dataset), max_images, seed)[rank::world_size]
     moments = RunningMoments()
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(indices), unit="img", desc="stats", dynamic_ncols=True)
-    for images in image_batches(dataset, indices, batch_size, num_workers):
-        moments.update(encoder(images.to(device, non_blocking=True)).features.float())
-        if bar is not None:
+    with progress_bar(progress and rank == 0, total=len(indices), unit="img", desc="stats") as bar:
+        for images in image_batches(dataset, indices, batch_size, num_workers):
+            moments.update(encoder(images.to(device, non_blocking=True)).features.float())
             bar.update(len(images))
-    if bar is not None:
-        bar.close()
     return gather_moments(moments).stats()
 
 
@@ -114,23 +107,16 @@ def compute_dataset_pca(dataset, encoder: DINOv2Encoder, stats: FeatureStats, n_
     sums = torch.zeros(1 + channels + channels * channels, dtype=torch.float64, device=device)
     count, total, outer = sums[:1], sums[1 : 1 + channels], sums[1 + channels :].view(channels, channels)
     step = max(1, max_chunk_elements // channels)
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(indices), unit="img", desc="pca", dynamic_ncols=True)
-    for images in image_batches(dataset, indices, batch_size, num_workers):
-        features = stats.normalize(encoder(images.to(device, non_blocking=True)).features.float())
-        rows = features.movedim(1, -1).reshape(-1, channels)
-        for chunk in rows.split(step):
-            chunk = chunk.double()
-            total += chunk.sum(dim=0)
-            outer.addmm_(chunk.T, chunk)
-        count += rows.shape[0]
-        if bar is not None:
+    with progress_bar(progress and rank == 0, total=len(indices), unit="img", desc="pca") as bar:
+        for images in image_batches(dataset, indices, batch_size, num_workers):
+            features = stats.normalize(encoder(images.to(device, non_blocking=True)).features.float())
+            rows = features.movedim(1, -1).reshape(-1, channels)
+            for chunk in rows.split(step):
+                chunk = chunk.double()
+                total += chunk.sum(dim=0)
+                outer.addmm_(chunk.T, chunk)
+            count += rows.shape[0]
             bar.update(len(images))
-    if bar is not None:
-        bar.close()
     all_reduce_sum(sums)
     return PCA.from_moments(int(count.item()), total, outer, n_components, whiten=whiten)
 

@@ -32,7 +32,7 @@ from reglue import checkpoint as ckpt
 from reglue.data.sampler import GlobalBatchOrder
 from reglue.outputs import (MetricsWriter, add_overwrite_flag, atomic_path, check_output_dir, check_same_settings,
                             ensure_resumable_dir, removed_on_failure)
-from reglue.runtime import DistInfo, all_reduce_sum, per_rank_batch, seeded_generator, seeded_init
+from reglue.runtime import DistInfo, all_reduce_sum, per_rank_batch, progress_bar, seeded_generator, seeded_init
 from reglue.models.compressor import SemanticCompressor
 from reglue.models.encoders import DINOv2Encoder, FeatureStats
 
@@ -138,39 +138,32 @@ def train_compressor(train_set, val_set, encoder: DINOv2Encoder, stats: FeatureS
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     end = hp.epochs * steps_per_epoch
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=end, initial=step, unit="step", desc="compressor", dynamic_ncols=True)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in TorchLoader(train_set, order, rank, world_size, step, end, num_workers=num_workers):
-        epoch = step // steps_per_epoch
-        for group in optimizer.param_groups:
-            group["lr"] = hp.lr_at(epoch)
-        z = _features(encoder, stats, batch["image"].to(device, non_blocking=True))
-        loss = F.mse_loss(trained(z), z)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach().double()
-        step += 1
-        if bar is not None:
+    with progress_bar(progress and rank == 0, total=end, initial=step, unit="step", desc="compressor") as bar:
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for batch in TorchLoader(train_set, order, rank, world_size, step, end, num_workers=num_workers):
+            epoch = step // steps_per_epoch
+            for group in optimizer.param_groups:
+                group["lr"] = hp.lr_at(epoch)
+            z = _features(encoder, stats, batch["image"].to(device, non_blocking=True))
+            loss = F.mse_loss(trained(z), z)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach().double()
+            step += 1
             bar.update(1)
-        if step % steps_per_epoch == 0:
-            train_loss = float(all_reduce_sum(loss_sum.clone())) / (steps_per_epoch * world_size)
-            loss_sum.zero_()
-            val_loss = validation_loss(model, encoder, stats, val_set, val_batch_size or hp.global_batch_size // world_size,
-                                       rank, world_size, num_workers)
-            history.append({"epoch": epoch + 1, "step": step, "lr": hp.lr_at(epoch), "train_loss": train_loss, "val_loss": val_loss})
-            if rank == 0:
-                log.info("epoch %d/%d: train loss %.5f, val loss %.5f", epoch + 1, hp.epochs, train_loss, val_loss)
-                metrics.write(history[-1])
-                _save_weights(model, out / "compressor.safetensors")
-            meta = {"config": _recipe(hp, steps_per_epoch), "run_id": run_id, "history": history}
-            ckpt.save_checkpoint(out, step, ckpt.training_state(model, optimizer), meta, dist_info, keep_last=2)
-    if bar is not None:
-        bar.close()
+            if step % steps_per_epoch == 0:
+                train_loss = float(all_reduce_sum(loss_sum.clone())) / (steps_per_epoch * world_size)
+                loss_sum.zero_()
+                val_loss = validation_loss(model, encoder, stats, val_set, val_batch_size or hp.global_batch_size // world_size,
+                                           rank, world_size, num_workers)
+                history.append({"epoch": epoch + 1, "step": step, "lr": hp.lr_at(epoch), "train_loss": train_loss, "val_loss": val_loss})
+                if rank == 0:
+                    log.info("epoch %d/%d: train loss %.5f, val loss %.5f", epoch + 1, hp.epochs, train_loss, val_loss)
+                    metrics.write(history[-1])
+                    _save_weights(model, out / "compressor.safetensors")
+                meta = {"config": _recipe(hp, steps_per_epoch), "run_id": run_id, "history": history}
+                ckpt.save_checkpoint(out, step, ckpt.training_state(model, optimizer), meta, dist_info, keep_last=2)
     return history
 
 

@@ -65,7 +65,7 @@ from reglue.evaluation.reference import NpzWriter
 from reglue.models.state import weights_fingerprint
 from reglue.outputs import (OutputError, add_overwrite_flag, atomic_path, check_same_settings, ensure_output_dir,
                             ensure_output_file, human_bytes, removed_on_failure, write_json_atomic)
-from reglue.runtime import seeded_generator
+from reglue.runtime import progress_bar, seeded_generator
 
 log = logging.getLogger("reglue.generate")
 
@@ -736,29 +736,25 @@ def _start(args, dist_info):
 def _draw_blocks(sampler: ImageSampler, plan: BlockPlan, store: SampleStore, pending: List[int], dist_info) -> None:
     """Sample this rank's share of ``pending``, writing each block as it finishes; PNGs are
     encoded in a background thread (at most one block behind)."""
-    from tqdm import tqdm
-
     mine = plan.share(dist_info.rank, dist_info.world_size, pending)
     rounds = [pending[i : i + dist_info.world_size] for i in range(0, len(pending), dist_info.world_size)]
-    bar = tqdm(total=sum(plan.rows(k) for k in pending), unit="img", desc="generate", dynamic_ncols=True,
-               disable=not dist_info.is_main)
     png_writer = ThreadPoolExecutor(max_workers=1) if store.png is not None else None
     png_job: Optional[Future] = None
     start = time.perf_counter()
     try:
-        for round_blocks, (k, images, labels) in zip(rounds, iter_blocks(sampler, plan, mine)):
-            store.write_block(k, images, labels)
-            if png_writer is not None:
-                if png_job is not None:
-                    png_job.result()
-                png_job = png_writer.submit(store.write_pngs, k * plan.batch_size, images)
-            bar.update(sum(plan.rows(j) for j in round_blocks))  # every rank finishes a block per round
-        if png_job is not None:
-            png_job.result()
+        with progress_bar(dist_info.is_main, total=sum(plan.rows(k) for k in pending), unit="img", desc="generate") as bar:
+            for round_blocks, (k, images, labels) in zip(rounds, iter_blocks(sampler, plan, mine)):
+                store.write_block(k, images, labels)
+                if png_writer is not None:
+                    if png_job is not None:
+                        png_job.result()
+                    png_job = png_writer.submit(store.write_pngs, k * plan.batch_size, images)
+                bar.update(sum(plan.rows(j) for j in round_blocks))  # every rank finishes a block per round
+            if png_job is not None:
+                png_job.result()
     finally:
         if png_writer is not None:
             png_writer.shutdown(wait=True)
-        bar.close()
     if dist_info.is_main and pending:
         seconds = time.perf_counter() - start
         drawn = sum(plan.rows(k) for k in pending)

@@ -29,7 +29,8 @@ from reglue.data import build_loader, check_dataset_vae, open_dataset
 from reglue.data.sampler import GlobalBatchOrder, sample_indices
 from reglue.diffusion.transport import draw_noise
 from reglue.outputs import MetricsWriter, ensure_output_dir, read_metrics, removed_on_failure
-from reglue.runtime import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, seeded_generator, shutdown
+from reglue.runtime import (DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, progress_bar, seeded_generator,
+                            shutdown)
 from reglue.train.ema import EMA
 from reglue.train.evaluation import TrainingEvaluation, scores_line
 from reglue.train.metrics import class_match_line, count_flops, device_peak_flops, report_class_match
@@ -254,9 +255,8 @@ class Trainer:
                     log.info(line)
             return self.run_dir
         batches = build_loader(cfg, self.dataset, self.order, d.rank, d.world_size, self.step, end, d.device)
-        self.bar = tqdm(total=end, initial=self.step, disable=not d.is_main, desc=cfg.train.name, dynamic_ncols=True)
         self.stop_vote.reset()
-        with self.signals, self.bar:
+        with self.signals, progress_bar(d.is_main, total=end, initial=self.step, desc=cfg.train.name) as self.bar:
             for batch in batches:
                 self.run_step(batch)
                 self.bar.update(1)

@@ -141,3 +141,36 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys):
     (tmp_path / "runs").mkdir()
     assert main(["--out", str(tmp_path / "runs"), "--data", str(tmp_path / "no-such-data")]) == 2
     assert list((tmp_path / "runs").iterdir()) == []  # the folder that was there stays, the run dir does not
+
+
+def test_log_lines_go_above_the_progress_bar_and_one_time_lines_print_once(tmp_path, capsys, monkeypatch):
+    """Field case: the attention-backend line printed twice (the FLOP counter's meta-device model
+    chose again) and log lines written into the middle of the bar."""
+    import sys
+
+    from reglue.config import apply_overrides
+    from reglue.models import attention
+    from reglue.presets import get_preset
+    from reglue.train.trainer import Trainer
+
+    monkeypatch.setattr(attention, "_logged", set())
+    handler = logging.StreamHandler(sys.stderr)  # a console handler, as train.py's logging.basicConfig installs
+    handler.setFormatter(logging.Formatter("[log] %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        config = apply_overrides(get_preset("tiny"), {
+            "train.out_dir": str(tmp_path), "train.max_steps": "3", "train.log_every": "1", "sample.steps": "2",
+            "train.num_sample_images": "2", "data.synthetic_size": "256", "train.tensorboard": "false",
+            "train.inject_nonfinite_steps": "(1,)"})  # a warning in mid-bar: "steps 2-2: 1 skipped ..."
+        Trainer(config).fit()
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    lines = capsys.readouterr().err.split("\n")
+    assert sum("attention: using" in line for line in lines) == 1
+    skipped = [line for line in lines if "skipped for a non-finite" in line]
+    assert skipped and all(line.split("\r")[-1].startswith("[log] ") for line in skipped), skipped
+    assert any(line.split("\r")[-1].startswith("tiny:") for line in lines)  # the bar itself
