@@ -1,14 +1,13 @@
 """The ``reglue`` console script: train, export, sample (data subcommands: prepare, stats,
 train-compressor, come from ``reglue.data``; generate and evaluate from ``reglue.evaluation``; plot from
-``reglue.train.plots``)."""
+``reglue.train.plots``). Only the standard library is imported at module level, so a Ctrl-C while
+torch loads is caught by :func:`main` (exit 130, one line)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import List, Optional
-
-import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 """Grid files PIL writes (checked before sampling)."""
@@ -39,6 +38,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    import torch
+
     from reglue.checkpoint import load_run_weights
     from reglue.config import apply_overrides
     from reglue.evaluation.generate import sample_grid, sample_overrides
@@ -107,7 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The console script. Exit status: 0 done; 2 bad input (one line); 130 interrupted (Ctrl-C)
+    before the command's own handling (start-up: imports, loading)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        command = f"reglue {argv[0]}" if argv and not argv[0].startswith("-") else "reglue"
+        print(f"{command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED
+
+
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
+
+
+def _main(argv: List[str]) -> int:
     if argv and argv[0] == "train":
         from reglue.train.cli import main as train_main
 

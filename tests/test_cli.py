@@ -167,3 +167,14 @@ def test_stats_refuses_an_existing_output_without_overwrite(tmp_path, capsys):
     assert "already exists; pass --overwrite" in _error_line(capsys)
     assert cli.main(["stats", "--preset", "tiny", "--data", str(tmp_path / "d"), "--out", str(out), "--overwrite"]) == 2
     assert "already exists" not in _error_line(capsys) and out.read_bytes() == b"earlier statistics"
+
+
+def test_ctrl_c_while_the_console_script_loads_is_one_line_and_exit_130(tmp_path):
+    """What the installed ``reglue`` entry point runs (``from reglue.cli import main``), interrupted
+    while torch is being imported."""
+    from tests.train.test_cli_errors import _interrupted
+
+    code, err = _interrupted(["-c", "import sys; from reglue.cli import main; sys.exit(main())", "stats", "--help"],
+                             tmp_path, delay=0.5)
+    assert code == 130, err[-3000:]
+    assert err.splitlines() == ["reglue stats: interrupted (Ctrl-C)"], err[-3000:]

@@ -2,7 +2,7 @@
 
 Exit status: 0 done; 2 bad input (config, data, checkpoint, run directory); 3 aborted after too
 many non-finite steps; 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (run the
-same command again to continue).
+same command again to continue); 130 interrupted (Ctrl-C) during start-up, before training.
 """
 
 from __future__ import annotations
@@ -104,6 +104,15 @@ def _follow_dataset_image_size(data: str, config: Config, overrides: dict) -> No
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
+    try:
+        return _main(argv, prog)
+    except KeyboardInterrupt:  # during training, SIGINT saves and exits 75 (reglue.train.preemption); here: start-up
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{prog}: interrupted (Ctrl-C) before training started; nothing was saved", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[List[str]], prog: str) -> int:
     config, args = config_from_args(argv, prog)
     if args.print_config:
         print(config.to_json())

@@ -174,3 +174,40 @@ def test_log_lines_go_above_the_progress_bar_and_one_time_lines_print_once(tmp_p
     skipped = [line for line in lines if "skipped for a non-finite" in line]
     assert skipped and all(line.split("\r")[-1].startswith("[log] ") for line in skipped), skipped
     assert any(line.split("\r")[-1].startswith("tiny:") for line in lines)  # the bar itself
+
+
+def _interrupted(argv, tmp_path, after_line=None, delay=1.0):
+    """Run ``argv`` in a subprocess, send SIGINT ``delay`` s after start or as soon as a stderr line
+    contains ``after_line``; return (exit status, stderr)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, *argv], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    seen = []
+    if after_line is None:
+        time.sleep(delay)
+    else:
+        for line in proc.stderr:
+            seen.append(line)
+            if after_line in line:
+                break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=300)
+    return proc.returncode, "".join(seen) + rest
+
+
+@pytest.mark.parametrize("after_line", [None, "reglue.parallelize: execution on"], ids=["imports", "model-build"])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, after_line):
+    from pathlib import Path
+
+    train_py = str(Path(__file__).resolve().parents[2] / "train.py")
+    code, err = _interrupted([train_py, "--out", str(tmp_path / "runs")], tmp_path, after_line)
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and err.splitlines()[-1] == (
+        "train.py: interrupted (Ctrl-C) before training started; nothing was saved"), err[-3000:]
+    assert not (tmp_path / "runs").exists()  # the start-up's run directory is removed again
