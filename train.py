@@ -6,7 +6,10 @@
 
 import sys
 
-from reglue.train.cli import main
-
 if __name__ == "__main__":
+    try:  # a Ctrl-C while torch is imported: one line, exit 130 (from then on reglue.train.cli.main says it)
+        from reglue.train.cli import main
+    except KeyboardInterrupt:
+        print("train.py: interrupted (Ctrl-C) before training started; nothing was saved", file=sys.stderr)
+        sys.exit(130)
     sys.exit(main())

@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -49,7 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from reglue.integrity import DamagedFileError, crc32_file, verify_crc32
-from reglue.outputs import human_bytes
+from reglue.outputs import human_bytes, move_aside
 from reglue.runtime import DistInfo, all_gather_object, barrier, broadcast_object
 
 log = logging.getLogger("reglue.checkpoint")
@@ -197,17 +196,6 @@ def _write_json_durable(path: Path, value: Dict[str, Any]) -> None:
         f.write(json.dumps(value, indent=2, sort_keys=True))
         f.flush()
         os.fsync(f.fileno())
-
-
-def move_aside(path: Path, why: str) -> Path:
-    """Rename ``path`` to a free ``<name>.<why>-<time>`` beside it (nothing is ever deleted)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = path.with_name(f"{path.name}.{why}-{stamp}")
-    n = 1
-    while target.exists():
-        target, n = path.with_name(f"{path.name}.{why}-{stamp}-{n}"), n + 1
-    os.replace(path, target)
-    return target
 
 
 def save_checkpoint(run_dir, step: int, state: Dict[str, Any], meta: Dict[str, Any], dist_info: DistInfo,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import json
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,28 @@ from reglue.kernels._utils import KERNEL_CHOICES
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+def unknown_name(kind: str, name: str, known) -> str:
+    """``unknown KIND 'NAME'; did you mean A or B?``: the nearest of ``known`` (difflib), or all of
+    them when none is near (short lists: sections, a section's fields, presets)."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    if close:
+        names = f"{', '.join(close[:-1])} or {close[-1]}" if len(close) > 1 else close[0]
+        return f"unknown {kind} {name!r}; did you mean {names}?"
+    return f"unknown {kind} {name!r}; choose from {', '.join(known)}"
+
+
+def parse_set_items(items) -> Dict[str, str]:
+    """``--set SECTION.FIELD=VALUE`` flags -> ``{"SECTION.FIELD": "VALUE"}`` (for :func:`apply_overrides`)."""
+    overrides = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+        overrides[key.strip()] = value
+    return overrides
 
 
 def _require(cond: bool, name: str, msg: str) -> None:
@@ -505,9 +528,10 @@ class Config:
         """A config from its JSON form; a wrong JSON type anywhere is one ConfigError naming the field."""
         if not isinstance(d, dict):
             raise ConfigError(f"config: expected a JSON object of sections, got {_json_name(d)}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ConfigError(f"unknown config sections: {sorted(unknown)}")
+            raise ConfigError(f"config: {unknown_name('section', unknown[0], known)}")
         sections = {}
         for f in dataclasses.fields(cls):
             section_cls = typing.get_type_hints(cls)[f.name]
@@ -515,9 +539,10 @@ class Config:
             if not isinstance(values, dict):
                 raise ConfigError(f"{f.name}: expected an object of fields, got {_json_name(values)}")
             hints = typing.get_type_hints(section_cls)
-            bad = set(values) - {sf.name for sf in dataclasses.fields(section_cls)}
+            fields = [sf.name for sf in dataclasses.fields(section_cls)]
+            bad = sorted(set(values) - set(fields))
             if bad:
-                raise ConfigError(f"{f.name}: unknown fields {sorted(bad)}")
+                raise ConfigError(f"{f.name}.{bad[0]}: {unknown_name(f'field of {f.name}', bad[0], fields)}")
             for name, value in values.items():
                 _require(_json_type_ok(value, hints[name]), f"{f.name}.{name}",
                          f"expected {_describe_type(hints[name])}, got {json.dumps(value, default=str)[:60]}")
@@ -643,10 +668,12 @@ def apply_overrides(config: Config, overrides: Dict[str, Any]) -> Config:
     hints = typing.get_type_hints(Config)
     for key, value in overrides.items():
         section, _, name = key.partition(".")
-        if section not in d or not name:
-            raise ConfigError(f"{key}: expected section.field with section in {sorted(d)}")
+        if not name:
+            raise ConfigError(f"{key}: expected SECTION.FIELD")
+        if section not in d:
+            raise ConfigError(f"{key}: {unknown_name('section', section, d)}")
         section_hints = typing.get_type_hints(hints[section])
         if name not in section_hints:
-            raise ConfigError(f"{key}: unknown field; {section} has {sorted(section_hints)}")
+            raise ConfigError(f"{key}: {unknown_name(f'field of {section}', name, section_hints)}")
         d[section][name] = _coerce(value, section_hints[name], key) if isinstance(value, str) else value
     return Config.from_dict(d)

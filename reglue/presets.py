@@ -40,6 +40,7 @@ from typing import Callable, Dict
 
 from reglue.config import (
     Config,
+    ConfigError,
     DataConfig,
     EncoderConfig,
     MethodConfig,
@@ -48,6 +49,7 @@ from reglue.config import (
     ParallelConfig,
     SampleConfig,
     TrainConfig,
+    unknown_name,
 )
 from reglue.models.encoders import DINOV2_HUB_WEIGHTS, DINOV2_NOREG_HUB_WEIGHTS
 
@@ -301,6 +303,7 @@ for _method, _build in METHOD_PRESETS.items():
 
 
 def get_preset(name: str) -> Config:
+    """The config of preset ``name``; a ConfigError suggesting the nearest names otherwise."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(unknown_name("preset", name, PRESETS))
     return PRESETS[name]()

@@ -11,10 +11,47 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool = True, **tqdm_kwargs) -> Iterator["tqdm"]:
+    """A tqdm bar (a silent one unless ``enabled``: rank 0, progress asked for). While it is open,
+    console log lines are written above it (``tqdm.contrib.logging``) instead of through it: a
+    log line in mid-bar used to break the bar in two."""
+    import logging
+    import sys
+
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    console = any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+                  for h in logging.root.handlers)  # a library caller without a console handler gets none added
+    redirect = logging_redirect_tqdm() if enabled and console else contextlib.nullcontext()
+    with tqdm(disable=not enabled, dynamic_ncols=True, **tqdm_kwargs) as bar, redirect:
+        yield bar
+
+
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """DataLoader workers by default: the CPUs this process may use (its affinity, which a
+    container or ``taskset`` narrows), less one for the main process, at most 8; 0 on one CPU."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform (macOS)
+        cpus = os.cpu_count() or 1
+    return max(0, min(MAX_DEFAULT_WORKERS, cpus - 1))
+
+
+WORKERS_HELP = "(default: the CPUs this process may use less one, at most 8: {} here)"
+
 
 # --------------------------------------------------------------------------------------------
 # Process group

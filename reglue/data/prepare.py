@@ -45,7 +45,9 @@ from reglue.data.shards import (FORMAT, FORMAT_VERSION, INDEX_FILES, MOMENT_CHAN
                                 SHARDS_DIR, DatasetError)
 from reglue.integrity import crc32_file
 from reglue.models.state import weights_fingerprint
-from reglue.outputs import ensure_output_dir, write_json_atomic
+from reglue.outputs import (add_overwrite_flag, check_same_settings, ensure_resumable_dir, removed_on_failure,
+                            write_json_atomic)
+from reglue.runtime import WORKERS_HELP, default_workers, progress_bar
 
 log = logging.getLogger("reglue.prepare")
 
@@ -320,10 +322,7 @@ def _check_recipe(out: Path, recipe: dict) -> None:
             raise DatasetError(f"{path}: not valid JSON ({exc}); use a new --out directory") from None
         if not isinstance(old, dict):
             raise DatasetError(f"{path}: expected a JSON object; use a new --out directory")
-        if old != recipe:
-            diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
-            raise ValueError(f"{out} was prepared with different {', '.join(diff)} (see {path}); "
-                             "use a new --out directory, or the original settings to resume")
+        check_same_settings(f"--out {out}", old, recipe)
     else:
         write_json_atomic(path, recipe)
 
@@ -368,8 +367,7 @@ def _prepare_shards(out: Path, todo: List[int], shards: Dict[int, list], root: P
                 pending.append((data, decoded, record["label"], record["path"] + ("\tflip" if flipped else "")))
             if len(pending) >= batch_size:
                 flush()
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         flush()
         writer.close({"shard": k, "num_sources": len(shards[k]), "first_source": shards[k][0][0] if shards[k] else None,
                       "skipped": skipped, "vae_sha256": vae_sha256})
@@ -455,6 +453,7 @@ def prepare(
     file_list: Optional[str | os.PathLike] = None,
     num_workers: int = 4,
     batch_size: int = 64,
+    overwrite: bool = False,
     device: Optional[str] = None,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
@@ -466,46 +465,46 @@ def prepare(
     file_list: a ``PATH LABEL`` list (paths relative to ``source``) instead of an ImageFolder tree.
     rank, world_size: this process's share (default: torchrun's RANK / WORLD_SIZE, else 0 / 1).
     wait_seconds: how long rank 0 waits for the other ranks' shards before giving up (None: forever).
+    overwrite: move an existing ``out`` aside and start afresh (one process only).
     """
     env_rank, env_world, local_rank = _env_rank()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
-    root, out = Path(source), ensure_output_dir(out, "--out")
-    if (out / "dataset.json").is_file() and not (out / "prepare.json").is_file():
-        raise ValueError(f"{out} holds a dataset.json not written by `reglue prepare`; choose another --out")
-    sources, classes = read_file_list(file_list) if file_list else list_image_folder(root)
-    recipe = {"options": asdict(options), "num_sources": len(sources), "inputs_sha256": _fingerprint(sources),
-              "classes": classes}
-    _check_recipe(out, recipe)
-    num_shards = max(1, -(-len(sources) // options.shard_size))
-    shards = {k: sources[k * options.shard_size : (k + 1) * options.shard_size] for k in range(num_shards)}
-    done = _done_shards(out, num_shards)
-    mine = [k for k in range(num_shards) if k % world_size == rank and done[k] is None]
-    finished = sum(info is not None for info in done)
-    if rank == 0:
-        log.info("prepare: %d sources in %d classes -> %d shards in %s (%d already finished); this rank: %d shards",
-                 len(sources), len(classes), num_shards, out, finished, len(mine))
+    if overwrite and world_size > 1:
+        raise ValueError("--overwrite with several processes: move --out aside first (each rank would move it)")
+    root, out = Path(source), Path(out)
+    with removed_on_failure():  # a failed start (the source, settings, the VAE) leaves no new folder behind
+        ensure_resumable_dir(out, "--out", overwrite, (out / "prepare.json").is_file(), "a dataset of reglue prepare")
+        sources, classes = read_file_list(file_list) if file_list else list_image_folder(root)
+        if not sources:
+            raise DatasetError(f"{f'--file-list {file_list}' if file_list else f'--source {root}'}: no images to prepare")
+        recipe = {"options": asdict(options), "num_sources": len(sources), "inputs_sha256": _fingerprint(sources),
+                  "classes": classes}
+        num_shards = max(1, -(-len(sources) // options.shard_size))
+        shards = {k: sources[k * options.shard_size : (k + 1) * options.shard_size] for k in range(num_shards)}
+        _check_recipe(out, recipe)
+        done = _done_shards(out, num_shards)
+        mine = [k for k in range(num_shards) if k % world_size == rank and done[k] is None]
+        finished = sum(info is not None for info in done)
+        if rank == 0:
+            log.info("prepare: %d sources in %d classes -> %d shards in %s (%d already finished); this rank: %d shards",
+                     len(sources), len(classes), num_shards, out, finished, len(mine))
+        vae = None
+        if mine:
+            if device is None:
+                device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+            device = torch.device(device)
+            if options.vae is not None:
+                from reglue.models.encoders import build_vae
+
+                vae = build_vae(options.vae, seed=options.vae_seed).to(device)
 
     if mine:
-        if device is None:
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
-        vae = None
-        if options.vae is not None:
-            from reglue.models.encoders import build_vae
-
-            vae = build_vae(options.vae, seed=options.vae_seed).to(device)
-        bar = None
-        if progress and rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img", desc=f"prepare (rank 0 of {world_size})",
-                       dynamic_ncols=True)
-        _prepare_shards(out, mine, shards, root, options, vae, device, num_workers, batch_size, bar)
-        if bar is not None:
-            bar.close()
+        with progress_bar(progress and rank == 0, total=sum(len(shards[k]) for k in mine), unit="img",
+                          desc=f"prepare (rank 0 of {world_size})") as bar:
+            _prepare_shards(out, mine, shards, root, options, vae, device, num_workers, batch_size, bar)
 
     if rank != 0:
         return None
@@ -544,14 +543,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                    help="diffusers hub name, local folder, 'tiny-random' (tests), or 'none' (images only)")
     p.add_argument("--vae-seed", type=int, default=0, help="seed of the tiny-random VAE")
-    p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY)
+    p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY,
+                   help=f"quality of the stored JPEGs (4:4:4; default {JPEG_QUALITY})")
     p.add_argument("--shard-size", type=int, default=1000, help="source images per shard")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode/crop/encode processes per rank")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="decode/crop/encode processes per rank " + WORKERS_HELP.format(default_workers()))
     p.add_argument("--batch-size", type=int, default=64, help="VAE batch")
     p.add_argument("--device", help="VAE device (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--rank", type=int, help="this process's rank when not launched by torchrun")
     p.add_argument("--world-size", type=int, help="number of processes when not launched by torchrun")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_overwrite_flag(p)
     p.set_defaults(func=main)
 
 
@@ -564,7 +566,7 @@ def main(args) -> int:
                              vae=None if args.vae.lower() == "none" else args.vae, vae_seed=args.vae_seed,
                              jpeg_quality=args.jpeg_quality, shard_size=args.shard_size)
     meta = prepare(source, args.out, options, file_list=args.file_list, num_workers=args.workers,
-                   batch_size=args.batch_size, device=args.device, rank=args.rank, world_size=args.world_size,
+                   batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, rank=args.rank, world_size=args.world_size,
                    progress=not args.no_progress)
     if meta is not None and meta["num_samples"] == 0:
         print(f"reglue prepare: error: none of the {meta['num_sources']} source files could be read (listed in "

@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from reglue.data.sampler import sample_indices
-from reglue.runtime import all_gather_object, all_reduce_sum
+from reglue.runtime import WORKERS_HELP, all_gather_object, all_reduce_sum, default_workers, progress_bar
 from reglue.models.encoders import PCA, DINOv2Encoder, FeatureStats, RunningMoments
 
 log = logging.getLogger("reglue.stats")
@@ -69,17 +69,10 @@ def compute_dataset_stats(dataset, encoder: DINOv2Encoder, *, batch_size: int = 
     device = encoder.pixel_mean.device
     indices = sample_indices(len(dataset), max_images, seed)[rank::world_size]
     moments = RunningMoments()
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(indices), unit="img", desc="stats", dynamic_ncols=True)
-    for images in image_batches(dataset, indices, batch_size, num_workers):
-        moments.update(encoder(images.to(device, non_blocking=True)).features.float())
-        if bar is not None:
+    with progress_bar(progress and rank == 0, total=len(indices), unit="img", desc="stats") as bar:
+        for images in image_batches(dataset, indices, batch_size, num_workers):
+            moments.update(encoder(images.to(device, non_blocking=True)).features.float())
             bar.update(len(images))
-    if bar is not None:
-        bar.close()
     return gather_moments(moments).stats()
 
 
@@ -111,23 +104,16 @@ def compute_dataset_pca(dataset, encoder: DINOv2Encoder, stats: FeatureStats, n_
     sums = torch.zeros(1 + channels + channels * channels, dtype=torch.float64, device=device)
     count, total, outer = sums[:1], sums[1 : 1 + channels], sums[1 + channels :].view(channels, channels)
     step = max(1, max_chunk_elements // channels)
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(indices), unit="img", desc="pca", dynamic_ncols=True)
-    for images in image_batches(dataset, indices, batch_size, num_workers):
-        features = stats.normalize(encoder(images.to(device, non_blocking=True)).features.float())
-        rows = features.movedim(1, -1).reshape(-1, channels)
-        for chunk in rows.split(step):
-            chunk = chunk.double()
-            total += chunk.sum(dim=0)
-            outer.addmm_(chunk.T, chunk)
-        count += rows.shape[0]
-        if bar is not None:
+    with progress_bar(progress and rank == 0, total=len(indices), unit="img", desc="pca") as bar:
+        for images in image_batches(dataset, indices, batch_size, num_workers):
+            features = stats.normalize(encoder(images.to(device, non_blocking=True)).features.float())
+            rows = features.movedim(1, -1).reshape(-1, channels)
+            for chunk in rows.split(step):
+                chunk = chunk.double()
+                total += chunk.sum(dim=0)
+                outer.addmm_(chunk.T, chunk)
+            count += rows.shape[0]
             bar.update(len(images))
-    if bar is not None:
-        bar.close()
     all_reduce_sum(sums)
     return PCA.from_moments(int(count.item()), total, outer, n_components, whiten=whiten)
 
@@ -151,19 +137,16 @@ def add_encoder_arguments(p) -> None:
                    help="override any field of the config, e.g. --set method.name=redi (repeatable; "
                         "--dinov2-weights/--layers win over it)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward per rank")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="DataLoader workers per rank " + WORKERS_HELP.format(default_workers()))
+    p.add_argument("--seed", type=int, default=0, help="seed of the random subsets (and of train-compressor's data "
+                                                        "order, hold-out and initialisation)")
 
 
 def encoder_overrides(args) -> dict:
-    from reglue.config import ConfigError
+    from reglue.config import parse_set_items
 
-    overrides = {}
-    for item in getattr(args, "set", None) or ():
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
-        overrides[key.strip()] = value
+    overrides = parse_set_items(getattr(args, "set", None))
     if args.dinov2_weights is not None:
         overrides["encoders.dinov2_weights"] = args.dinov2_weights
     if args.layers:
@@ -172,6 +155,8 @@ def encoder_overrides(args) -> dict:
 
 
 def add_parser(subparsers) -> None:
+    from reglue.outputs import add_overwrite_flag
+
     p = subparsers.add_parser(
         "stats",
         help="per-channel mean/std of the DINOv2 features over a dataset (encoders.feature_stats); "
@@ -200,6 +185,7 @@ def add_parser(subparsers) -> None:
                         f"(default: {DEFAULT_PCA_IMAGES}; 0 = all)")
     p.add_argument("--pca-whiten", action="store_true",
                    help="divide each component by its standard deviation (the published ReDi does not)")
+    add_overwrite_flag(p)
     add_encoder_arguments(p)
     p.set_defaults(func=main)
 
@@ -222,37 +208,38 @@ def check_arguments(args) -> None:
 
 def main(args) -> int:
     from reglue.data.shards import open_data_dir
-    from reglue.outputs import ensure_output_file
+    from reglue.outputs import atomic_path, ensure_output_file, removed_on_failure
     from reglue.runtime import init_distributed, shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    check_arguments(args)
-    for flag, path in (("--out", args.out), ("--pca-out", args.pca_out)):
-        if path:
-            ensure_output_file(path, flag, suffixes=(".safetensors",))
-    config = run_config(args.preset, args.config, encoder_overrides(args))
-    n_components = None
-    if args.pca is not None:
-        n_components = args.pca or config.method.semantic_channels
-        if config.method.semantic != "pca":
-            log.warning("--pca with a %s config: the PCA is of its DINOv2 layers %s; ReDi uses layer (11,) "
-                        "(--preset redi-sit-xl-2, or --set method.name=redi --layers 11)",
-                        config.method.name, config.encoders.feature_layers)
-        elif n_components != config.method.semantic_channels:
-            log.warning("--pca %d but the config's method.semantic_channels is %d: a run with this config will "
-                        "reject the PCA", n_components, config.method.semantic_channels)
     dist_info = init_distributed()
     try:
-        dataset = open_data_dir(args.data)
-        encoder = build_feature_encoder(config, dataset.image_size, dist_info.device)
-        if args.stats_in:
-            stats = FeatureStats.load(args.stats_in)
-        else:
+        with removed_on_failure():  # a failed start leaves no new folder behind
+            check_arguments(args)
+            for flag, path in (("--out", args.out), ("--pca-out", args.pca_out)):
+                if path:
+                    ensure_output_file(path, flag, suffixes=(".safetensors",), overwrite=args.overwrite)
+            config = run_config(args.preset, args.config, encoder_overrides(args))
+            n_components = None
+            if args.pca is not None:
+                n_components = args.pca or config.method.semantic_channels
+                if config.method.semantic != "pca":
+                    log.warning("--pca with a %s config: the PCA is of its DINOv2 layers %s; ReDi uses layer (11,) "
+                                "(--preset redi-sit-xl-2, or --set method.name=redi --layers 11)",
+                                config.method.name, config.encoders.feature_layers)
+                elif n_components != config.method.semantic_channels:
+                    log.warning("--pca %d but the config's method.semantic_channels is %d: a run with this config will "
+                                "reject the PCA", n_components, config.method.semantic_channels)
+            dataset = open_data_dir(args.data)
+            encoder = build_feature_encoder(config, dataset.image_size, dist_info.device)
+            stats = FeatureStats.load(args.stats_in) if args.stats_in else None
+        if stats is None:
             stats = compute_dataset_stats(dataset, encoder, batch_size=args.batch_size, max_images=args.max_images,
                                           seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size,
                                           num_workers=args.workers, progress=True)
             if dist_info.is_main:
-                stats.save(args.out)
+                with atomic_path(args.out) as tmp:
+                    stats.save(tmp)
                 print(f"wrote {stats.channels}-channel feature statistics to {args.out} (layers {config.encoders.feature_layers})")
         if n_components is not None:
             pca = compute_dataset_pca(dataset, encoder, stats, n_components, max_images=args.pca_images or None,
@@ -260,7 +247,8 @@ def main(args) -> int:
                                       rank=dist_info.rank, world_size=dist_info.world_size, num_workers=args.workers,
                                       progress=True)
             if dist_info.is_main:
-                pca.save(args.pca_out)
+                with atomic_path(args.pca_out) as tmp:
+                    pca.save(tmp)
                 images = min(len(dataset), args.pca_images or len(dataset))
                 print(f"wrote a {pca.in_channels}->{pca.latent_channels} PCA{' (whitened)' if pca.whiten else ''} "
                       f"fitted on {images} images to {args.pca_out} (layers {config.encoders.feature_layers}); "

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from reglue import checkpoint as ckpt
 from reglue.data.sampler import GlobalBatchOrder
-from reglue.outputs import MetricsWriter, atomic_path, ensure_output_dir
-from reglue.runtime import DistInfo, all_reduce_sum, per_rank_batch, seeded_generator, seeded_init
+from reglue.outputs import (MetricsWriter, add_overwrite_flag, atomic_path, check_output_dir, check_same_settings,
+                            ensure_resumable_dir, removed_on_failure)
+from reglue.runtime import DistInfo, all_reduce_sum, per_rank_batch, progress_bar, seeded_generator, seeded_init
 from reglue.models.compressor import SemanticCompressor
 from reglue.models.encoders import DINOv2Encoder, FeatureStats
 
@@ -99,75 +100,77 @@ def validation_loss(model, encoder, stats, dataset, batch_size: int, rank: int, 
 
 def train_compressor(train_set, val_set, encoder: DINOv2Encoder, stats: FeatureStats, out_dir: str | os.PathLike,
                      hp: CompressorTraining = CompressorTraining(), *, rank: int = 0, world_size: int = 1,
-                     num_workers: int = 0, val_batch_size: Optional[int] = None, progress: bool = False) -> List[dict]:
+                     num_workers: int = 0, val_batch_size: Optional[int] = None, progress: bool = False,
+                     overwrite: bool = False) -> List[dict]:
     """Train (or resume) a SemanticCompressor; returns the per-epoch history.
 
     train_set / val_set: map-style datasets of ``(image uint8 (3, H, W), label, ...)``.
     Writes under ``out_dir``: ``compressor.safetensors`` and ``log.jsonl`` (rank 0), and a DCP
     checkpoint per epoch (``checkpoints/``, as the trainer's: complete only with its marker; a
-    damaged newest one is skipped on resume).
+    damaged newest one is skipped on resume). The same command resumes; other settings are
+    refused (naming them); ``overwrite`` moves an existing run aside first.
     """
     from reglue.data.loader import TorchLoader
 
-    out = ensure_output_dir(out_dir, "--out")
+    if overwrite and world_size > 1:
+        raise ValueError("--overwrite with several processes: move --out aside first (each rank would move it)")
+    out = Path(out_dir)
     device = encoder.pixel_mean.device
     dist_info = DistInfo(rank=rank, world_size=world_size, device=device)
-    if tuple(hp.channels)[0] != encoder.feature_channels:
-        raise ValueError(f"compressor input {hp.channels[0]} != DINOv2 feature channels {encoder.feature_channels}")
-    if stats.channels != encoder.feature_channels:
-        raise ValueError(f"feature statistics have {stats.channels} channels, DINOv2 gives {encoder.feature_channels}")
-    per_rank_batch(hp.global_batch_size, world_size, "--global-batch-size")
-    stats = stats.to(device)
-    with seeded_init(hp.seed):
-        model = SemanticCompressor(hp.channels).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr)
-    order = GlobalBatchOrder(len(train_set), hp.global_batch_size, seed=hp.seed)
-    steps_per_epoch = order.steps_per_epoch
-    step, history, run_id = _resume(out, model, optimizer, hp, steps_per_epoch, dist_info)
+    with removed_on_failure():  # a failed start leaves no new folder behind
+        ours = any((out / name).exists() for name in ("checkpoints", "log.jsonl", "compressor.safetensors"))
+        ensure_resumable_dir(out, "--out", overwrite, ours, "a train-compressor run")
+        if tuple(hp.channels)[0] != encoder.feature_channels:
+            raise ValueError(f"compressor input {hp.channels[0]} != DINOv2 feature channels {encoder.feature_channels}")
+        if stats.channels != encoder.feature_channels:
+            raise ValueError(f"feature statistics have {stats.channels} channels, DINOv2 gives {encoder.feature_channels}")
+        per_rank_batch(hp.global_batch_size, world_size, "--global-batch-size")
+        stats = stats.to(device)
+        with seeded_init(hp.seed):
+            model = SemanticCompressor(hp.channels).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr)
+        order = GlobalBatchOrder(len(train_set), hp.global_batch_size, seed=hp.seed)
+        steps_per_epoch = order.steps_per_epoch
+        step, history, run_id = _resume(out, model, optimizer, hp, steps_per_epoch, dist_info)
+        metrics = MetricsWriter(out / "log.jsonl", resume_step=step) if rank == 0 else None
     trained = model
     if world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics = MetricsWriter(out / "log.jsonl", resume_step=step) if rank == 0 else None
     model.train()
     end = hp.epochs * steps_per_epoch
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=end, initial=step, unit="step", desc="compressor", dynamic_ncols=True)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in TorchLoader(train_set, order, rank, world_size, step, end, num_workers=num_workers):
-        epoch = step // steps_per_epoch
-        for group in optimizer.param_groups:
-            group["lr"] = hp.lr_at(epoch)
-        z = _features(encoder, stats, batch["image"].to(device, non_blocking=True))
-        loss = F.mse_loss(trained(z), z)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach().double()
-        step += 1
-        if bar is not None:
+    with progress_bar(progress and rank == 0, total=end, initial=step, unit="step", desc="compressor") as bar:
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for batch in TorchLoader(train_set, order, rank, world_size, step, end, num_workers=num_workers):
+            epoch = step // steps_per_epoch
+            for group in optimizer.param_groups:
+                group["lr"] = hp.lr_at(epoch)
+            z = _features(encoder, stats, batch["image"].to(device, non_blocking=True))
+            loss = F.mse_loss(trained(z), z)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach().double()
+            step += 1
             bar.update(1)
-        if step % steps_per_epoch == 0:
-            train_loss = float(all_reduce_sum(loss_sum.clone())) / (steps_per_epoch * world_size)
-            loss_sum.zero_()
-            val_loss = validation_loss(model, encoder, stats, val_set, val_batch_size or hp.global_batch_size // world_size,
-                                       rank, world_size, num_workers)
-            history.append({"epoch": epoch + 1, "step": step, "lr": hp.lr_at(epoch), "train_loss": train_loss, "val_loss": val_loss})
-            if rank == 0:
-                log.info("epoch %d/%d: train loss %.5f, val loss %.5f", epoch + 1, hp.epochs, train_loss, val_loss)
-                metrics.write(history[-1])
-                _save_weights(model, out / "compressor.safetensors")
-            meta = {"config": _recipe(hp, steps_per_epoch), "run_id": run_id, "history": history}
-            ckpt.save_checkpoint(out, step, ckpt.training_state(model, optimizer), meta, dist_info, keep_last=2)
-    if bar is not None:
-        bar.close()
+            if step % steps_per_epoch == 0:
+                train_loss = float(all_reduce_sum(loss_sum.clone())) / (steps_per_epoch * world_size)
+                loss_sum.zero_()
+                val_loss = validation_loss(model, encoder, stats, val_set, val_batch_size or hp.global_batch_size // world_size,
+                                           rank, world_size, num_workers)
+                history.append({"epoch": epoch + 1, "step": step, "lr": hp.lr_at(epoch), "train_loss": train_loss, "val_loss": val_loss})
+                if rank == 0:
+                    log.info("epoch %d/%d: train loss %.5f, val loss %.5f", epoch + 1, hp.epochs, train_loss, val_loss)
+                    metrics.write(history[-1])
+                    _save_weights(model, out / "compressor.safetensors")
+                meta = {"config": _recipe(hp, steps_per_epoch), "run_id": run_id, "history": history}
+                ckpt.save_checkpoint(out, step, ckpt.training_state(model, optimizer), meta, dist_info, keep_last=2)
     return history
 
 
 def _recipe(hp: CompressorTraining, steps_per_epoch: int) -> dict:
-    return {"channels": list(hp.channels), "steps_per_epoch": steps_per_epoch}
+    """What a resumed run must share with the run it continues (``epochs`` may grow)."""
+    return {"channels": list(hp.channels), "steps_per_epoch": steps_per_epoch, "lr": hp.lr, "min_lr": hp.min_lr,
+            "cosine_epochs": hp.cosine_epochs, "global_batch_size": hp.global_batch_size, "seed": hp.seed}
 
 
 def _resume(out: Path, model, optimizer, hp: CompressorTraining, steps_per_epoch: int, dist_info: DistInfo):
@@ -180,10 +183,8 @@ def _resume(out: Path, model, optimizer, hp: CompressorTraining, steps_per_epoch
         return meta
 
     latest = ckpt.latest_checkpoint(out)
-    saved = ckpt.read_meta(latest)["config"] if latest else _recipe(hp, steps_per_epoch)
-    if saved != _recipe(hp, steps_per_epoch):  # refuse a different recipe before loading anything
-        raise ValueError(f"{latest} was written with channels {tuple(saved['channels'])} and {saved['steps_per_epoch']} "
-                         f"steps per epoch; this run has {tuple(hp.channels)} and {steps_per_epoch} (use another --out)")
+    if latest:  # refuse a different recipe before loading anything
+        check_same_settings(f"--out {out}", ckpt.read_meta(latest)["config"], _recipe(hp, steps_per_epoch))
     found = ckpt.load_newest(out, load, dist_info)
     if found is None:
         return 0, [], uuid.uuid4().hex
@@ -212,11 +213,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stats", required=True, help="feature statistics from `reglue stats`")
     p.add_argument("--out", required=True, help="output directory (compressor.safetensors, log.jsonl, checkpoints/)")
     p.add_argument("--channels", help="compressor widths, e.g. 3072,256,16 (default: the config's encoders.compressor_channels)")
-    p.add_argument("--epochs", type=int, default=25)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=int, default=25, help="passes over the training set (default 25)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
+    p.add_argument("--min-lr", type=float, default=1e-4, help="floor of the cosine schedule (default 1e-4)")
     p.add_argument("--cosine-epochs", type=int, default=100, help="cosine period in epochs (published: 100 over 25 epochs); 0 = --epochs")
-    p.add_argument("--global-batch-size", type=int, default=4096)
+    p.add_argument("--global-batch-size", type=int, default=4096, help="images per step over all ranks (default 4096)")
+    add_overwrite_flag(p)
     add_encoder_arguments(p)
     p.set_defaults(func=main)
 
@@ -227,7 +229,7 @@ def main(args) -> int:
     from reglue.runtime import init_distributed, shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ensure_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out")  # created once the inputs are read (train_compressor)
     config = run_config(args.preset, args.config, encoder_overrides(args))
     channels = tuple(int(c) for c in args.channels.split(",")) if args.channels else config.encoders.compressor_channels
     hp = CompressorTraining(channels=channels, epochs=args.epochs, lr=args.lr, min_lr=args.min_lr,
@@ -243,7 +245,7 @@ def main(args) -> int:
         encoder = build_feature_encoder(config, dataset.image_size, dist_info.device)
         history = train_compressor(train_set, val_set, encoder, FeatureStats.load(args.stats), args.out, hp,
                                    rank=dist_info.rank, world_size=dist_info.world_size, num_workers=args.workers,
-                                   val_batch_size=args.batch_size, progress=True)
+                                   val_batch_size=args.batch_size, progress=True, overwrite=args.overwrite)
         if dist_info.is_main and history:
             print(f"compressor after epoch {history[-1]['epoch']}: val loss {history[-1]['val_loss']:.5f}; "
                   f"weights in {Path(args.out) / 'compressor.safetensors'}")

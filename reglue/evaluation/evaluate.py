@@ -37,7 +37,6 @@ to 224x224 (bicubic; dgm-eval resizes with PIL's antialiased bicubic, so values 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -52,12 +51,12 @@ import torch
 
 from reglue.config import EVAL_METRICS
 from reglue.evaluation.inception import InceptionFeatureExtractor, build_inception, to_nchw_uint8
-from reglue.evaluation.metrics import (ADM_NEIGHBOURS, ADM_SPLIT_SIZE, FeatureSet, frechet_distance, inception_score,
-                                       precision_recall)
+from reglue.evaluation.metrics import (ADM_NEIGHBOURS, ADM_SPLIT_SIZE, FeatureSet, format_score, frechet_distance,
+                                       inception_score, precision_recall)
 from reglue.evaluation.reference import (DEFAULT_REFERENCE_IMAGES, NpzImages, Reference, load_reference,
                                          make_reference)
-from reglue.outputs import ensure_output_file, write_json_atomic
-from reglue.runtime import seeded_init
+from reglue.outputs import add_overwrite_flag, ensure_output_file, removed_on_failure, write_json_atomic
+from reglue.runtime import WORKERS_HELP, default_workers, seeded_init
 
 __all__ = [
     "METRICS",
@@ -324,7 +323,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--preset", default="tiny", help="--make-ref --data synthetic: the preset whose demo set (default tiny)")
     p.add_argument("--config", help="--make-ref --data synthetic: a run's config.json instead of --preset")
     p.add_argument("--seed", type=int, default=0, help="--make-ref: seed of the arr_0 subset")
-    p.add_argument("--workers", type=int, default=4, help="--make-ref: DataLoader workers decoding images")
+    add_overwrite_flag(p)
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="--make-ref: DataLoader workers decoding images " + WORKERS_HELP.format(default_workers()))
     p.set_defaults(func=main)
 
 
@@ -355,8 +356,7 @@ def _open_dataset(args):
 
 
 def _make_ref(args, device: torch.device) -> int:
-    out = Path(args.out)
-    ensure_output_file(out, "--out", suffixes=(".npz",), must_not_exist=True)
+    out = ensure_output_file(args.out, "--out", suffixes=(".npz",), overwrite=args.overwrite)
     dataset = _open_dataset(args)
     inception = build_inception(args.inception_weights, device)
     dinov2 = DINOv2Features(args.dinov2_weights, device) if args.dinov2_weights else None
@@ -372,26 +372,11 @@ def _make_ref(args, device: torch.device) -> int:
     return 0
 
 
-def check_results_path(out: Path) -> None:
-    """``--out`` of an evaluation: a .json that may replace an earlier results file, never anything else
-    (``--out samples.npz`` must not destroy the samples)."""
-    ensure_output_file(out, "--out", suffixes=(".json",))
-    if out.exists():
-        try:
-            previous = json.loads(out.read_text())
-        except (OSError, UnicodeDecodeError, ValueError):
-            previous = None
-        if not isinstance(previous, dict):
-            raise ValueError(f"--out {out}: exists and is not a results file of reglue evaluate; it is not overwritten: "
-                             "remove it or choose another name")
-
-
 def _evaluate(args, device: torch.device) -> Dict:
     """Validate everything, then compute; returns the results dict (also printed and saved)."""
     metrics = parse_metrics(args.metrics)
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        check_results_path(out)
+    if args.out:  # a .json: a slip for --samples (a .npz) is refused, not replaced
+        ensure_output_file(args.out, "--out", suffixes=(".json",), overwrite=args.overwrite)
     reference = load_reference(args.ref, need_images="pr" in metrics)
     samples = NpzImages(args.samples)
     if "is" in metrics and len(samples) < args.is_split_size:
@@ -437,8 +422,9 @@ def main(args) -> int:
     _check_arguments(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.make_ref:
-        return _make_ref(args, device)
-    with warnings.catch_warnings(record=True) as caught:
+        with removed_on_failure():  # the reference is written at the end: any failure leaves no new folder
+            return _make_ref(args, device)
+    with warnings.catch_warnings(record=True) as caught, removed_on_failure():
         warnings.simplefilter("always")
         results = _evaluate(args, device)
     results["warnings"] = _reglue_warnings(caught)
@@ -448,7 +434,7 @@ def main(args) -> int:
         print(f"WARNING: {results['WARNING']}")
     for key, name in RESULT_NAMES.items():
         if key in results:
-            print(f"{name}: {results[key]}")
+            print(f"{name}: {format_score(key, results[key])}")
     if args.out:
         write_json_atomic(Path(args.out), results)
         print(f"wrote {args.out}")

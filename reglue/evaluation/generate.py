@@ -59,13 +59,14 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from reglue.config import Config, ConfigError, SampleConfig, apply_overrides
+from reglue.config import Config, SampleConfig, apply_overrides, parse_set_items
 from reglue.diffusion.samplers import sample
 from reglue.evaluation.reference import NpzWriter
 from reglue.integrity import DamagedFileError, load_safetensors
 from reglue.models.state import weights_fingerprint
-from reglue.outputs import atomic_path, ensure_output_dir, ensure_output_file, human_bytes, write_json_atomic
-from reglue.runtime import seeded_generator
+from reglue.outputs import (OutputError, add_overwrite_flag, atomic_path, check_same_settings, ensure_output_dir,
+                            ensure_output_file, human_bytes, removed_on_failure, write_json_atomic)
+from reglue.runtime import progress_bar, seeded_generator
 
 log = logging.getLogger("reglue.generate")
 
@@ -326,35 +327,53 @@ class SampleStore:
     def check_paths(self) -> None:
         """The output paths alone (before the weights are loaded): a ``.npz`` file path in a
         writable folder, and a writable PNG folder. One ValueError naming the path otherwise."""
-        ensure_output_file(self.out, "--out", suffixes=(".npz",))  # the ADM sample-batch format
+        # an existing OUT is resumed (found complete) or refused by check(), which knows the settings
+        ensure_output_file(self.out, "--out", suffixes=(".npz",), overwrite=True)  # the ADM sample-batch format
         if self.png is not None:
             ensure_output_dir(self.png, "--png")
 
-    def check(self, manifest: Dict, plan: BlockPlan, image_shape: Tuple[int, int, int]) -> bool:
+    def check(self, manifest: Dict, plan: BlockPlan, image_shape: Tuple[int, int, int], overwrite: bool = False) -> bool:
         """Validate the output against this generation, before any sampling; True when ``OUT`` is
         already complete for it. Raises ValueError (one line naming the path and the fix) for bad
-        paths (:meth:`check_paths`), an ``OUT`` from something else, blocks drawn with other
-        settings, or too little free disk."""
+        paths (:meth:`check_paths`), an ``OUT`` or blocks drawn with other settings (naming each
+        setting that differs), PNGs of another generation, or too little free disk. ``overwrite``:
+        whatever is there is replaced, none of it is resumed."""
         self.check_paths()
-        if self.out.exists():
+        current = {k: v for k, v in manifest.items() if k != "weights"}  # where the weights came from: informational
+        if self.out.exists() and not overwrite:
             finished = self._read_json(self.sidecar)
-            if finished is not None and _same_generation(finished.get("generation", {}), manifest) and finished.get("num") == plan.num:
-                shutil.rmtree(self.parts, ignore_errors=True)  # blocks left by a kill after the .npz was complete
-                return True
-            raise ValueError(f"--out {self.out} already exists (not from these settings): delete it or choose another --out")
-        recorded = self._read_json(self.manifest_path())
-        if recorded is not None and not _same_generation(recorded, manifest):
-            changed = sorted(k for k in set(recorded) | set(manifest) if k != "weights" and recorded.get(k) != manifest.get(k))
-            detail = "; ".join(f"{k}: {recorded.get(k)!r} there, {manifest.get(k)!r} here" for k in changed)
-            raise ValueError(f"{self.parts} holds blocks drawn with other settings ({detail}): rerun with those "
-                             f"settings to resume, or delete {self.parts} / choose another --out")
+            if finished is None or not isinstance(finished.get("generation"), dict):
+                raise OutputError(f"--out {self.out}: already exists (not written by reglue generate: no {self.sidecar.name}); "
+                                  "pass --overwrite to replace it, or choose another --out")
+            recorded = {k: v for k, v in finished["generation"].items() if k != "weights"}
+            check_same_settings(f"--out {self.out}", {**recorded, "num": finished.get("num")}, {**current, "num": plan.num})
+            shutil.rmtree(self.parts, ignore_errors=True)  # blocks left by a kill after the .npz was complete
+            return True
+        resuming = not overwrite and any(self.parts.glob("block-*.npz"))
+        recorded = self._read_json(self.manifest_path()) if resuming else None
+        if recorded is not None:  # a manifest without blocks (a start that failed) holds nothing to resume
+            check_same_settings(str(self.parts), {k: v for k, v in recorded.items() if k != "weights"}, current)
+        if self.png is not None and not resuming and not overwrite and any(self._png_files()):
+            raise OutputError(f"--png {self.png}: holds PNGs of another generation; pass --overwrite to replace them, "
+                              "or choose another --png")
         image_bytes = int(np.prod(image_shape)) + 8
-        need = (len(self.pending(plan)) * plan.batch_size + plan.num) * image_bytes  # blocks still to write + the .npz
+        blocks = plan.num_blocks if overwrite else len(self.pending(plan))
+        need = (blocks * plan.batch_size + plan.num) * image_bytes  # blocks still to write + the .npz
         free = shutil.disk_usage(self.out.parent).free
         if need > free:
             raise ValueError(f"--out {self.out}: needs about {human_bytes(need)} (blocks + final .npz) but "
                              f"{human_bytes(free)} are free on that disk: free space or choose another --out")
         return False
+
+    def discard(self) -> None:
+        """--overwrite: drop the blocks and PNGs of an earlier generation (``OUT`` itself is replaced
+        when the new one is complete)."""
+        shutil.rmtree(self.parts, ignore_errors=True)
+        for path in self._png_files():
+            path.unlink()
+
+    def _png_files(self) -> Iterator[Path]:
+        return self.png.glob("[0-9]" * 6 + ".png") if self.png is not None and self.png.is_dir() else iter(())
 
     @staticmethod
     def _read_json(path: Path) -> Optional[Dict]:
@@ -366,7 +385,7 @@ class SampleStore:
             raise ValueError(f"{path} is damaged (not JSON): delete it (and the blocks next to it) to start over") from None
 
     def write_manifest(self, manifest: Dict) -> None:
-        self.parts.mkdir(parents=True, exist_ok=True)
+        ensure_output_dir(self.parts, "--out")
         write_json_atomic(self.manifest_path(), manifest)
 
     # ---- blocks -------------------------------------------------------------------------------
@@ -468,10 +487,7 @@ def _config_from(preset: Optional[str], config_file: Optional[str]) -> Config:
             return Config.from_dict(json.loads(Path(config_file).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"--config {config_file}: cannot read a config ({exc})") from None
-    try:
-        return get_preset(preset)
-    except KeyError as exc:
-        raise ValueError(str(exc).strip("'\"")) from None
+    return get_preset(preset)
 
 
 def _safetensors_config(path: Path) -> Optional[Config]:
@@ -518,7 +534,7 @@ def load_source(args) -> Source:
     from reglue.checkpoint import load_run_weights
     from reglue.models import build_model
 
-    overrides = _set_overrides(args.set)
+    overrides = parse_set_items(args.set)
     if args.weights:
         if args.run or args.checkpoint:
             raise ValueError("give either --weights FILE or --run/--checkpoint DIR, not both")
@@ -549,16 +565,6 @@ def load_source(args) -> Source:
     if overrides:
         config = apply_overrides(config, overrides)
     return Source(config, model, f"{path} (EMA)", label_classes(config), run_dir=path.parent.parent)
-
-
-def _set_overrides(items: Sequence[str]) -> Dict[str, str]:
-    overrides = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
-        overrides[key.strip()] = value
-    return overrides
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,13 +611,14 @@ def add_parser(subparsers) -> None:
     out.add_argument("--batch-size", type=int, default=128,
                      help="samples per model call and per block, per device (default: 128); part of what "
                           "the samples are, like --seed")
-    out.add_argument("--seed", type=int, default=0)
+    out.add_argument("--seed", type=int, default=0, help="seed of every block's noise and labels (default 0)")
     out.add_argument("--labels", choices=LABEL_MODES, default="balanced",
                      help="balanced: sample i has class i mod classes (exactly num/classes each); "
                           "random: uniform draws (the ADM convention)")
     out.add_argument("--num-classes", type=int, help="classes to draw labels from (default: the model's, or the "
                                                      "synthetic dataset's for a run trained on it)")
     out.add_argument("--png", help="also write DIR/NNNNNN.png")
+    add_overwrite_flag(out)
 
     speed = p.add_argument_group("execution")
     speed.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
@@ -638,10 +645,6 @@ def generation_manifest(source: Source, plan: BlockPlan, settings: SampleConfig,
     }))
 
 
-def _same_generation(a: Dict, b: Dict) -> bool:
-    return {k: v for k, v in a.items() if k != "weights"} == {k: v for k, v in b.items() if k != "weights"}
-
-
 def _sampling_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -649,61 +652,16 @@ def _sampling_device() -> torch.device:
 
 
 def main(args) -> int:
-    from reglue.models.encoders import build_vae
-    from reglue.runtime import all_reduce_mean, barrier, broadcast_object, init_distributed, shutdown
+    from reglue.runtime import barrier, init_distributed, shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    store = SampleStore(args.out, args.png)
-    store.check_paths()  # before the (slow) weight loading
-    source = load_source(args)
-    config = apply_overrides(source.config, sample_overrides(args))
-    settings = config.sample
-    device = _sampling_device()
-    plan = BlockPlan(num=args.num, batch_size=args.batch_size, seed=args.seed,
-                     num_classes=args.num_classes or source.num_classes, labels=args.labels)
-    if plan.num_classes > config.model.num_classes:
-        raise ValueError(f"--num-classes {plan.num_classes}: the model knows {config.model.num_classes} classes")
-    vae_name = args.vae or config.encoders.vae
-    manifest = generation_manifest(source, plan, settings, vae_name, device, args.precision == "bf16",
-                                   weights_fingerprint(source.model.state_dict()))
-    image_shape = (config.data.image_size, config.data.image_size, 3)
-    rank = int(os.environ.get("RANK", "0"))
-    if store.check(manifest, plan, image_shape):
-        if rank == 0:
-            print(f"{store.out} is already complete ({plan.num} samples with these settings); nothing to do"
-                  + (" (--png is only written while sampling: delete the .npz to redraw)" if store.png else ""))
-        return 0
-    try:
-        vae = build_vae(vae_name, seed=config.train.seed, run_dir=source.run_dir)
-    except FileNotFoundError as exc:  # a run-fitted autoencoder: the message names the file and the fix
-        raise ValueError(str(exc)) from None
-    except OSError as exc:
-        raise ValueError(f"cannot load the VAE {vae_name!r} ({str(exc).splitlines()[0]}): pass --vae with a local "
-                         "diffusers folder (e.g. a downloaded stabilityai/sd-vae-ft-ema)") from None
-
     dist_info = init_distributed()
     try:
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (VAE, --precision fp32) on tensor cores
-            torch.backends.cudnn.allow_tf32 = True
-        if dist_info.is_main:
-            store.write_manifest(manifest)
-        pending = broadcast_object(store.pending(plan) if dist_info.is_main else None)
-        seen = all_reduce_mean(torch.tensor([float(store.manifest_path().is_file())], device=device))
-        if seen.item() < 1:  # every rank raises, none waits at a barrier
-            raise ValueError(f"{store.parts} (written by rank 0) is not visible on every rank: put --out on a "
-                             "filesystem all nodes share")
-        on_cuda = device.type == "cuda"
-        sampler = ImageSampler.from_state(
-            config, source.model.state_dict(), vae, device, settings,
-            kernels=args.kernels or ("triton" if on_cuda else "eager"), attention=args.attention,
-            compile=on_cuda if args.compile is None else args.compile, autocast=args.precision == "bf16")
-        del source
-        if dist_info.is_main:
-            print(f"generate: {plan.num} samples in {plan.num_blocks} blocks of {plan.batch_size} "
-                  f"({len(pending)} to draw, {dist_info.world_size} process(es)) from {manifest['weights']}; "
-                  f"{settings.sampler} {settings.steps} steps, cfg {settings.cfg_scale} on t in "
-                  f"{list(settings.guidance_interval)}, {plan.labels} labels over {plan.num_classes} classes -> {store.out}")
+        with removed_on_failure():  # a failed start leaves no new folder behind (sampling: kept, resumable)
+            started = _start(args, dist_info)
+        if started is None:
+            return 0
+        store, plan, sampler, pending, manifest, image_shape = started
         _draw_blocks(sampler, plan, store, pending, dist_info)
         barrier()
         if store.png is not None:  # PNGs of blocks drawn by an earlier run without --png, or lost in a kill
@@ -719,32 +677,85 @@ def main(args) -> int:
     return 0
 
 
+def _start(args, dist_info):
+    """Everything before the first sample: outputs, weights, plan, VAE, manifest, sampler. None when
+    ``--out`` is already complete; else (store, plan, sampler, pending blocks, manifest, image shape)."""
+    from reglue.models.encoders import build_vae
+    from reglue.runtime import all_reduce_mean, broadcast_object
+
+    store = SampleStore(args.out, args.png)
+    store.check_paths()  # before the (slow) weight loading
+    source = load_source(args)
+    config = apply_overrides(source.config, sample_overrides(args))
+    settings = config.sample
+    device = _sampling_device()
+    plan = BlockPlan(num=args.num, batch_size=args.batch_size, seed=args.seed,
+                     num_classes=args.num_classes or source.num_classes, labels=args.labels)
+    if plan.num_classes > config.model.num_classes:
+        raise ValueError(f"--num-classes {plan.num_classes}: the model knows {config.model.num_classes} classes")
+    vae_name = args.vae or config.encoders.vae
+    manifest = generation_manifest(source, plan, settings, vae_name, device, args.precision == "bf16",
+                                   weights_fingerprint(source.model.state_dict()))
+    image_shape = (config.data.image_size, config.data.image_size, 3)
+    if store.check(manifest, plan, image_shape, overwrite=args.overwrite):
+        if dist_info.is_main:
+            print(f"{store.out} is already complete ({plan.num} samples with these settings); nothing to do"
+                  + (" (--png is only written while sampling: --overwrite to redraw)" if store.png else ""))
+        return None
+    try:
+        vae = build_vae(vae_name, seed=config.train.seed, run_dir=source.run_dir)
+    except FileNotFoundError as exc:  # a run-fitted autoencoder: the message names the file and the fix
+        raise ValueError(str(exc)) from None
+    except OSError as exc:
+        raise ValueError(f"cannot load the VAE {vae_name!r} ({str(exc).splitlines()[0]}): pass --vae with a local "
+                         "diffusers folder (e.g. a downloaded stabilityai/sd-vae-ft-ema)") from None
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (VAE, --precision fp32) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    if dist_info.is_main:
+        if args.overwrite:
+            store.discard()
+        store.write_manifest(manifest)
+    pending = broadcast_object(store.pending(plan) if dist_info.is_main else None)
+    seen = all_reduce_mean(torch.tensor([float(store.manifest_path().is_file())], device=device))
+    if seen.item() < 1:  # every rank raises, none waits at a barrier
+        raise ValueError(f"{store.parts} (written by rank 0) is not visible on every rank: put --out on a "
+                         "filesystem all nodes share")
+    on_cuda = device.type == "cuda"
+    sampler = ImageSampler.from_state(
+        config, source.model.state_dict(), vae, device, settings,
+        kernels=args.kernels or ("triton" if on_cuda else "eager"), attention=args.attention,
+        compile=on_cuda if args.compile is None else args.compile, autocast=args.precision == "bf16")
+    if dist_info.is_main:
+        print(f"generate: {plan.num} samples in {plan.num_blocks} blocks of {plan.batch_size} "
+              f"({len(pending)} to draw, {dist_info.world_size} process(es)) from {manifest['weights']}; "
+              f"{settings.sampler} {settings.steps} steps, cfg {settings.cfg_scale} on t in "
+              f"{list(settings.guidance_interval)}, {plan.labels} labels over {plan.num_classes} classes -> {store.out}")
+    return store, plan, sampler, pending, manifest, image_shape
+
+
 def _draw_blocks(sampler: ImageSampler, plan: BlockPlan, store: SampleStore, pending: List[int], dist_info) -> None:
     """Sample this rank's share of ``pending``, writing each block as it finishes; PNGs are
     encoded in a background thread (at most one block behind)."""
-    from tqdm import tqdm
-
     mine = plan.share(dist_info.rank, dist_info.world_size, pending)
     rounds = [pending[i : i + dist_info.world_size] for i in range(0, len(pending), dist_info.world_size)]
-    bar = tqdm(total=sum(plan.rows(k) for k in pending), unit="img", desc="generate", dynamic_ncols=True,
-               disable=not dist_info.is_main)
     png_writer = ThreadPoolExecutor(max_workers=1) if store.png is not None else None
     png_job: Optional[Future] = None
     start = time.perf_counter()
     try:
-        for round_blocks, (k, images, labels) in zip(rounds, iter_blocks(sampler, plan, mine)):
-            store.write_block(k, images, labels)
-            if png_writer is not None:
-                if png_job is not None:
-                    png_job.result()
-                png_job = png_writer.submit(store.write_pngs, k * plan.batch_size, images)
-            bar.update(sum(plan.rows(j) for j in round_blocks))  # every rank finishes a block per round
-        if png_job is not None:
-            png_job.result()
+        with progress_bar(dist_info.is_main, total=sum(plan.rows(k) for k in pending), unit="img", desc="generate") as bar:
+            for round_blocks, (k, images, labels) in zip(rounds, iter_blocks(sampler, plan, mine)):
+                store.write_block(k, images, labels)
+                if png_writer is not None:
+                    if png_job is not None:
+                        png_job.result()
+                    png_job = png_writer.submit(store.write_pngs, k * plan.batch_size, images)
+                bar.update(sum(plan.rows(j) for j in round_blocks))  # every rank finishes a block per round
+            if png_job is not None:
+                png_job.result()
     finally:
         if png_writer is not None:
             png_writer.shutdown(wait=True)
-        bar.close()
     if dist_info.is_main and pending:
         seconds = time.perf_counter() - start
         drawn = sum(plan.rows(k) for k in pending)

@@ -71,6 +71,7 @@ __all__ = [
     "precision_recall",
     "FeatureSet",
     "all_reduce_moments",
+    "format_score",
 ]
 
 ADM_SPLIT_SIZE = 5000
@@ -163,6 +164,19 @@ def frechet_distance(a: GaussianStats, b: GaussianStats, device: Optional[torch.
     diff = a.mu.to(device) - b.mu.to(device)
     distance = diff @ diff + sigma_a.trace() + sigma_b.trace() - 2 * eigenvalues.sqrt().sum()
     return float(distance)
+
+
+def format_score(name: str, value: float) -> str:
+    """A score as printed: precision and recall (fractions) to 3 decimals; distances and the
+    Inception Score to 4 significant digits (whole numbers from 1000 up), as papers report them.
+    The JSON outputs keep the full value."""
+    if not math.isfinite(value):
+        return str(value)
+    if name in ("precision", "recall"):
+        return f"{value:.3f}"
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
+    return f"{value:#.4g}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     chosen = select_backend(q, backend)
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and q.device.type != "meta":  # meta: shapes only (the FLOP count), no kernel runs
         _log_choice(chosen, backend, q)
     return _IMPLS[chosen](q, k, v)
 

@@ -89,7 +89,20 @@ class TrainingEvaluation:
                   "eval/samples": cfg.train.eval_samples, "eval/seconds": time.perf_counter() - start}
         if self.evaluator.is_random:
             record["eval/random_inception"] = True
-        log.info("step %d: %s (%d samples, %s %d steps%s)", step,
-                 ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), cfg.train.eval_samples, cfg.train.eval_sampler,
-                 cfg.train.eval_steps, "; RANDOM Inception: a pipeline check, not FID" if self.evaluator.is_random else "")
+        log.info(scores_line(record, cfg))
         return record
+
+
+SCORE_EXTRAS = ("samples", "seconds", "random_inception")
+"""Keys of an ``eval/*`` score record that describe the evaluation rather than score it."""
+
+
+def scores_line(record: Dict, config: Config) -> str:
+    """The log line of an in-training evaluation ``record`` (a metrics.jsonl row of ``eval/*`` scores)."""
+    from reglue.evaluation.metrics import format_score
+
+    train = config.train
+    scores = {k[len("eval/"):]: v for k, v in record.items() if k.startswith("eval/") and k[len("eval/"):] not in SCORE_EXTRAS}
+    random = "; RANDOM Inception: a pipeline check, not FID" if record.get("eval/random_inception") else ""
+    return (f"step {record['step']}: {', '.join(f'{k} {format_score(k, v)}' for k, v in scores.items())} "
+            f"({record.get('eval/samples', train.eval_samples)} samples, {train.eval_sampler} {train.eval_steps} steps{random})")

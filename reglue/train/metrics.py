@@ -62,6 +62,11 @@ def report_class_match(dataset, images: torch.Tensor, labels: torch.Tensor, metr
         return None
     share = dataset.classifier().accuracy(images, labels)
     metrics.write({"step": step, "eval/class_match": share})
+    return class_match_line(share, labels)
+
+
+def class_match_line(share: float, labels: torch.Tensor) -> str:
+    """The line of a class-match ``share`` of samples drawn for ``labels`` (N,)."""
     hits = round(share * len(labels))
     return (f"class match: {hits}/{len(labels)} EMA samples ({share:.0%}) are assigned to their conditioning class "
             f"by the fixed hue classifier of the synthetic set (chance: 1 in {len(torch.unique(labels))})")

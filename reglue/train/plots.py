@@ -23,7 +23,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from reglue.outputs import ensure_output_file, read_metrics
+from reglue.outputs import add_overwrite_flag, atomic_path, ensure_output_file, read_metrics, removed_on_failure
 
 log = logging.getLogger("reglue.plots")
 
@@ -150,7 +150,8 @@ def save_metrics_plot(runs: Mapping[str, List[Dict]], path: Path, dpi: int = 100
     path = Path(path)
     fig = metrics_figure(runs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
     return path
 
 
@@ -246,7 +247,8 @@ def save_sample_grid(images: torch.Tensor, path: Path, labels: Optional[torch.Te
         grid = torch.cat(parts, dim=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid.float() / 255, path)
+    with atomic_path(path) as tmp:
+        save_image(grid.float() / 255, tmp)
     return path
 
 
@@ -278,15 +280,19 @@ def _figure_suffixes() -> List[str]:
 
 
 def cmd_plot(args) -> int:
-    out = ensure_output_file(args.out, "--out", suffixes=_figure_suffixes())
-    runs = dict(zip(_labels(args.runs), (_run_records(r) for r in args.runs)))
-    out = save_metrics_plot(runs, out)
+    with removed_on_failure():
+        out = ensure_output_file(args.out, "--out", suffixes=_figure_suffixes(), overwrite=args.overwrite)
+        runs = dict(zip(_labels(args.runs), (_run_records(r) for r in args.runs)))
+        out = save_metrics_plot(runs, out)
     print(f"wrote {out}: {len(_panel_keys(runs))} panels, runs {', '.join(runs)}")
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plot", help="training curves of one or several runs in one figure (to compare methods)")
+    p = sub.add_parser("plot", help="training curves of one or several runs in one figure (to compare methods)",
+                       description="One panel per metric of the runs' metrics.jsonl (losses, grad norm, lr, img/s, "
+                                   "eval/*) against the step, every run as a line of its own.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or their metrics.jsonl files)")
     p.add_argument("--out", default="runs-plot.png", help="output image (default: runs-plot.png)")
+    add_overwrite_flag(p)
     p.set_defaults(func=cmd_plot)

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 
 from reglue import checkpoint as ckpt
 from reglue.config import Config
+from reglue.outputs import move_aside, setting_differences
 
 log = logging.getLogger("reglue.train")
 
@@ -44,12 +45,9 @@ def config_differences(saved: Dict, config: Config) -> List[str]:
     # A field the saved config lacks was added after it was written: it had the field's default.
     defaults = type(config)().to_dict()
     fields = [(section, k) for section in _RESUME_LOCKED for k in current[section] if k not in _FREE_MODEL_FIELDS]
-    fields += list(_RESUME_LOCKED_FIELDS)
-    same = lambda a, b: json.loads(json.dumps(a)) == json.loads(json.dumps(b))  # noqa: E731  (tuples vs lists)
-    saved_value = lambda section, k: saved[section].get(k, defaults[section][k])  # noqa: E731
-    return [f"{section}.{k}: {saved_value(section, k)!r} there, {current[section][k]!r} now"
-            for section, k in fields
-            if isinstance(saved.get(section), dict) and not same(saved_value(section, k), current[section][k])]
+    fields = [(section, k) for section, k in fields + list(_RESUME_LOCKED_FIELDS) if isinstance(saved.get(section), dict)]
+    return setting_differences({f"{section}.{k}": saved[section].get(k, defaults[section][k]) for section, k in fields},
+                               {f"{section}.{k}": current[section][k] for section, k in fields})
 
 
 def check_resume_config(saved: Dict, config: Config, path) -> None:
@@ -106,12 +104,13 @@ def plan_run(config: Config, run_dir: Path, overwrite: bool) -> RunPlan:
     if contents:
         if resume not in ("auto", "none") and Path(resume).resolve().is_relative_to(run_dir.resolve()):
             raise RunDirError(f"--overwrite would move {run_dir} aside, with the checkpoint --resume {resume} names")
-        aside = ckpt.move_aside(run_dir, "replaced")
+        aside = move_aside(run_dir, "replaced")
         log.warning("--overwrite: moved the previous run in %s to %s", run_dir, aside)
     if resume not in ("auto", "none"):
         damage = ckpt.checkpoint_damage(resume)
         if damage is not None:
             raise ckpt.CheckpointError(f"--resume {resume}: {damage}")
+        _check_not_past(resume, ckpt.read_meta(resume), config)
         return RunPlan(resume_from=resume, run_id=uuid.uuid4().hex)
     return RunPlan(resume_from=None, run_id=uuid.uuid4().hex)
 
@@ -129,11 +128,13 @@ def _plan_occupied(config: Config, run_dir: Path, resume: str, contents: List[st
             raise ckpt.CheckpointError(f"--resume {resume}: {damage}")
         meta = ckpt.read_meta(path)
         _check_same_run(run_dir, contents, meta["config"], config)
+        _check_not_past(path, meta, config)
         return RunPlan(resume_from=str(path), run_id=meta["run_id"])
     complete = [p for p in checkpoints if ckpt.checkpoint_damage(p) is None]
     if complete:
         meta = ckpt.read_meta(complete[-1])
         _check_same_run(run_dir, contents, meta["config"], config)
+        _check_not_past(run_dir, meta, config)
         return RunPlan(resume_from="auto", run_id=meta["run_id"])
     if checkpoints:
         reasons = "; ".join(f"{p.name}: {ckpt.checkpoint_damage(p)}" for p in reversed(checkpoints))
@@ -150,3 +151,12 @@ def _check_same_run(run_dir: Path, contents: List[str], saved: Dict, config: Con
     diffs = config_differences(saved, config)
     if diffs:
         raise _refuse(run_dir, contents, "its settings differ (" + "; ".join(diffs) + ")")
+
+
+def _check_not_past(where, meta: Dict, config: Config) -> None:
+    """A run already past ``train.max_steps`` cannot be shortened: training on would do nothing, and
+    its checkpoints and metrics describe the longer run."""
+    step, end = int(meta.get("step", 0)), config.train.max_steps
+    if step > end:
+        raise RunDirError(f"{where} is at step {step}, past --max-steps {end} (train.max_steps): a shorter run needs "
+                          "another --name, or --overwrite to move this run aside and start afresh")

@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -29,11 +29,12 @@ from reglue.config import Config
 from reglue.data import build_loader, check_dataset_vae, open_dataset
 from reglue.data.sampler import GlobalBatchOrder, sample_indices
 from reglue.diffusion.transport import draw_noise
-from reglue.outputs import MetricsWriter, ensure_output_dir
-from reglue.runtime import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, seeded_generator, shutdown
+from reglue.outputs import MetricsWriter, ensure_output_dir, read_metrics, removed_on_failure
+from reglue.runtime import (DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, progress_bar, seeded_generator,
+                            shutdown)
 from reglue.train.ema import EMA
-from reglue.train.evaluation import TrainingEvaluation
-from reglue.train.metrics import count_flops, device_peak_flops, report_class_match, sit_flops_per_image
+from reglue.train.evaluation import TrainingEvaluation, scores_line
+from reglue.train.metrics import class_match_line, count_flops, device_peak_flops, report_class_match, sit_flops_per_image
 from reglue.train.mesh import CollectiveCounter, model_parameters
 from reglue.train.parallelize import build_parallel_model, execution_metrics, loss_fn, run_mesh
 from reglue.train.plots import dataset_class_names, save_sample_grid, write_run_plot
@@ -69,14 +70,15 @@ class Trainer:
         self.mesh = run_mesh(config, self.dist)  # first: a shape that does not fit the world stops here
         log.info("%s", self.mesh.describe())
         self.run_dir = Path(config.train.out_dir) / config.train.name
-        self.plan = self._plan_run_dir(overwrite)
-        self._set_numerics()
-        self._build_batching()
-        self._build_data()
-        self._build_encoders()
-        self._build_model()
-        self._resume()
-        self._build_outputs()
+        with removed_on_failure():  # a failed start (bad data, a model that does not build, Ctrl-C) leaves no new run dir
+            self.plan = self._plan_run_dir(overwrite)
+            self._set_numerics()
+            self._build_batching()
+            self._build_data()
+            self._build_encoders()
+            self._build_model()
+            self._resume()
+            self._build_outputs()
 
     # ------------------------------------------------------------------------------ builders
     def _plan_run_dir(self, overwrite: bool) -> RunPlan:
@@ -251,12 +253,14 @@ class Trainer:
         cfg, d = self.config, self.dist
         end = cfg.train.max_steps
         if self.step >= end:
-            log.info("nothing to do: the run is at step %d of %d", self.step, end)
+            if d.is_main:
+                log.info("%s is complete (step %d of %d); its results:", self.run_dir, self.step, end)
+                for line in self.result_lines():
+                    log.info(line)
             return self.run_dir
         batches = build_loader(cfg, self.dataset, self.order, d.rank, d.world_size, self.step, end, d.device)
-        self.bar = tqdm(total=end, initial=self.step, disable=not d.is_main, desc=cfg.train.name, dynamic_ncols=True)
         self.stop_vote.reset()
-        with self.signals, self.bar:
+        with self.signals, progress_bar(d.is_main, total=end, initial=self.step, desc=cfg.train.name) as self.bar:
             for batch in batches:
                 self.run_step(batch)
                 self.bar.update(1)
@@ -380,6 +384,19 @@ class Trainer:
             if class_match:
                 log.info(class_match)
         barrier()
+
+    def result_lines(self) -> List[str]:
+        """The result lines of the run's last step (the class match, in-training scores), read back
+        from the ``eval/*`` rows of its metrics.jsonl (rank 0)."""
+        rows = [r for r in read_metrics(self.metrics.path) if r.get("step") == self.step and any(k.startswith("eval/") for k in r)]
+        lines = []
+        for row in rows:
+            if "eval/class_match" in row:
+                lines.append(class_match_line(row["eval/class_match"],
+                                              sample_labels(self.config, self.config.train.num_sample_images)))
+            else:
+                lines.append(scores_line(row, self.config))
+        return lines
 
     def sample_images(self, num: int, seed: int) -> Optional[torch.Tensor]:
         """EMA samples as uint8 (num, 3, H, W) on rank 0 (None elsewhere); collective."""

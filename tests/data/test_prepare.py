@@ -155,8 +155,40 @@ def test_rank_zero_times_out_on_missing_shards(image_folder, tmp_path):
 def test_changed_settings_refuse_to_mix(prepared, image_folder, tmp_path):
     out = tmp_path / "mixed"
     shutil.copytree(prepared, out)
-    with pytest.raises(ValueError, match="options"):
+    before = _shard_bytes(out)
+    with pytest.raises(ValueError, match=rf"--out {out} was started with other settings \(options.image_size: "
+                                         rf"{IMAGE_SIZE} there, {2 * IMAGE_SIZE} now\): .*--overwrite"):
         prepare(image_folder, out, PrepareOptions(image_size=2 * IMAGE_SIZE, vae=VAE, shard_size=3), num_workers=0, progress=False)
+    assert _shard_bytes(out) == before
+
+
+def test_overwrite_moves_a_prepared_dataset_or_other_files_aside(prepared, image_folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=rf"--out {out}: holds other files, not a dataset of reglue prepare; .*--overwrite"):
+        prepare(image_folder, out, OPTIONS, num_workers=0, progress=False)
+    shutil.rmtree(out)
+    shutil.copytree(prepared, out)
+    bigger = PrepareOptions(image_size=2 * IMAGE_SIZE, vae=None, shard_size=3)
+    meta = prepare(image_folder, out, bigger, num_workers=0, progress=False, overwrite=True)
+    assert meta["image_size"] == 2 * IMAGE_SIZE
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("out.replaced-")]
+    assert _shard_bytes(aside) == _shard_bytes(prepared)  # nothing deleted
+
+
+def test_a_failed_start_leaves_no_output_folder(tmp_path, capsys):
+    """Field case: an empty --out after `prepare` on an empty folder."""
+    from reglue.cli import main
+
+    (tmp_path / "empty").mkdir()
+    _class_folder(tmp_path / "no-images", images=0)
+    for source, why in (("empty", "no class sub-folders"), ("no-images", "no images to prepare")):
+        out = tmp_path / "new" / "out"
+        assert main(["prepare", "--source", str(tmp_path / source), "--out", str(out), "--vae", "none",
+                     "--workers", "0", "--no-progress"]) == 2
+        assert why in capsys.readouterr().err
+        assert not (tmp_path / "new").exists()
 
 
 def test_file_list_with_names_and_images_only(image_folder, tmp_path):

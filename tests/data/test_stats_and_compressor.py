@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from reglue import checkpoint as ckpt
 from reglue import cli
 from reglue.data.shards import open_data_dir
 from reglue.data.stats import build_feature_encoder, compute_dataset_stats, run_config
@@ -113,6 +114,13 @@ def test_compressor_training_resumes_exactly(tiny_features, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="channels"):
         train_compressor(train_set, val_set, encoder, stats, tmp_path / "b", CompressorTraining(**{**hp, "channels": (128, 16, 8)}))
+    with pytest.raises(ValueError, match=r"was started with other settings \(seed: 0 there, 1 now\).*--overwrite"):
+        train_compressor(train_set, val_set, encoder, stats, tmp_path / "b", CompressorTraining(**{**hp, "seed": 1}))
+    again = train_compressor(train_set, val_set, encoder, stats, tmp_path / "b", CompressorTraining(**{**hp, "epochs": 1}),
+                             overwrite=True)
+    assert again == straight[:1]  # afresh: the first epoch of the same recipe
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("b.replaced-")]
+    assert len(ckpt.list_checkpoints(aside)) == 2
 
 
 def test_cosine_schedule_matches_published():

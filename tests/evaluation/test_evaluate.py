@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from reglue.cli import main as cli_main
-from reglue.evaluation import evaluate
 from reglue.evaluation.evaluate import DINOv2Features, score_features
 from reglue.evaluation.inception import InceptionFeatures
-from reglue.evaluation.metrics import FeatureSet, GaussianStats, frechet_distance
+from reglue.evaluation.metrics import FeatureSet, GaussianStats, format_score, frechet_distance
 from reglue.evaluation.reference import NpzImages, NpzWriter, Reference, load_reference
 
 MISSING_WEIGHTS = "/nonexistent/inception.pth"  # input errors must be reported before the network is built
@@ -80,8 +79,10 @@ def test_evaluate_end_to_end_scores_the_reference_dataset_as_identical(made_ref,
     assert code == 0, err
     results = json.loads((tmp_path / "res" / "results.json").read_text())
     assert "RANDOM" in out and "random" in results["WARNING"]
-    for name in ("FID:", "sFID:", "Inception Score:", "Precision:", "Recall:"):
-        assert name in out
+    lines = out.splitlines()
+    for key, name in (("fid", "FID"), ("sfid", "sFID"), ("inception_score", "Inception Score"), ("precision", "Precision"),
+                      ("recall", "Recall")):  # printed rounded to what they mean, the full value in the JSON
+        assert f"{name}: {format_score(key, results[key])}" in lines, (name, lines)
     # the same 5 images through make-ref's statistics and evaluate's features: distance 0
     assert abs(results["fid"]) < 1e-6 and abs(results["sfid"]) < 1e-6
     assert results["recall"] == 1.0 and results["precision"] >= 0.8  # the reference images are among the samples
@@ -232,29 +233,39 @@ def test_unwritable_output_is_refused_before_any_work(fake_ref, tmp_path):
     assert_one_error(code, err, "is a directory")
 
 
-def test_results_never_replace_anything_but_an_earlier_results_file(fake_ref, tmp_path):
-    """Field case: ``--out samples.npz`` (a slip for --samples) replaced the samples with JSON."""
+def test_results_replace_nothing_without_overwrite(fake_ref, tmp_path):
+    """Field case: ``--out samples.npz`` (a slip for --samples) replaced the samples with JSON: a
+    results file must end in .json, and an existing one is replaced only with --overwrite."""
     samples = samples_file(tmp_path, np.zeros((6, 16, 16, 3), np.uint8))
     kept = samples.read_bytes()
     notes = tmp_path / "notes.json"
     notes.write_text("my notes, not JSON")
     for out, why in [(samples, "the file name must end in .json"),
-                     (notes, "exists and is not a results file of reglue evaluate; it is not overwritten")]:
+                     (notes, f"--out {notes}: already exists; pass --overwrite to replace it, or choose another name")]:
         code, _, err = run_cli("--ref", fake_ref, "--samples", samples, "--out", out, "--metrics", "fid",
                                "--inception-weights", MISSING_WEIGHTS)
         assert_one_error(code, err, why)
     assert samples.read_bytes() == kept and notes.read_text() == "my notes, not JSON"
-    previous = tmp_path / "results.json"
-    previous.write_text('{"fid": 1.0}')
-    evaluate.check_results_path(previous)  # an earlier result may be replaced by a rerun
+    code, _, err = run_cli("--ref", fake_ref, "--samples", samples, "--out", notes, "--metrics", "fid",
+                           "--inception-weights", MISSING_WEIGHTS, "--overwrite")
+    assert_one_error(code, err, MISSING_WEIGHTS)  # past the output check, to the next input
+    assert notes.read_text() == "my notes, not JSON"  # a failed evaluation replaces nothing
+    code, _, err = run_cli("--ref", fake_ref, "--samples", samples, "--out", tmp_path / "new" / "deeper" / "r.json",
+                           "--metrics", "fid", "--inception-weights", MISSING_WEIGHTS)
+    assert_one_error(code, err, MISSING_WEIGHTS)
+    assert not (tmp_path / "new").exists()  # a failed start leaves no folder behind
 
 
 def test_make_ref_never_overwrites_a_reference(tmp_path):
     existing = tmp_path / "ref.npz"
     existing.write_bytes(b"precious")
     code, _, err = run_cli("--make-ref", "--data", "synthetic", "--out", existing, "--inception-weights", MISSING_WEIGHTS)
-    assert_one_error(code, err, "already exists")
+    assert_one_error(code, err, "already exists; pass --overwrite")
     assert existing.read_bytes() == b"precious"
+    code, _, err = run_cli("--make-ref", "--data", "synthetic", "--out", existing, "--inception-weights", MISSING_WEIGHTS,
+                           "--overwrite")
+    assert_one_error(code, err, MISSING_WEIGHTS)
+    assert existing.read_bytes() == b"precious"  # replaced only by a complete reference
     code, _, err = run_cli("--make-ref", "--data", "synthetic", "--out", tmp_path / "ref.json",
                            "--inception-weights", MISSING_WEIGHTS)
     assert_one_error(code, err, "the file name must end in .npz")

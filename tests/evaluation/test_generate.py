@@ -177,7 +177,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(exported, reference, tmp
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     parts = tmp_path / "resumed.npz.parts"
     assert sorted(p.name for p in parts.glob("block-*")) == ["block-000000.npz", "block-000001.npz"]
-    assert len(list(parts.glob(".block-000002.npz.*.tmp"))) == 1  # written, never renamed
+    assert len(list(parts.glob(".block-000002.npz.*.tmp.npz"))) == 1  # written, never renamed
     assert not (tmp_path / "resumed.npz").exists()
 
     drawn = []
@@ -211,7 +211,7 @@ def test_blocks_of_other_settings_are_not_mixed_in(exported, reference, tmp_path
     assert len(blocks) == 2
     assert run_generate("--weights", exported["safetensors"], "--out", out, "--num", 8, *FAST, "--seed", 1) == 2
     err = capsys.readouterr().err
-    assert "drawn with other settings" in err and "seed: 0 there, 1 here" in err and err.count("\n") == 1
+    assert "was started with other settings (seed: 0 there, 1 now)" in err and "--overwrite" in err and err.count("\n") == 1
     assert sorted(Path(str(out) + ".parts").glob("block-*.npz")) == blocks
     blocks[1].write_bytes(blocks[1].read_bytes()[:1000])  # disk damage
     drawn = []
@@ -221,6 +221,29 @@ def test_blocks_of_other_settings_are_not_mixed_in(exported, reference, tmp_path
     assert drawn == [1]
     got, want = load(out), load(reference)
     assert np.array_equal(got["arr_0"], want["arr_0"][:8]) and np.array_equal(got["arr_1"], want["arr_1"][:8])
+
+
+def test_a_complete_output_is_found_done_refused_naming_the_setting_or_overwritten(exported, reference, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "s.npz"
+    shutil.copy(reference, out)
+    shutil.copy(str(reference) + ".json", str(out) + ".json")
+    weights = ["--weights", exported["safetensors"], "--out", out]
+    assert run_generate(*weights, "--num", 16, *FAST) == 0
+    assert "is already complete (16 samples with these settings); nothing to do" in capsys.readouterr().out
+    assert run_generate(*weights, "--num", 4, *FAST, "--seed", 1) == 2
+    assert one_error_line(capsys) == (f"reglue generate: error: --out {out} was started with other settings (num: 16 there, "
+                                      "4 now; seed: 0 there, 1 now): run with those settings to resume it, or pass "
+                                      "--overwrite to start afresh")
+    assert run_generate(*weights, "--num", 4, *FAST, "--png", tmp_path / "png", "--overwrite") == 0
+    got, want = load(out), load(reference)
+    assert got["arr_0"].shape[0] == 4 and np.array_equal(got["arr_0"], want["arr_0"][:4])
+    capsys.readouterr()
+    assert run_generate("--weights", exported["safetensors"], "--out", tmp_path / "t.npz", "--num", 4, *FAST,
+                        "--png", tmp_path / "png") == 2  # the PNGs of the generation above
+    line = one_error_line(capsys)
+    assert line.startswith(f"reglue generate: error: --png {tmp_path / 'png'}: holds PNGs") and "--overwrite" in line
 
 
 def test_streamed_npz_memory_does_not_grow_with_n(tmp_path):
@@ -323,7 +346,7 @@ def test_bad_output_paths_fail_before_any_work(exported, tmp_path, capsys, monke
     foreign = tmp_path / "foreign.npz"
     foreign.write_bytes(b"someone else's file")
     assert run_generate(*weights, "--out", foreign, "--num", 4, *FAST) == 2
-    assert "already exists" in one_error_line(capsys)
+    assert "already exists (not written by reglue generate" in one_error_line(capsys)
     assert foreign.read_bytes() == b"someone else's file" and blocker.read_text() == "keep me"
 
 
@@ -349,6 +372,10 @@ def test_bad_weights_are_one_clear_line(exported, tmp_path, capsys):
     assert run_generate("--weights", exported["pt"], "--preset", "no-such-preset", *out) == 2
     assert "unknown preset" in one_error_line(capsys)
     assert not (tmp_path / "s.npz").exists()
+    assert run_generate("--weights", truncated, "--preset", "tiny", "--out", tmp_path / "new" / "dir" / "s.npz",
+                        "--png", tmp_path / "pngs", "--num", 4, *FAST) == 2
+    assert "cannot read it" in one_error_line(capsys)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "pngs").exists()  # a failed start leaves nothing
 
 
 @pytest.mark.gpu

@@ -278,3 +278,16 @@ def test_feature_set_gather_merges_statistics_on_every_rank_and_rows_on_one(tmp_
     torch.testing.assert_close(results[0]["pool"], pool, rtol=0, atol=0)  # in rank order
     torch.testing.assert_close(results[0]["logits"], torch.cat([f.logits for f in everything]), rtol=0, atol=0)
     assert results[1]["pool"] is None
+
+
+def test_scores_print_to_the_digits_they_mean():
+    from reglue.evaluation.metrics import format_score
+
+    assert format_score("fid", 5.781234) == "5.781"
+    assert format_score("fid", 2.0) == "2.000"
+    assert format_score("sfid", 123.456) == "123.5"
+    assert format_score("fd_dinov2", 1234.56) == "1235"
+    assert format_score("inception_score", 215.8412) == "215.8"
+    assert format_score("fid", 0.00012345) == "0.0001234"
+    assert format_score("precision", 0.82649) == "0.826" and format_score("recall", 1.0) == "1.000"
+    assert format_score("fid", float("nan")) == "nan"

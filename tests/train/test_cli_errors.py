@@ -18,8 +18,16 @@ from reglue.train.cli import config_from_args
      "train.py: error: encoders.dinov2_overrides: cannot parse '3' as Dict[str, Any] (write a Python literal, e.g. {'key': 1})"),
     (["--set", "optim.lr=-1"], "train.py: error: optim.lr: must be positive, got -1.0"),
     (["--set", "nonsense"], "train.py: error: --set 'nonsense': expected SECTION.FIELD=VALUE"),
-    (["--set", "optim.nope=1"], "train.py: error: optim.nope: unknown field; optim has "
-                                "['beta1', 'beta2', 'eps', 'grad_clip', 'lr', 'warmup_steps', 'weight_decay']"),
+    (["--set", "optim.nope=1"], "train.py: error: optim.nope: unknown field of optim 'nope'; choose from beta1, beta2, "
+                                "eps, grad_clip, lr, warmup_steps, weight_decay"),
+    (["--set", "train.max_step=5"], "train.py: error: train.max_step: unknown field of train 'max_step'; did you mean "
+                                    "max_steps or eval_steps?"),
+    (["--set", "optim.weight_decy=0"], "train.py: error: optim.weight_decy: unknown field of optim 'weight_decy'; did you "
+                                       "mean weight_decay?"),
+    (["--set", "modle.depth=2"], "train.py: error: modle.depth: unknown section 'modle'; did you mean model?"),
+    (["--set", "model=2"], "train.py: error: model: expected SECTION.FIELD"),
+    (["--preset", "reglue-sit-xl2"], "train.py: error: unknown preset 'reglue-sit-xl2'; did you mean reglue-sit-xl-2, "
+                                     "reglue-sit-b-2 or reg-sit-xl-2?"),
     (["--config", "/nonexistent/config.json"], "train.py: error: --config /nonexistent/config.json: no such file"),
 ])
 def test_config_errors_are_one_line(argv, line, capsys):
@@ -99,3 +107,107 @@ def test_an_os_error_the_checks_did_not_foresee_is_one_line(tmp_path, monkeypatc
     assert cli.main(["--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"train.py: error: {tmp_path}/tiny/metrics.jsonl: Read-only file system\n"
                                        "(set REGLUE_DEBUG=1 for the traceback)\n")
+
+
+def test_rerunning_a_finished_run_repeats_its_result_and_a_shorter_one_is_refused(tmp_path, capsys, caplog):
+    """After a finished run the same command prints the run's result line again (read back from
+    metrics.jsonl); a --max-steps below the run's step is one error line naming --name and --overwrite."""
+    from reglue.train.cli import main
+
+    argv = ["--out", str(tmp_path), "--max-steps", "2", "--set", "sample.steps=2", "--set", "train.num_sample_images=8",
+            "--set", "data.synthetic_size=256", "--set", "train.tensorboard=false"]
+    with caplog.at_level(logging.INFO, logger="reglue.train"):
+        assert main(argv) == 0
+        [first] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("class match: ")]
+        caplog.clear()
+        assert main(argv) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"{tmp_path / 'tiny'} is complete (step 2 of 2); its results:" in lines
+    assert lines[-1] == first
+    capsys.readouterr()
+    assert main(argv[:3] + ["1"] + argv[4:]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"train.py: error: {tmp_path / 'tiny'} is at step 2, past --max-steps 1 (train.max_steps): a shorter "
+                      "run needs another --name, or --overwrite to move this run aside and start afresh"), err
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    """Field case: an empty OUT/tiny/ after a bad --data."""
+    from reglue.train.cli import main
+
+    assert main(["--out", str(tmp_path / "runs"), "--data", str(tmp_path / "no-such-data")]) == 2
+    assert "no-such-data" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs").mkdir()
+    assert main(["--out", str(tmp_path / "runs"), "--data", str(tmp_path / "no-such-data")]) == 2
+    assert list((tmp_path / "runs").iterdir()) == []  # the folder that was there stays, the run dir does not
+
+
+def test_log_lines_go_above_the_progress_bar_and_one_time_lines_print_once(tmp_path, capsys, monkeypatch):
+    """Field case: the attention-backend line printed twice (the FLOP counter's meta-device model
+    chose again) and log lines written into the middle of the bar."""
+    import sys
+
+    from reglue.config import apply_overrides
+    from reglue.models import attention
+    from reglue.presets import get_preset
+    from reglue.train.trainer import Trainer
+
+    monkeypatch.setattr(attention, "_logged", set())
+    handler = logging.StreamHandler(sys.stderr)  # a console handler, as train.py's logging.basicConfig installs
+    handler.setFormatter(logging.Formatter("[log] %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        config = apply_overrides(get_preset("tiny"), {
+            "train.out_dir": str(tmp_path), "train.max_steps": "3", "train.log_every": "1", "sample.steps": "2",
+            "train.num_sample_images": "2", "data.synthetic_size": "256", "train.tensorboard": "false",
+            "train.inject_nonfinite_steps": "(1,)"})  # a warning in mid-bar: "steps 2-2: 1 skipped ..."
+        Trainer(config).fit()
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    lines = capsys.readouterr().err.split("\n")
+    assert sum("attention: using" in line for line in lines) == 1
+    skipped = [line for line in lines if "skipped for a non-finite" in line]
+    assert skipped and all(line.split("\r")[-1].startswith("[log] ") for line in skipped), skipped
+    assert any(line.split("\r")[-1].startswith("tiny:") for line in lines)  # the bar itself
+
+
+def _interrupted(argv, tmp_path, after_line=None, delay=1.0):
+    """Run ``argv`` in a subprocess, send SIGINT ``delay`` s after start or as soon as a stderr line
+    contains ``after_line``; return (exit status, stderr)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, *argv], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    seen = []
+    if after_line is None:
+        time.sleep(delay)
+    else:
+        for line in proc.stderr:
+            seen.append(line)
+            if after_line in line:
+                break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=300)
+    return proc.returncode, "".join(seen) + rest
+
+
+@pytest.mark.parametrize("after_line", [None, "reglue.parallelize: execution on"], ids=["imports", "model-build"])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, after_line):
+    from pathlib import Path
+
+    train_py = str(Path(__file__).resolve().parents[2] / "train.py")
+    code, err = _interrupted([train_py, "--out", str(tmp_path / "runs")], tmp_path, after_line)
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and err.splitlines()[-1] == (
+        "train.py: interrupted (Ctrl-C) before training started; nothing was saved"), err[-3000:]
+    assert not (tmp_path / "runs").exists()  # the start-up's run directory is removed again

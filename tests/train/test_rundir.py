@@ -107,3 +107,15 @@ def test_a_saved_config_without_a_newer_field_compares_as_that_fields_default():
     assert config_differences(saved, config) == []
     saved["method"]["lambda_cls"] = 0.5
     assert [d.split(":")[0] for d in config_differences(saved, config)] == ["method.lambda_cls"]
+
+
+def test_a_shorter_max_steps_than_the_run_has_is_refused_naming_the_ways_out(tmp_path):
+    cfg = config(tmp_path)
+    make_run(tmp_path / "run", cfg, checkpoints=(1, 2))
+    assert plan_run(apply_overrides(cfg, {"train.max_steps": "2"}), tmp_path / "run", False).resume_from == "auto"
+    with pytest.raises(RunDirError, match=r"is at step 2, past --max-steps 1 .*another --name, or --overwrite"):
+        plan_run(apply_overrides(cfg, {"train.max_steps": "1"}), tmp_path / "run", False)
+    path = str(tmp_path / "run" / "checkpoints" / "step-00000002")
+    with pytest.raises(RunDirError, match=r"step-00000002 is at step 2, past --max-steps 1"):
+        plan_run(apply_overrides(cfg, {"train.max_steps": "1", "train.resume": path}), tmp_path / "other", False)
+    assert plan_run(apply_overrides(cfg, {"train.max_steps": "1"}), tmp_path / "run", True).resume_from is None

@@ -119,15 +119,23 @@ def test_export_loads_into_sit_strict(tmp_path):
     both = tmp_path / "both.safetensors"
     assert reglue_main(["export", "--run", str(run_dir), "--out", str(both), "--weights", "both"]) == 0
     load_sit_checkpoint(build_model(get_preset("tiny")), both, key="model")
-    assert reglue_main(["export", "--run", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    exported = out.read_bytes()
+    assert reglue_main(["export", "--run", str(run_dir), "--out", str(out)]) == 2  # exists: refused without --overwrite
+    assert reglue_main(["export", "--run", str(tmp_path / "missing"), "--out", str(out), "--overwrite"]) == 2
+    assert out.read_bytes() == exported  # a failed export replaces nothing
+    assert reglue_main(["export", "--run", str(tmp_path / "missing"), "--out", str(tmp_path / "new" / "w.safetensors")]) == 2
+    assert not (tmp_path / "new").exists()  # a failed start leaves no folder
+    assert reglue_main(["export", "--run", str(run_dir), "--out", str(out), "--weights", "model", "--overwrite"]) == 0
+    assert out.read_bytes() != exported
     assert reglue_main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "grid")]) == 2  # no image suffix: fails at once
     grid = tmp_path / "new" / "dir" / "grid.png"  # folders are created before sampling
-    for sampler in ("sde", "heun"):
+    for sampler, overwrite in (("sde", []), ("heun", ["--overwrite"])):
         assert reglue_main(["sample", "--run", str(run_dir), "--out", str(grid), "--num", "4", "--steps", "3",
-                            "--sampler", sampler, "--cfg-scale", "2.0"]) == 0
+                            "--sampler", sampler, "--cfg-scale", "2.0", *overwrite]) == 0
         from PIL import Image
 
         assert Image.open(grid).size == (2 * 66 + 2, 2 * 66 + 2)  # torchvision make_grid, 2 px padding
+    assert reglue_main(["sample", "--run", str(run_dir), "--out", str(grid), "--num", "4"]) == 2  # exists
 
 
 def test_triton_kernels_train_like_eager(tmp_path):
