@@ -296,6 +296,17 @@ def _bytes_flops(launch: Launch, shapes: RunShapes) -> Tuple[int, int]:
     return row_op_bytes(op, (n, t, d), n, elem, launch.mode), 0
 
 
+_compiled: Dict[str, Tuple[object, Dict]] = {}
+
+
+def _compile_and_read(key: str, launch: Launch, arch: int):
+    """(metadata, cubin facts) of a variant, compiled once per process."""
+    if key not in _compiled:
+        compiled = compile_launch(launch, arch)
+        _compiled[key] = compiled.metadata, sass_facts(compiled.asm["cubin"])
+    return _compiled[key]
+
+
 def report_rows(shapes: RunShapes, arch: int, launches: Optional[Sequence[Launch]] = None) -> List[Dict]:
     """One row per distinct compiled variant a run at ``shapes`` launches on sm_``arch``."""
     rows: Dict[str, Dict] = {}
@@ -308,13 +319,11 @@ def report_rows(shapes: RunShapes, arch: int, launches: Optional[Sequence[Launch
                "constexprs": {k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")},
                "grid": list(launch.grid)}
         try:
-            compiled = compile_launch(launch, arch)
+            meta, facts = _compile_and_read(key, launch, arch)
         except Exception as exc:  # every failing variant is reported, not just the first
             row["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
             rows[key] = row
             continue
-        meta = compiled.metadata
-        facts = sass_facts(compiled.asm["cubin"])
         occ = occupancy(facts["registers"], meta.shared, meta.num_warps, arch)
         ctas = 1
         for g in launch.grid:
@@ -430,14 +439,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--markdown", help="write the markdown table here")
     args = parser.parse_args(argv)
-    if _utils.interpreter_enabled():
-        print("reglue.kernels.report: TRITON_INTERPRET is set, so the kernels are interpreted, not compiled; unset it",
-              file=sys.stderr)
-        return 2
     try:
         shapes = shapes_of_preset(args.preset, args.batch)
     except KeyError as exc:
         print(f"reglue.kernels.report: {exc.args[0]}", file=sys.stderr)
+        return 2
+    if _utils.interpreter_enabled():
+        print("reglue.kernels.report: TRITON_INTERPRET is set, so the kernels are interpreted, not compiled; unset it",
+              file=sys.stderr)
         return 2
     if args.qk_norm:
         shapes = dataclasses.replace(shapes, qk_norm=True)

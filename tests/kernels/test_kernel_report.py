@@ -1,0 +1,59 @@
+"""The static kernel report's facts at the real shapes (compiled once per session, see conftest).
+
+What is pinned: no variant of a SiT-B/2 or SiT-XL/2 REGLUE run spills; the norm kernels' row
+accesses at D = 768 and 1152 (and QK RMSNorm at head dims 64 and 72) are all 128-bit; the report's
+occupancy and access-width arithmetic. Compiler facts only: nothing here measures a speed.
+"""
+
+import pytest
+
+from reglue.kernels import report
+
+REAL = ("sit-b-2", "sit-xl-2")
+
+
+def _rows(results, sets=REAL, kernels=None):
+    rows = [(r["set"], r["arch"], row) for r in results if r["set"] in sets for row in r["rows"]]
+    assert rows, "no compiled variants"
+    return [(s, a, row) for s, a, row in rows if kernels is None or row["kernel"] in kernels]
+
+
+@pytest.mark.slow
+def test_real_shape_variants_do_not_spill(kernel_facts):
+    _, results = kernel_facts
+    spilling = [f"sm{a} {s} {row['kernel']} {row['constexprs']}: {row['spill_instructions']} STL/LDL, "
+                f"{row['local_bytes']} B local" for s, a, row in _rows(results)
+                if row["spill_instructions"] or row["local_bytes"]]
+    assert not spilling, "\n".join(spilling)
+
+
+@pytest.mark.slow
+def test_norm_row_accesses_are_128_bit(kernel_facts):
+    _, results = kernel_facts
+    narrow = [f"sm{a} {s} {row['kernel']} {row['constexprs']}: {row['global_loads_128']}/{row['global_loads']} loads, "
+              f"{row['global_stores_128']}/{row['global_stores']} stores 128-bit"
+              for s, a, row in _rows(results, kernels={"adaln_fwd", "adaln_bwd", "rms_norm_fwd", "rms_norm_bwd"})
+              if row["global_loads_128"] != row["global_loads"] or row["global_stores_128"] != row["global_stores"]]
+    assert not narrow, "\n".join(narrow)
+
+
+def test_occupancy_arithmetic():
+    # 236 registers, 8 warps: 236*32 rounds to 7680 per warp, 8 warps per block -> 1 block of 8 warps.
+    assert report.occupancy(236, 96 * 1024, 8, 90) == {"blocks_per_sm": 1, "warps_per_sm": 8, "occupancy": 0.125,
+                                                      "occupancy_limit": "registers"}
+    # 32 registers, 16 warps: the 64-warp thread limit allows 4 blocks.
+    assert report.occupancy(32, 128, 16, 90)["blocks_per_sm"] == 4
+    # shared memory: 100 KB blocks, 164 KB on sm_80 -> 1; 228 KB on sm_90 -> 2.
+    assert report.occupancy(32, 100 * 1024, 4, 80)["blocks_per_sm"] == 1
+    assert report.occupancy(32, 100 * 1024, 4, 90) == {"blocks_per_sm": 2, "warps_per_sm": 8, "occupancy": 0.125,
+                                                      "occupancy_limit": "shared memory"}
+
+
+def test_access_widths():
+    assert [report._access_bits(o) for o in ("LDG.E.128", "LDG.E.U16", "LDG.E", "STG.E.64", "LDG.E.EL.128.CONSTANT")] == \
+        [128, 16, 32, 64, 128]
+
+
+def test_report_rejects_an_unknown_preset(capsys):
+    assert report.main(["--preset", "no-such-preset"]) == 2
+    assert "no-such-preset" in capsys.readouterr().err
