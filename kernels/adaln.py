@@ -85,7 +85,7 @@ if triton is not None:
     @triton.jit
     def _adaln_fwd_kernel(
         X, Y, GATE, SHIFT, SCALE, R, H,
-        M, T, D, stride_gate, stride_shift, stride_scale, eps,
+        M, T, D: tl.constexpr, stride_gate, stride_shift, stride_scale, eps,
         HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -115,7 +115,7 @@ if triton is not None:
     @triton.jit
     def _adaln_bwd_kernel(
         DH, DR, XN, Y, GATE, SCALE, DX, DY, DSHIFT, DSCALE, DGATE,
-        T, D, rows_per_chunk, n_chunks, stride_gate, stride_scale, eps,
+        T, D: tl.constexpr, rows_per_chunk, n_chunks, stride_gate, stride_scale, eps,
         HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -224,7 +224,7 @@ def _launch_bwd(dh, dr, xn, y, gate, scale, eps: float, x_dtype: torch.dtype):
     n, t, d = ref.shape
     dummy = ref
     dx = dy = dshift = dscale = dgate = None
-    block_m, block_d, num_warps = row_tile(d, t)
+    block_m, block_d, num_warps = row_tile(d, t, per_thread=8)
     n_chunks = max(1, min(cdiv(reduction_programs(ref.device), max(n, 1)), cdiv(t, block_m)))
     rows_per_chunk = cdiv(cdiv(max(t, 1), n_chunks), block_m) * block_m
     n_chunks = cdiv(max(t, 1), rows_per_chunk)

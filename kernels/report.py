@@ -88,10 +88,10 @@ class Launch:
 
 
 @contextlib.contextmanager
-def recording_launches(record: List[Launch]):
+def recording_launches(record: List[Launch], sm_count: int):
     """Within the block, ``kernel[grid](...)`` of every reglue kernel appends a Launch to ``record``
     instead of running, and the ops take their Triton path on CPU tensors (the launchers' own
-    layout, tile and stride decisions are what is recorded)."""
+    layout, tile and stride decisions are what is recorded) with ``sm_count`` SMs to size for."""
     if _utils.interpreter_enabled():
         raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted, not compiled; unset it")
     saved = []
@@ -103,13 +103,15 @@ def recording_launches(record: List[Launch]):
 
         saved.append((kernel, kernel.__dict__.get("run")))
         kernel.run = run
-    patched = [(m, "can_run_triton", getattr(m, "can_run_triton")) for m in (adaln, conv, rmsnorm)]
-    for module, name, _ in patched:
-        setattr(module, name, lambda t: True)
+    patched = [(m, "can_run_triton", lambda t: True) for m in (adaln, conv, rmsnorm)]
+    patched += [(m, "reduction_programs", lambda device: 4 * sm_count) for m in (adaln, rmsnorm)]
+    patched = [(m, name, new, getattr(m, name)) for m, name, new in patched]
+    for module, name, new, _ in patched:
+        setattr(module, name, new)
     try:
         yield record
     finally:
-        for module, name, value in patched:
+        for module, name, _, value in patched:
             setattr(module, name, value)
         for kernel, run in saved:
             if run is None:
@@ -123,10 +125,11 @@ def _tag(record: List[Launch], start: int, op: str, mode: str) -> None:
         launch.op, launch.mode = op, mode
 
 
-def record_run_launches(shapes: RunShapes) -> List[Launch]:
-    """The kernel launches of one training step at ``shapes`` (each distinct call once): a SiT
-    block's three adaLN ops forward and backward, the final layer's modulation, QK RMSNorm when
-    enabled, and the compressor encoder's convolutions (inference)."""
+def record_run_launches(shapes: RunShapes, arch: int) -> List[Launch]:
+    """The kernel launches of one training step at ``shapes`` on sm_``arch`` (each distinct call
+    once): a SiT block's three adaLN ops forward and backward, the final layer's modulation, QK
+    RMSNorm when enabled, and the compressor encoder's convolutions (inference). The grid-stride
+    reductions size their grids for that GPU's SM count, as they would on it."""
     n, t, d, dt = shapes.batch, shapes.tokens, shapes.hidden_size, shapes.dtype
     record: List[Launch] = []
 
@@ -142,7 +145,7 @@ def record_run_launches(shapes: RunShapes) -> List[Launch]:
         torch.autograd.grad(outs, inputs, [torch.empty_like(o) for o in outs], allow_unused=True)
         _tag(record, start, op, "bwd")
 
-    with recording_launches(record):
+    with recording_launches(record, SM_COUNT[arch]):
         x, y = leaf(n, t, d), leaf(n, t, d)
         block_mod = leaf(n, 6 * d)  # SiTBlock: adaLN_modulation(c).chunk(6) gives strided views
         shift, scale, gate = block_mod[:, :d], block_mod[:, d:2 * d], block_mod[:, 2 * d:3 * d]
@@ -287,7 +290,7 @@ def _bytes_flops(launch: Launch, shapes: RunShapes) -> Tuple[int, int]:
     n, t, d = shapes.batch, shapes.tokens, shapes.hidden_size
     elem = shapes.dtype.itemsize
     if launch.kernel_name.startswith("conv"):
-        x, c_in, c_out = launch.args[0], launch.args[5], launch.args[6]
+        x, c_in, c_out = launch.args[0], launch.args[6], launch.args[7]
         return conv3x3_bytes_flops(x.shape[0], c_in, c_out, x.shape[2], x.shape[3], x.element_size(),
                                    launch.kwargs["HAS_RESIDUAL"])
     op = launch.op.split(" ")[0]
@@ -310,7 +313,7 @@ def _compile_and_read(key: str, launch: Launch, arch: int):
 def report_rows(shapes: RunShapes, arch: int, launches: Optional[Sequence[Launch]] = None) -> List[Dict]:
     """One row per distinct compiled variant a run at ``shapes`` launches on sm_``arch``."""
     rows: Dict[str, Dict] = {}
-    for launch in launches if launches is not None else record_run_launches(shapes):
+    for launch in launches if launches is not None else record_run_launches(shapes, arch):
         key = variant_key(launch, arch)
         if key in rows:
             rows[key]["ops"].append(f"{launch.op} {launch.mode}")
