@@ -138,7 +138,7 @@ def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
 packs = 0
 """How many weights :func:`packed_conv_weight` has packed in this process (tests count it)."""
 
-_packed = weakref.WeakKeyDictionary()
+_packed: dict = {}  # id(weight) -> (weakref to it, (version, dtype), packed); tensors cannot be dict keys
 
 
 def packed_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -146,13 +146,14 @@ def packed_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     weight changes (an in-place update bumps its version: load_state_dict, an optimizer step)."""
     global packs
     key = (weight._version, dtype)
-    cached = _packed.get(weight)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    cached = _packed.get(id(weight))
+    if cached is not None and cached[0]() is weight and cached[1] == key:
+        return cached[2]
     with torch.no_grad():
         packed = pack_conv_weight(weight.detach().to(dtype))
     packs += 1
-    _packed[weight] = (key, packed)
+    wid = id(weight)
+    _packed[wid] = (weakref.ref(weight, lambda _: _packed.pop(wid, None)), key, packed)
     return packed
 
 

@@ -57,3 +57,19 @@ def test_access_widths():
 def test_report_rejects_an_unknown_preset(capsys):
     assert report.main(["--preset", "no-such-preset"]) == 2
     assert "no-such-preset" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bf16_conv_main_loop_on_tensor_cores_with_pipelined_loads(kernel_facts):
+    """Every tap's operands arrive by cp.async (the only plain global load left is the bias of the
+    epilogue) and feed MMA (sm_80) / wgmma or MMA (sm_90); the 3072->256 conv's grid covers every SM."""
+    _, results = kernel_facts
+    convs = _rows(results, kernels={"conv3x3"})
+    assert {a for _, a, _ in convs} == {80, 90}
+    for s, a, row in convs:
+        where = f"sm{a} {s} {row['ops']}"
+        assert row["mma"] + row["wgmma"] > 0, f"{where}: no tensor-core MMA"
+        assert row["cp_async"] > 0, f"{where}: no cp.async"
+        assert row["global_loads"] - row["global_loads_128"] <= int(row["constexprs"]["HAS_BIAS"]), where
+        if "conv 3072->256 fwd" in row["ops"]:
+            assert row["ctas"] >= report.SM_COUNT[a], f"{where}: {row['ctas']} CTAs"
