@@ -1,6 +1,7 @@
 """What the GPU will run, read from the cubin: a static report of every kernel variant a run launches.
 
     python -m reglue.kernels.report --arch 90 --preset reglue-sit-xl-2 --json OUT.json [--markdown OUT.md]
+    python -m reglue.kernels.report --measure ...     # on a GPU: measured µs beside each floor
 
 No GPU needed. The fused ops are called at the run's real shapes on CPU tensors while their
 Triton launches are *recorded* instead of run (``recording_launches``); each recorded launch is
@@ -125,16 +126,22 @@ def _tag(record: List[Launch], start: int, op: str, mode: str) -> None:
         launch.op, launch.mode = op, mode
 
 
-def record_run_launches(shapes: RunShapes, arch: int) -> List[Launch]:
+def record_run_launches(shapes: RunShapes, arch: int, device: str = "cpu") -> List[Launch]:
     """The kernel launches of one training step at ``shapes`` on sm_``arch`` (each distinct call
     once): a SiT block's three adaLN ops forward and backward, the final layer's modulation, QK
     RMSNorm when enabled, and the compressor encoder's convolutions (inference). The grid-stride
-    reductions size their grids for that GPU's SM count, as they would on it."""
+    reductions size their grids for that GPU's SM count, as they would on it. ``device="cuda"``
+    records on GPU tensors (of this GPU's SM count), which ``measure_us`` then launches for real."""
     n, t, d, dt = shapes.batch, shapes.tokens, shapes.hidden_size, shapes.dtype
     record: List[Launch] = []
+    sm_count = (torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda"
+                else SM_COUNT[arch])
+
+    def empty(*shape, dtype=dt):
+        return torch.empty(shape, dtype=dtype, device=device)
 
     def leaf(*shape):
-        return torch.empty(shape, dtype=dt).requires_grad_()
+        return empty(*shape).requires_grad_()
 
     def step(op: str, fn, *inputs):
         start = len(record)
@@ -145,7 +152,7 @@ def record_run_launches(shapes: RunShapes, arch: int) -> List[Launch]:
         torch.autograd.grad(outs, inputs, [torch.empty_like(o) for o in outs], allow_unused=True)
         _tag(record, start, op, "bwd")
 
-    with recording_launches(record, SM_COUNT[arch]):
+    with recording_launches(record, sm_count):
         x, y = leaf(n, t, d), leaf(n, t, d)
         block_mod = leaf(n, 6 * d)  # SiTBlock: adaLN_modulation(c).chunk(6) gives strided views
         shift, scale, gate = block_mod[:, :d], block_mod[:, d:2 * d], block_mod[:, 2 * d:3 * d]
@@ -166,10 +173,11 @@ def record_run_launches(shapes: RunShapes, arch: int) -> List[Launch]:
             with torch.no_grad():
                 for c_in, c_out, residual, relu in compressor_encoder_convs(shapes.compressor_channels):
                     start = len(record)
-                    xc = torch.empty(n, c_in, g, g, dtype=shapes.conv_dtype)
-                    res = torch.empty(n, c_out, g, g, dtype=shapes.conv_dtype) if residual else None
-                    weight = torch.empty(c_out, c_in, 3, 3, dtype=shapes.conv_dtype)
-                    conv.fused_conv2d(xc, weight, torch.empty(c_out, dtype=shapes.conv_dtype), res, relu)
+                    cl = torch.channels_last  # compressor_encode_fused runs NHWC throughout
+                    xc = empty(n, c_in, g, g, dtype=shapes.conv_dtype).contiguous(memory_format=cl)
+                    res = empty(n, c_out, g, g, dtype=shapes.conv_dtype).contiguous(memory_format=cl) if residual else None
+                    weight = conv.pack_conv_weight(empty(c_out, c_in, 3, 3, dtype=shapes.conv_dtype))
+                    conv.fused_conv2d(xc, weight, empty(c_out, dtype=shapes.conv_dtype), res, relu)
                     _tag(record, start, f"conv {c_in}->{c_out}{' +res' if residual else ''}{' relu' if relu else ''}", "fwd")
     return record
 
@@ -244,7 +252,7 @@ def sass_facts(cubin: bytes) -> Dict:
         sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
     ops = [m.group(1) for line in sass.splitlines() if (m := _OPCODE.match(line))]
-    loads = [_access_bits(o) for o in ops if o.startswith("LDG.")]
+    loads = [_access_bits(o) for o in ops if o.startswith(("LDG.", "LDGSTS."))]  # cp.async reads global memory too
     stores = [_access_bits(o) for o in ops if o.startswith("STG.")]
     return {
         "registers": int(usage.get("REG", 0)),
@@ -256,6 +264,7 @@ def sass_facts(cubin: bytes) -> Dict:
         "global_stores": len(stores),
         "global_stores_128": sum(b == 128 for b in stores),
         "narrowest_load_bits": min(loads) if loads else None,
+        "narrow_plain_loads": sum(o.startswith("LDG.") and _access_bits(o) < 128 for o in ops),
         "cp_async": sum(o.startswith("LDGSTS") for o in ops),
         "tma_loads": sum(o.startswith("UTMALDG") for o in ops),
         "mma": sum(o.startswith("HMMA") for o in ops),
@@ -310,10 +319,14 @@ def _compile_and_read(key: str, launch: Launch, arch: int):
     return _compiled[key]
 
 
-def report_rows(shapes: RunShapes, arch: int, launches: Optional[Sequence[Launch]] = None) -> List[Dict]:
-    """One row per distinct compiled variant a run at ``shapes`` launches on sm_``arch``."""
+def report_rows(shapes: RunShapes, arch: int, launches: Optional[Sequence[Launch]] = None,
+                measure: bool = False) -> List[Dict]:
+    """One row per distinct compiled variant a run at ``shapes`` launches on sm_``arch``;
+    ``measure`` (on a CUDA GPU of that arch) adds each variant's measured median µs."""
+    if launches is None:
+        launches = record_run_launches(shapes, arch, "cuda" if measure else "cpu")
     rows: Dict[str, Dict] = {}
-    for launch in launches if launches is not None else record_run_launches(shapes, arch):
+    for launch in launches:
         key = variant_key(launch, arch)
         if key in rows:
             rows[key]["ops"].append(f"{launch.op} {launch.mode}")
@@ -339,8 +352,21 @@ def report_rows(shapes: RunShapes, arch: int, launches: Optional[Sequence[Launch
             ctas=ctas, waves=ctas / (occ["blocks_per_sm"] * SM_COUNT[arch]) if occ["blocks_per_sm"] else None,
             bytes=bytes_, flops=flops, floor_us=floor_us(bytes_, flops, arch),
         )
+        if measure:
+            row["measured_us"] = round(measure_us(launch), 2)
         rows[key] = row
     return list(rows.values())
+
+
+def measure_us(launch: Launch) -> float:
+    """Median µs of ``launch`` run for real on its (CUDA) tensors, by ``triton.testing.do_bench``.
+    The tensors hold whatever memory they were given: the time, not the values, is wanted."""
+    import triton.testing
+
+    def run():
+        launch.kernel[launch.grid](*launch.args, **launch.kwargs)
+
+    return triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median") * 1e3
 
 
 def _cubin_path(meta) -> str:
@@ -368,11 +394,21 @@ def limiter(row: Dict) -> str:
         notes.append(f"{share:.0%} of global accesses 128-bit (narrowest {row['narrowest_load_bits']} bit)")
     if row["occupancy"] < 0.5:
         notes.append(f"occupancy {row['occupancy']:.0%} ({row['occupancy_limit']})")
-    if row["waves"] is not None and row["waves"] < 1:
-        notes.append(f"grid {row['ctas']} CTAs fills {row['waves']:.0%} of one wave")
+    sms = SM_COUNT[int(row["arch"][3:])]
+    if row["ctas"] < sms:
+        notes.append(f"grid of {row['ctas']} CTAs leaves {sms - row['ctas']} of {sms} SMs idle")
+    elif row["waves"] is not None and row["waves"] < 1:
+        notes.append(f"one partial wave ({row['waves']:.0%} of the resident CTA slots)")
     if row["flops"] and not (row["mma"] or row["wgmma"]):
         notes.append("no tensor-core MMA")
     return "; ".join(notes)
+
+
+def expectation(row: Dict) -> str:
+    """What a GPU run of the variant should show: its floor, and the bar it is held to."""
+    if row["flops"] and row["flops"] / row["bytes"] > _ridge(row):
+        return f">= {row['floor_us']:.1f} µs (tensor-core bound); target <= {row['floor_us'] / 0.6:.1f} µs (60% of the dense peak)"
+    return f">= {row['floor_us']:.1f} µs (bandwidth bound); target <= {row['floor_us'] / 0.85:.1f} µs (85% of peak bandwidth)"
 
 
 def _ridge(row: Dict) -> float:
@@ -403,7 +439,26 @@ def markdown(rows: Sequence[Dict], title: str) -> str:
             f"{row['global_stores_128']}/{row['global_stores']} st) | {mma} | {asyncs} | {waves} "
             f"| {row['bytes'] / 1e6:.1f} | {row['flops'] / 1e9:.1f} | {row['floor_us']:.1f} | {row.get('measured_us', '')} "
             f"| {limiter(row)} |")
+    lines += ["", "What limits each variant, and what the GPU should show (the targets are bars to hold a GPU run to, "
+              "not measurements):", ""]
+    lines += [f"- `{row['kernel']} {_flags(row)}` ({', '.join(row['ops'])}): {limiter(row)}. GPU: {expectation(row)}."
+              for row in rows if "error" not in row]
     return "\n".join(lines) + "\n"
+
+
+DOC_HEADER = """# Kernel report: what the compiler builds for the GPU
+
+Generated by `python -m reglue.kernels.report --arch 90,80 --preset reglue-sit-xl-2 --qk-norm --markdown docs/kernels-sm90.md`
+(no GPU needed). Every launch a SiT-XL/2 REGLUE training step makes (32 images per GPU) is recorded
+from the real launchers, specialised as Triton's JIT specialises it at launch, compiled by the
+bundled ptxas and read back from the cubin with cuobjdump. Registers, spills, shared memory,
+occupancy, access widths and instruction counts are **compiler facts** (static counts); the floors
+are **roofline floors** from data-sheet peaks (H100 SXM 3.35 TB/s and 989 TFLOP/s dense bf16;
+A100 SXM 2.0 TB/s and 312 TFLOP/s) at the minimum traffic of each op. None of it is a measured
+speed: `bash bench/gpu_validate.sh` fills the measured µs column on a GPU (`--measure`).
+QK RMSNorm rows apply with `model.qk_norm=true` (off in the paper presets).
+
+"""
 
 
 def _flags(row: Dict) -> str:
@@ -435,37 +490,55 @@ def shapes_of_preset(name: str, batch: int) -> RunShapes:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, choices=sorted(SM_COUNT), default=90, help="compute capability (80: A100, 90: H100)")
+    parser.add_argument("--arch", default="90", help="compute capabilities, comma-separated (80: A100, 90: H100)")
     parser.add_argument("--preset", default="reglue-sit-xl-2")
     parser.add_argument("--batch", type=int, default=32, help="images per GPU (the published 256 over 8 GPUs: 32)")
     parser.add_argument("--qk-norm", action="store_true", help="also report QK RMSNorm (model.qk_norm=true)")
+    parser.add_argument("--measure", action="store_true",
+                        help="on a CUDA GPU: also time each variant (its arch replaces --arch)")
     parser.add_argument("--json", help="write the rows as JSON here")
-    parser.add_argument("--markdown", help="write the markdown table here")
+    parser.add_argument("--markdown", help="write the markdown report here")
     args = parser.parse_args(argv)
     try:
+        archs = [int(a) for a in args.arch.split(",")]
+        bad = [a for a in archs if a not in SM_COUNT]
+        if bad:
+            raise ValueError(f"--arch {bad[0]} is not one of {sorted(SM_COUNT)}")
         shapes = shapes_of_preset(args.preset, args.batch)
-    except KeyError as exc:
+    except (KeyError, ValueError) as exc:
         print(f"reglue.kernels.report: {exc.args[0]}", file=sys.stderr)
         return 2
     if _utils.interpreter_enabled():
         print("reglue.kernels.report: TRITON_INTERPRET is set, so the kernels are interpreted, not compiled; unset it",
               file=sys.stderr)
         return 2
+    if args.measure:
+        if not torch.cuda.is_available():
+            print("reglue.kernels.report: --measure needs a CUDA GPU", file=sys.stderr)
+            return 2
+        major, minor = torch.cuda.get_device_capability()
+        archs = [10 * major + minor]
+        if archs[0] not in SM_COUNT:
+            print(f"reglue.kernels.report: no peaks for sm_{archs[0]} (known: {sorted(SM_COUNT)})", file=sys.stderr)
+            return 2
     if args.qk_norm:
         shapes = dataclasses.replace(shapes, qk_norm=True)
-    rows = report_rows(shapes, args.arch)
-    title = (f"{args.preset}, sm_{args.arch}: N={shapes.batch}, T={shapes.tokens}, D={shapes.hidden_size}, "
-             f"head_dim={shapes.head_dim}, compressor {shapes.compressor_channels} on {shapes.feature_grid}x{shapes.feature_grid}")
-    table = markdown(rows, title)
+    reports = []
+    for arch in archs:
+        title = (f"{args.preset}, sm_{arch}: N={shapes.batch}, T={shapes.tokens}, D={shapes.hidden_size}, "
+                 f"head_dim={shapes.head_dim}, compressor {shapes.compressor_channels} on "
+                 f"{shapes.feature_grid}x{shapes.feature_grid}")
+        reports.append({"title": title, "arch": arch, "rows": report_rows(shapes, arch, measure=args.measure)})
+    text = DOC_HEADER + "\n".join(markdown(r["rows"], r["title"]) for r in reports)
     if args.json:
+        shape_record = dataclasses.asdict(shapes) | {"dtype": str(shapes.dtype), "conv_dtype": str(shapes.conv_dtype)}
         with open(args.json, "w") as f:
-            json.dump({"title": title, "shapes": dataclasses.asdict(shapes) | {"dtype": str(shapes.dtype), "conv_dtype": str(shapes.conv_dtype)},
-                       "rows": rows}, f, indent=1)
+            json.dump({"shapes": shape_record, "reports": reports}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(table)
-    print(table)
-    return 1 if any("error" in row for row in rows) else 0
+            f.write(text)
+    print(text)
+    return 1 if any("error" in row for r in reports for row in r["rows"]) else 0
 
 
 if __name__ == "__main__":

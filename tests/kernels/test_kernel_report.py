@@ -1,8 +1,8 @@
 """The static kernel report's facts at the real shapes (compiled once per session, see conftest).
 
 What is pinned: no variant of a SiT-B/2 or SiT-XL/2 REGLUE run spills; the norm kernels' row
-accesses at D = 768 and 1152 (and QK RMSNorm at head dims 64 and 72) are all 128-bit; the report's
-occupancy and access-width arithmetic. Compiler facts only: nothing here measures a speed.
+accesses at D = 768 and 1152 (and QK RMSNorm's at head dims 64 and 72) are 128-bit; the bf16 conv
+runs its K loop on tensor cores fed by cp.async; the report's occupancy and width arithmetic. Compiler facts only: nothing here measures a speed.
 """
 
 import pytest
@@ -29,11 +29,18 @@ def test_real_shape_variants_do_not_spill(kernel_facts):
 
 @pytest.mark.slow
 def test_norm_row_accesses_are_128_bit(kernel_facts):
+    """adaLN kernels at D = 768 / 1152: every global access is 128-bit. QK RMSNorm at head dims
+    64 / 72 (rows read in place from the qkv view): every row access is; the one load of the
+    (D,) weight and the one store of a program's fp32 dweight partial row (a few hundred bytes
+    per program, spread over all its threads) may be narrower."""
     _, results = kernel_facts
-    narrow = [f"sm{a} {s} {row['kernel']} {row['constexprs']}: {row['global_loads_128']}/{row['global_loads']} loads, "
-              f"{row['global_stores_128']}/{row['global_stores']} stores 128-bit"
-              for s, a, row in _rows(results, kernels={"adaln_fwd", "adaln_bwd", "rms_norm_fwd", "rms_norm_bwd"})
-              if row["global_loads_128"] != row["global_loads"] or row["global_stores_128"] != row["global_stores"]]
+    narrow = []
+    for s, a, row in _rows(results, kernels={"adaln_fwd", "adaln_bwd", "rms_norm_fwd", "rms_norm_bwd"}):
+        rms, bwd = row["kernel"].startswith("rms"), row["kernel"].endswith("bwd")
+        if (row["global_loads"] - row["global_loads_128"] > int(rms)
+                or row["global_stores"] - row["global_stores_128"] > int(rms and bwd)):
+            narrow.append(f"sm{a} {s} {row['kernel']} {row['constexprs']}: {row['global_loads_128']}/"
+                          f"{row['global_loads']} loads, {row['global_stores_128']}/{row['global_stores']} stores 128-bit")
     assert not narrow, "\n".join(narrow)
 
 
@@ -61,8 +68,8 @@ def test_report_rejects_an_unknown_preset(capsys):
 
 @pytest.mark.slow
 def test_bf16_conv_main_loop_on_tensor_cores_with_pipelined_loads(kernel_facts):
-    """Every tap's operands arrive by cp.async (the only plain global load left is the bias of the
-    epilogue) and feed MMA (sm_80) / wgmma or MMA (sm_90); the 3072->256 conv's grid covers every SM."""
+    """Every tap's operands arrive by cp.async (the only narrow plain global load left is the bias
+    of the epilogue) and feed MMA (sm_80) / wgmma or MMA (sm_90); the 3072->256 conv's grid covers every SM."""
     _, results = kernel_facts
     convs = _rows(results, kernels={"conv3x3"})
     assert {a for _, a, _ in convs} == {80, 90}
@@ -70,6 +77,6 @@ def test_bf16_conv_main_loop_on_tensor_cores_with_pipelined_loads(kernel_facts):
         where = f"sm{a} {s} {row['ops']}"
         assert row["mma"] + row["wgmma"] > 0, f"{where}: no tensor-core MMA"
         assert row["cp_async"] > 0, f"{where}: no cp.async"
-        assert row["global_loads"] - row["global_loads_128"] <= int(row["constexprs"]["HAS_BIAS"]), where
+        assert row["narrow_plain_loads"] <= int(row["constexprs"]["HAS_BIAS"]), where
         if "conv 3072->256 fwd" in row["ops"]:
             assert row["ctas"] >= report.SM_COUNT[a], f"{where}: {row['ctas']} CTAs"
