@@ -155,6 +155,28 @@ def row_tile(row_size: int, n_rows: int, per_thread: int = 16) -> tuple:
     return block_m, block_d, num_warps
 
 
+def row_candidates(row_size: int, n_rows: int) -> list:
+    """(BLOCK_M, num_warps) tiles the autotuner of a forward row kernel times: row_tile's choice at
+    16 elements per thread and the tile of half the rows (one candidate on the interpreter)."""
+    return list(dict.fromkeys(row_tile(row_size, n_rows, per_thread)[::2] for per_thread in (16, 8)))
+
+
+def autotuned_rows(kernel):
+    """``triton.autotune`` of a row kernel (arguments ``M``, constexprs ``D``, ``BLOCK_M``) over
+    :func:`row_candidates`, keyed on (D, M): the launcher passes everything but BLOCK_M and
+    num_warps, and a grid that reads META["BLOCK_M"]."""
+    import triton
+
+    configs = [triton.Config({"BLOCK_M": 1 << i}, num_warps=w) for i in range(16) for w in (1, 2, 4, 8, 16)]
+
+    def prune(configs, nargs, **kwargs):
+        args = {**nargs, **kwargs}
+        wanted = row_candidates(args["D"], args["M"])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.num_warps) in wanted]
+
+    return triton.autotune(configs, key=["D", "M"], prune_configs_by={"early_config_prune": prune})(kernel)
+
+
 def reduction_programs(device: torch.device) -> int:
     """How many programs a grid-stride reduction should launch: a few waves of SMs on a GPU,
     one on the interpreter (each program there is a Python loop)."""

@@ -111,20 +111,37 @@ if triton is not None:
         tl.store(OUT + out_offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _conv_blocks(c_in: int, c_out: int, pixels: int, dtype: torch.dtype):
-    """(BLOCK_P, BLOCK_CO, BLOCK_CI, num_warps, num_stages); tl.dot needs every block >= 16.
+def _conv_blocks(c_in: int, c_out: int, pixels: int) -> list:
+    """Candidate (BLOCK_P, BLOCK_CO, BLOCK_CI, num_warps, num_stages) tiles for the autotuner, the
+    default first; tl.dot needs every block >= 16.
 
     On a GPU: 64-pixel tiles (a 16 x 16 x 32 batch gives 128 x ceil(C_out / 128) CTAs, >= one per
     SM of an H100 with two column tiles, and 3+ CTAs fit an SM), 128 output channels, and K steps of
-    64 bf16 / 32 fp32 channels (128-byte rows) in a 3-stage pipeline."""
+    32 channels (64-byte bf16 rows) in a 3-stage pipeline; the alternative halves the output
+    channels (twice the CTAs) with a 4-stage pipeline, or for 16 channels doubles the pixels. The interpreter gets one tile, few and big programs (it pays per program and per op)."""
     if interpreter_enabled():
-        # Few, big programs: the interpreter pays per program and per op.
-        return (min(max(next_power_of_2(pixels), 16), 256), min(max(next_power_of_2(c_out), 16), 256),
-                min(max(next_power_of_2(c_in), 16), 128), 4, 1)  # fmt: skip
+        return [(min(max(next_power_of_2(pixels), 16), 256), min(max(next_power_of_2(c_out), 16), 256),
+                 min(max(next_power_of_2(c_in), 16), 128), 4, 1)]  # fmt: skip
     block_ci = min(32, max(next_power_of_2(c_in), 16))
     block_co = min(max(next_power_of_2(c_out), 16), 128)
     block_p = 64 if block_co >= 64 else 32
-    return block_p, block_co, block_ci, 4, 3
+    alternative = (block_p, block_co // 2, block_ci, 4, 4) if block_co > 16 else (2 * block_p, 16, block_ci, 4, 3)
+    return [(block_p, block_co, block_ci, 4, 3), alternative]
+
+
+if triton is not None:
+
+    def _prune_conv_configs(configs, nargs, **kwargs):
+        wanted = _conv_blocks(nargs["C_in"], nargs["C_out"], nargs["P"])
+        return [c for c in configs if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_CI"],
+                                       c.num_warps, c.num_stages) in wanted]
+
+    _conv3x3_tuned = triton.autotune(
+        [triton.Config({"BLOCK_P": p, "BLOCK_CO": co, "BLOCK_CI": ci}, num_warps=w, num_stages=st)
+         for p in (16, 32, 64, 128, 256) for co in (16, 32, 64, 128, 256) for ci in (16, 32, 64, 128)
+         for w in (4, 8) for st in (1, 3, 4)],
+        key=["C_in", "C_out", "P"], prune_configs_by={"early_config_prune": _prune_conv_configs},
+    )(_conv3x3_kernel)
 
 
 def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -181,12 +198,11 @@ def _fused_conv2d_fwd(
     out = empty_output((n, c_out, h, w), x.dtype, x.device, memory_format=fmt)
     if out.numel() == 0:
         return out
-    block_p, block_co, block_ci, num_warps, num_stages = _conv_blocks(c_in, c_out, n * h * w, x.dtype)
-    grid = (cdiv(n * h * w, block_p), cdiv(c_out, block_co))
+    grid = lambda meta: (cdiv(n * h * w, meta["BLOCK_P"]), cdiv(c_out, meta["BLOCK_CO"]))  # noqa: E731
     has_bias, has_residual = bias is not None, residual is not None
     fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     with device_guard(x):
-        _conv3x3_kernel[grid](
+        _conv3x3_tuned[grid](
             x, packed, bias if has_bias else x, residual if has_residual else x, out,
             n * h * w, c_in, c_out, h, w,
             *(_pixel_strides(residual) if has_residual else (0, 0, 0)), *_pixel_strides(out),
@@ -196,7 +212,6 @@ def _fused_conv2d_fwd(
             # The interpreter multiplies bf16 operands as their raw uint16 bits: upcast there (exact).
             # interpreter_enabled() asks how the kernel was built, so compiled kernels never take this.
             UPCAST_DOT=interpreter_enabled() and x.dtype == torch.bfloat16,
-            BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     return out
 

@@ -32,18 +32,22 @@ import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from triton.runtime.autotuner import Autotuner
 
 from . import _utils, adaln, conv, rmsnorm
 from .roofline import SM_COUNT, compressor_encoder_convs, conv3x3_bytes_flops, floor_us, row_op_bytes
 
 KERNELS = {
-    "adaln_fwd": (adaln, "_adaln_fwd_kernel"),
+    "adaln_fwd": (adaln, "_adaln_fwd_tuned"),
     "adaln_bwd": (adaln, "_adaln_bwd_kernel"),
-    "rms_norm_fwd": (rmsnorm, "_rms_norm_fwd_kernel"),
+    "rms_norm_fwd": (rmsnorm, "_rms_norm_fwd_tuned"),
     "rms_norm_bwd": (rmsnorm, "_rms_norm_bwd_kernel"),
-    "conv3x3": (conv, "_conv3x3_kernel"),
+    "conv3x3": (conv, "_conv3x3_tuned"),
 }
-"""Every Triton kernel of reglue.kernels: name -> (module, attribute)."""
+"""Every Triton kernel the launchers of reglue.kernels call: name -> (module, attribute); the
+forward kernels are autotuned (each candidate config is its own variant here)."""
+
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 # Per-SM limits of sm_80 / sm_90 (CUDA occupancy calculator): registers, threads, blocks, shared
 # memory usable by blocks, the driver's per-block shared reservation, register allocation unit.
@@ -86,6 +90,7 @@ class Launch:
     grid: tuple
     op: str = ""
     mode: str = ""
+    candidate: str = ""
 
 
 @contextlib.contextmanager
@@ -100,7 +105,16 @@ def recording_launches(record: List[Launch], sm_count: int):
         kernel = getattr(module, attr)
 
         def run(*args, grid, warmup, _name=name, _kernel=kernel, **kwargs):
-            record.append(Launch(_name, _kernel, args, kwargs, tuple(grid)))
+            if not isinstance(_kernel, Autotuner):
+                record.append(Launch(_name, _kernel, args, kwargs, tuple(grid)))
+                return
+            _kernel.nargs = dict(zip(_kernel.arg_names, args))  # what prune_configs reads
+            candidates = _kernel.prune_configs(kwargs)
+            for i, config in enumerate(candidates):
+                full = {**kwargs, **config.all_kwargs()}
+                record.append(Launch(_name, _kernel.fn, args, full, tuple(grid({**_kernel.nargs, **full})),
+                                     candidate=f"{i + 1}/{len(candidates)}"))
+            _kernel.nargs = None
 
         saved.append((kernel, kernel.__dict__.get("run")))
         kernel.run = run
@@ -264,13 +278,21 @@ def sass_facts(cubin: bytes) -> Dict:
         "global_stores": len(stores),
         "global_stores_128": sum(b == 128 for b in stores),
         "narrowest_load_bits": min(loads) if loads else None,
-        "narrow_plain_loads": sum(o.startswith("LDG.") and _access_bits(o) < 128 for o in ops),
+        "plain_loads_before_last_cp_async": _plain_loads_before_last_cp_async(ops),
         "cp_async": sum(o.startswith("LDGSTS") for o in ops),
         "tma_loads": sum(o.startswith("UTMALDG") for o in ops),
         "mma": sum(o.startswith("HMMA") for o in ops),
         "wgmma": sum(o.startswith("HGMMA") for o in ops),
         "fma_fp32": sum(o.startswith("FFMA") for o in ops),
     }
+
+
+def _plain_loads_before_last_cp_async(ops: Sequence[str]) -> int:
+    """Plain global loads (LDG) issued before the kernel's last cp.async: in the prologue and the
+    pipelined main loop. 0 means every operand of the loop arrives by cp.async (the loads after
+    it are the epilogue's: bias, residual)."""
+    cp = [i for i, o in enumerate(ops) if o.startswith("LDGSTS")]
+    return sum(o.startswith("LDG.") for o in ops[:cp[-1]]) if cp else 0
 
 
 def occupancy(registers: int, shared: int, num_warps: int, arch: int) -> Dict:
@@ -332,8 +354,8 @@ def report_rows(shapes: RunShapes, arch: int, launches: Optional[Sequence[Launch
             rows[key]["ops"].append(f"{launch.op} {launch.mode}")
             continue
         row = {"kernel": launch.kernel_name, "ops": [f"{launch.op} {launch.mode}"], "arch": f"sm_{arch}",
-               "constexprs": {k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")},
-               "grid": list(launch.grid)}
+               "constexprs": {k: v for k, v in launch.kwargs.items() if k not in _OPTIONS},
+               "grid": list(launch.grid), "autotune_candidate": launch.candidate}
         try:
             meta, facts = _compile_and_read(key, launch, arch)
         except Exception as exc:  # every failing variant is reported, not just the first
@@ -464,8 +486,9 @@ QK RMSNorm rows apply with `model.qk_norm=true` (off in the paper presets).
 def _flags(row: Dict) -> str:
     c = row["constexprs"]
     on = [k.removeprefix("HAS_").lower() for k, v in c.items() if isinstance(v, bool) and v]
-    blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK"))
-    return f"[{' '.join(on)}{' ' if on else ''}{blocks}]"
+    blocks = " ".join(f"{k[6:]}{v}" for k, v in sorted(c.items()) if k.startswith("BLOCK"))
+    tuned = f" autotune {row['autotune_candidate']}" if row.get("autotune_candidate") else ""
+    return f"[{' '.join(on)}{' ' if on else ''}{blocks}{tuned}]"
 
 
 def shapes_of_preset(name: str, batch: int) -> RunShapes:

@@ -18,6 +18,7 @@ from ._utils import (
     device_guard,
     empty_output,
     fused_op_set,
+    autotuned_rows,
     reduction_programs,
     row_tile,
     triton_available,
@@ -71,6 +72,8 @@ if triton is not None:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
         tl.store(Y + y_offs, (x * rstd[:, None] * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+
+    _rms_norm_fwd_tuned = autotuned_rows(_rms_norm_fwd_kernel)
 
     @triton.jit
     def _rms_norm_bwd_kernel(
@@ -148,11 +151,9 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     y = empty_output(x.shape, x.dtype, x.device)
     x, m, s1, s2, (t0, t1, t2), align = _rows_of(x)
     if m:
-        block_m, block_d, num_warps = row_tile(d, m)
         with device_guard(x):
-            _rms_norm_fwd_kernel[(cdiv(m, block_m),)](
-                x, weight, y, m, s1, s2, t0, t1, t2, eps,
-                D=d, ROW_ALIGN=align, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            _rms_norm_fwd_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]),)](
+                x, weight, y, m, s1, s2, t0, t1, t2, eps, D=d, ROW_ALIGN=align, BLOCK_D=row_tile(d, m)[1],
             )  # fmt: skip
     return y
 

@@ -179,7 +179,7 @@ def test_fp32_precision_follows_allow_tf32(monkeypatch, allow_tf32):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(kwargs)
 
-    monkeypatch.setattr(conv_module, "_conv3x3_kernel", Recorder())
+    monkeypatch.setattr(conv_module, "_conv3x3_tuned", Recorder())
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32  # the autouse fixture restores it
     x, weight, bias, _ = _inputs(1, 16, 16, 4, 4, True, False)
     fused_conv2d(x, weight, bias)
