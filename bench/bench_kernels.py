@@ -32,6 +32,7 @@ from reglue.kernels import (
     gated_residual_adaln,
     gated_residual_adaln_ref,
     gated_residual_ref,
+    pack_conv_weight,
     rms_norm,
     rms_norm_ref,
 )
@@ -113,11 +114,15 @@ def _compressor(channels):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape_name", list(COMPRESSOR_SHAPES))
 def test_conv3x3(benchmark, shape_name, provider):
-    """The compressor's first conv alone (C_in -> hidden): the implicit-GEMM efficiency."""
+    """The compressor's first conv alone (C_in -> hidden): the implicit-GEMM efficiency. Every
+    provider gets a channels-last input (cuDNN runs NHWC natively; ours reads NHWC) and ours a
+    weight packed once, as ``compressor_encode_fused`` runs it."""
     skip_unless_timed(provider, "conv3x3", "fwd")
     channels, (n, h, w) = COMPRESSOR_SHAPES[shape_name]
-    x = torch.randn(n, channels[0], h, w, device=DEVICE, dtype=DTYPE)
+    x = torch.randn(n, channels[0], h, w, device=DEVICE, dtype=DTYPE).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(channels[1], channels[0], 3, 3, device=DEVICE, dtype=DTYPE) / (3 * channels[0] ** 0.5)
+    if provider == "triton":
+        weight = pack_conv_weight(weight)
     bias = torch.randn(channels[1], device=DEVICE, dtype=DTYPE)
     fn = _provider_fn(provider, fused_conv2d, fused_conv2d_ref)
     bytes_, flops = conv3x3_bytes_flops(n, channels[0], channels[1], h, w, x.element_size(), residual=False)

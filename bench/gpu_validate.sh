@@ -69,6 +69,10 @@ step ceilings "$PY" bench/_roofline.py --out "$OUT/ceilings.json"
 # 2. The runtime self-check every run does on first CUDA use (each fused op against its reference,
 # forward and backward, fp32 and bf16, SiT-XL/2 widths): which ops this GPU runs fused.
 step selfcheck "$PY" -m reglue.kernels.selfcheck
+# The static kernel report with this GPU's measured µs beside each roofline floor (SiT-XL/2
+# REGLUE shapes, QK-norm rows included); compare with the committed docs/kernels-sm90.md.
+step kernel-report "$PY" -m reglue.kernels.report --measure --preset reglue-sit-xl-2 --qk-norm \
+    --json "$OUT/kernel-report.json" --markdown "$OUT/kernel-report.md"
 # GPU tests: kernels compiled for real at SiT-XL/2 sizes, attention backends, model-level checks.
 step gpu-tests "$PY" -m pytest -m gpu tests/ -q -rs
 # The kernel and attention tests' small/odd shapes (D = 72, 100, 4096; partial tiles) on CUDA too:
@@ -119,6 +123,12 @@ fi
         echo "Kernel self-check on this GPU:"
         echo ""
         grep -E "^[a-z_0-9]+ +(fused|EAGER)" "$OUT/selfcheck.log" | sed 's/^/    /'
+        echo ""
+    fi
+    if [ -s "$OUT/kernel-report.md" ]; then
+        echo "Kernel variants, measured µs beside the roofline floor (kernel-report.md):"
+        echo ""
+        grep -E "^\| (adaln|rms|conv)" "$OUT/kernel-report.md" | awk -F'|' '{printf "    %-45s floor %8s µs  measured %8s µs\n", $2, $15, $16}'
         echo ""
     fi
     echo "Test result lines:"

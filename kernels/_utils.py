@@ -135,20 +135,46 @@ def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def row_tile(row_size: int, n_rows: int) -> tuple:
+def row_tile(row_size: int, n_rows: int, per_thread: int = 16) -> tuple:
     """(BLOCK_M rows, BLOCK_D columns, num_warps) for kernels that hold whole rows in registers.
 
-    A program covers at least one full row (statistics need the whole row). Small rows are
-    stacked so a tile holds ~4K elements on a GPU (8 per thread at 16 warps); the interpreter
-    prefers big tiles because its cost is per program and per op, not per element.
+    A program covers at least one full row (statistics need the whole row). On a GPU the warps
+    are sized from the row: a row vector (weight, shift/scale, partial sums) is spread over all
+    threads of the program, and at >= 8 elements per thread (BLOCK_D / 256 warps) its 2-byte
+    accesses stay 128-bit; rows of <= 256 columns share 4 warps. Rows are then stacked until a
+    thread holds ``per_thread`` elements of each tile tensor (backward kernels, with more live
+    tensors, ask for fewer). The interpreter prefers big tiles: its cost is per program and per op.
     """
     if row_size > MAX_ROW_SIZE:
         raise ValueError(f"row size {row_size} exceeds the supported maximum {MAX_ROW_SIZE}")
     block_d = max(next_power_of_2(row_size), 16)
-    tile = 32768 if interpreter_enabled() else 4096
-    block_m = max(1, min(tile // block_d, next_power_of_2(n_rows)))
-    num_warps = max(1, min((block_m * block_d) // 256, 16))
+    if interpreter_enabled():
+        return max(1, min(32768 // block_d, next_power_of_2(n_rows))), block_d, 4
+    num_warps = min(block_d // 256, 16) if block_d >= 512 else 4
+    block_m = max(1, min(num_warps * 32 * per_thread // block_d, next_power_of_2(n_rows)))
     return block_m, block_d, num_warps
+
+
+def row_candidates(row_size: int, n_rows: int) -> list:
+    """(BLOCK_M, num_warps) tiles the autotuner of a forward row kernel times: row_tile's choice at
+    16 elements per thread and the tile of half the rows (one candidate on the interpreter)."""
+    return list(dict.fromkeys(row_tile(row_size, n_rows, per_thread)[::2] for per_thread in (16, 8)))
+
+
+def autotuned_rows(kernel):
+    """``triton.autotune`` of a row kernel (arguments ``M``, constexprs ``D``, ``BLOCK_M``) over
+    :func:`row_candidates`, keyed on (D, M): the launcher passes everything but BLOCK_M and
+    num_warps, and a grid that reads META["BLOCK_M"]."""
+    import triton
+
+    configs = [triton.Config({"BLOCK_M": 1 << i}, num_warps=w) for i in range(16) for w in (1, 2, 4, 8, 16)]
+
+    def prune(configs, nargs, **kwargs):
+        args = {**nargs, **kwargs}
+        wanted = row_candidates(args["D"], args["M"])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.num_warps) in wanted]
+
+    return triton.autotune(configs, key=["D", "M"], prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 def reduction_programs(device: torch.device) -> int:
@@ -168,9 +194,10 @@ def cdiv(a: int, b: int) -> int:
 poison_outputs = False
 
 
-def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def empty_output(shape, dtype: torch.dtype, device: torch.device,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """torch.empty for kernel outputs (NaN-filled when ``poison_outputs`` is set)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     if poison_outputs:
         out.fill_(float("nan"))
     return out

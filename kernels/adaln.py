@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import (
+    autotuned_rows,
     can_run_triton,
     cdiv,
     check_dtypes,
@@ -85,7 +86,7 @@ if triton is not None:
     @triton.jit
     def _adaln_fwd_kernel(
         X, Y, GATE, SHIFT, SCALE, R, H,
-        M, T, D, stride_gate, stride_shift, stride_scale, eps,
+        M, T, D: tl.constexpr, stride_gate, stride_shift, stride_scale, eps,
         HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -112,10 +113,12 @@ if triton is not None:
             h = xc * rstd[:, None] * (1.0 + scale) + shift
             tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
 
+    _adaln_fwd_tuned = autotuned_rows(_adaln_fwd_kernel)
+
     @triton.jit
     def _adaln_bwd_kernel(
         DH, DR, XN, Y, GATE, SCALE, DX, DY, DSHIFT, DSCALE, DGATE,
-        T, D, rows_per_chunk, n_chunks, stride_gate, stride_scale, eps,
+        T, D: tl.constexpr, rows_per_chunk, n_chunks, stride_gate, stride_scale, eps,
         HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -132,10 +135,6 @@ if triton is not None:
         cmask = cols < D
         t_start = chunk * rows_per_chunk
         t_end = tl.minimum(t_start + rows_per_chunk, T)
-        if HAS_NORM:
-            scale = tl.load(SCALE + n * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            gate = tl.load(GATE + n * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
         acc_shift = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         acc_scale = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         acc_gate = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -143,10 +142,7 @@ if triton is not None:
             t = t0 + tl.arange(0, BLOCK_M)
             mask = (t < t_end)[:, None] & cmask[None, :]
             offs = (n.to(tl.int64) * T + t)[:, None] * D + cols[None, :]
-            if HAS_RESIDUAL:
-                dr = tl.load(DR + offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                dr = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            dr = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
             if HAS_NORM:
                 dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
                 xn = tl.load(XN + offs, mask=mask, other=0.0).to(tl.float32)
@@ -154,15 +150,22 @@ if triton is not None:
                 xc = tl.where(mask, xn - mean[:, None], 0.0)
                 rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
                 xhat = xc * rstd[:, None]
+                # scale and gate are re-read per row tile (L1 hits) rather than held: registers, not
+                # memory, bound this kernel's occupancy.
+                scale = tl.load(SCALE + n * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
                 g = dh * (1.0 + scale[None, :])
                 c1 = tl.sum(xhat * g, axis=1) / D
                 c2 = tl.sum(g, axis=1) / D
-                dr += tl.where(mask, (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
                 acc_shift += dh
                 acc_scale += dh * xhat
+                dr = tl.where(mask, (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
+            if HAS_RESIDUAL:  # loaded after the norm's reductions: fewer rows live across them
+                dr += tl.load(DR + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_NORM:
                 tl.store(DX + offs, dr.to(DX.dtype.element_ty), mask=mask)
             if HAS_RESIDUAL:
                 y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+                gate = tl.load(GATE + n * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
                 tl.store(DY + offs, (dr * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
                 acc_gate += dr * y
         part = (n * n_chunks + chunk).to(tl.int64) * D + cols
@@ -201,9 +204,8 @@ def _launch_fwd(x, y, gate, shift, scale, eps: float):
         h = empty_output(x.shape, result_dtype(r if has_residual else x, shift, scale), x.device)
     if m == 0:
         return r, h
-    block_m, block_d, num_warps = row_tile(d, m)
     with device_guard(x):
-        _adaln_fwd_kernel[(cdiv(m, block_m),)](
+        _adaln_fwd_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]),)](
             x, y if has_residual else dummy, gate if has_residual else dummy,
             shift if has_norm else dummy, scale if has_norm else dummy,
             r if has_residual else dummy, h if has_norm else dummy,
@@ -212,7 +214,7 @@ def _launch_fwd(x, y, gate, shift, scale, eps: float):
             shift.stride(0) if has_norm else 0,
             scale.stride(0) if has_norm else 0,
             eps,
-            HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_D=row_tile(d, m)[1],
         )  # fmt: skip
     return r, h
 
@@ -224,7 +226,7 @@ def _launch_bwd(dh, dr, xn, y, gate, scale, eps: float, x_dtype: torch.dtype):
     n, t, d = ref.shape
     dummy = ref
     dx = dy = dshift = dscale = dgate = None
-    block_m, block_d, num_warps = row_tile(d, t)
+    block_m, block_d, num_warps = row_tile(d, t, per_thread=8)
     n_chunks = max(1, min(cdiv(reduction_programs(ref.device), max(n, 1)), cdiv(t, block_m)))
     rows_per_chunk = cdiv(cdiv(max(t, 1), n_chunks), block_m) * block_m
     n_chunks = cdiv(max(t, 1), rows_per_chunk)

@@ -3,15 +3,20 @@
     fused_conv2d(x, weight, bias, residual=None, relu=False) = act(conv2d(x, weight, padding=1) + bias + residual)
 
 x: (N, C_in, H, W), weight: (C_out, C_in, 3, 3), bias: (C_out,) or None, residual: (N, C_out, H, W).
-An implicit GEMM: a program owns BLOCK_P pixels of one image × BLOCK_CO output channels and
-accumulates nine shifted (pixels × C_in) @ (C_in × C_out) products in fp32; zero padding is a
-load mask. Input and output stay NCHW (loads are contiguous along pixels); the weight is read
-as (3, 3, C_in, C_out) so its tiles are contiguous along output channels (``pack_conv_weight``).
+A channels-last implicit GEMM (as cuDNN and Triton's matmul tutorial lay it out): the input is
+read NHWC, so the K = 9 x C_in reduction is contiguous runs of channels per tap; a program owns
+BLOCK_P pixels (of any images) x BLOCK_CO output channels and walks one flat K loop in fp32,
+zero padding a load mask. The weight is read as (3, 3, C_in, C_out) (``pack_conv_weight``), so
+its tiles are contiguous along output channels. fp32 inputs use TF32 tensor cores where
+``torch.backends.cuda.matmul.allow_tf32`` permits, exact fp32 otherwise. The output has the
+input's layout (channels-last in, channels-last out; NCHW otherwise).
 
-``compressor_encode_fused`` runs a SemanticCompressor encoder with BatchNorm folded: one launch
-per convolution, every bias/BN/residual/ReLU in the epilogues, no other kernels.
+``compressor_encode_fused`` runs a SemanticCompressor encoder with BatchNorm folded: NHWC from
+the first conv to the last, one launch per convolution, every bias/BN/residual/ReLU in the
+epilogues, and each weight packed once (``packed_conv_weight``), not per call.
 """
 
+import weakref
 from typing import Optional
 
 import torch
@@ -54,75 +59,129 @@ if triton is not None:
     @triton.jit
     def _conv3x3_kernel(
         X, Wt, B, RES, OUT,
-        C_in, C_out, H, W,
+        P, C_in, C_out, H, W,
+        res_sn, res_shw, res_sc, out_sn, out_shw, out_sc,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
     ):  # fmt: skip
-        """X, RES, OUT contiguous NCHW; Wt contiguous (3, 3, C_in, C_out).
+        """X channels-last (N, H, W, C_in) contiguous; Wt (9 * C_in, C_out) contiguous, K ordered
+        (tap, c_in); RES/OUT addressed through (image, pixel, channel) strides.
 
-        A tap's input pixel is p + (dh * W + dw) in the flattened image: addresses stay
-        contiguous along the pixel axis (coalesced loads); the mask zeroes what falls outside.
+        An implicit GEMM over the P = N*H*W pixels: one flat K loop of 9 * ceil(C_in / BLOCK_CI)
+        steps (the tap is a scalar of the step), so every tap streams through the same software
+        pipeline. A tap's operand rows are pixels shifted by (dh * W + dw), each a contiguous run
+        of channels (16-byte vectors, cp.async); out-of-image pixels are masked to zero.
         """
         hw = H * W
-        tiles_per_image = tl.cdiv(hw, BLOCK_P)
-        pid = tl.program_id(0)
-        n = (pid // tiles_per_image).to(tl.int64)
-        p = (pid % tiles_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p = tl.max_contiguous(tl.multiple_of(p, BLOCK_P), BLOCK_P)
-        pmask = p < hw
-        ph = p // W
-        pw = p % W
+        p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < P
+        n = p // hw
+        pix = p % hw
+        ph = pix // W
+        pw = pix % W
         co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
         comask = co < C_out
         ci_range = tl.arange(0, BLOCK_CI)
-        x_image = X + n * C_in * hw
+        ci_steps = tl.cdiv(C_in, BLOCK_CI)
         acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
-        for tap in tl.static_range(9):
+        for k in range(0, 9 * ci_steps):
+            tap = k // ci_steps
+            ci = (k % ci_steps) * BLOCK_CI + ci_range
             dh = tap // 3 - 1
             dw = tap % 3 - 1
             inside = pmask & (ph + dh >= 0) & (ph + dh < H) & (pw + dw >= 0) & (pw + dw < W)
-            x_tap = x_image + (p + (dh * W + dw))[:, None]
-            w_tap = Wt + tap * C_in * C_out + co[None, :]
-            for ci0 in range(0, C_in, BLOCK_CI):
-                ci = ci0 + ci_range
-                cimask = ci < C_in
-                a = tl.load(x_tap + ci[None, :] * hw, mask=inside[:, None] & cimask[None, :], other=0.0)
-                b = tl.load(w_tap + ci[:, None] * C_out, mask=cimask[:, None] & comask[None, :], other=0.0)
-                if UPCAST_DOT:
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            cimask = ci < C_in
+            a = tl.load(X + (p + (dh * W + dw))[:, None] * C_in + ci[None, :],
+                        mask=inside[:, None] & cimask[None, :], other=0.0)
+            b = tl.load(Wt + (tap * C_in + ci)[:, None] * C_out + co[None, :],
+                        mask=cimask[:, None] & comask[None, :], other=0.0)
+            if UPCAST_DOT:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(B + co, mask=comask, other=0.0).to(tl.float32)[None, :]
         mask = pmask[:, None] & comask[None, :]
-        offs = n * C_out * hw + co[None, :] * hw + p[:, None]
         if HAS_RESIDUAL:
-            acc += tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
+            res_offs = (n * res_sn + pix * res_shw)[:, None] + co[None, :] * res_sc
+            acc += tl.load(RES + res_offs, mask=mask, other=0.0).to(tl.float32)
         if RELU:
             acc = tl.maximum(acc, 0.0)
-        tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+        out_offs = (n * out_sn + pix * out_shw)[:, None] + co[None, :] * out_sc
+        tl.store(OUT + out_offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _conv_blocks(c_in: int, c_out: int, hw: int, dtype: torch.dtype):
-    """(BLOCK_P, BLOCK_CO, BLOCK_CI, num_warps, num_stages); tl.dot needs every block >= 16."""
+def _conv_blocks(c_in: int, c_out: int, pixels: int) -> list:
+    """Candidate (BLOCK_P, BLOCK_CO, BLOCK_CI, num_warps, num_stages) tiles for the autotuner, the
+    default first; tl.dot needs every block >= 16.
+
+    On a GPU: 64-pixel tiles (a 16 x 16 x 32 batch gives 128 x ceil(C_out / 128) CTAs, >= one per
+    SM of an H100 with two column tiles, and 3+ CTAs fit an SM), 128 output channels, and K steps of
+    32 channels (64-byte bf16 rows) in a 3-stage pipeline; the alternative halves the output
+    channels (twice the CTAs) with a 4-stage pipeline, or for 16 channels doubles the pixels. The interpreter gets one tile, few and big programs (it pays per program and per op)."""
     if interpreter_enabled():
-        # Few, big programs: the interpreter pays per program and per op.
-        return (min(max(next_power_of_2(hw), 16), 256), min(max(next_power_of_2(c_out), 16), 256),
-                min(max(next_power_of_2(c_in), 16), 128), 4, 1)  # fmt: skip
-    block_ci = 32 if dtype == torch.float32 else 64
+        return [(min(max(next_power_of_2(pixels), 16), 256), min(max(next_power_of_2(c_out), 16), 256),
+                 min(max(next_power_of_2(c_in), 16), 128), 4, 1)]  # fmt: skip
+    block_ci = min(32, max(next_power_of_2(c_in), 16))
     block_co = min(max(next_power_of_2(c_out), 16), 128)
-    block_p = 128 if block_co >= 64 else 64
-    return block_p, block_co, min(block_ci, max(next_power_of_2(c_in), 16)), 8 if block_co >= 128 else 4, 3
+    block_p = 64 if block_co >= 64 else 32
+    alternative = (block_p, block_co // 2, block_ci, 4, 4) if block_co > 16 else (2 * block_p, 16, block_ci, 4, 3)
+    return [(block_p, block_co, block_ci, 4, 3), alternative]
+
+
+if triton is not None:
+
+    def _prune_conv_configs(configs, nargs, **kwargs):
+        wanted = _conv_blocks(nargs["C_in"], nargs["C_out"], nargs["P"])
+        return [c for c in configs if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_CI"],
+                                       c.num_warps, c.num_stages) in wanted]
+
+    _conv3x3_tuned = triton.autotune(
+        [triton.Config({"BLOCK_P": p, "BLOCK_CO": co, "BLOCK_CI": ci}, num_warps=w, num_stages=st)
+         for p in (16, 32, 64, 128, 256) for co in (16, 32, 64, 128, 256) for ci in (16, 32, 64, 128)
+         for w in (4, 8) for st in (1, 3, 4)],
+        key=["C_in", "C_out", "P"], prune_configs_by={"early_config_prune": _prune_conv_configs},
+    )(_conv3x3_kernel)
 
 
 def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(C_out, C_in, 3, 3) -> the same shape, stored as (3, 3, C_in, C_out) so output channels are contiguous.
-
-    ``fused_conv2d`` packs on every call unless given a packed weight; pack once for repeated use.
-    """
+    """(C_out, C_in, 3, 3) -> the same shape, stored as (3, 3, C_in, C_out): the GEMM's K x C_out
+    operand with output channels contiguous. A packed weight is returned as is."""
     if weight.permute(2, 3, 1, 0).is_contiguous():
         return weight
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
+packs = 0
+"""How many weights :func:`packed_conv_weight` has packed in this process (tests count it)."""
+
+_packed: dict = {}  # id(weight) -> (weakref to it, (version, dtype), packed); tensors cannot be dict keys
+
+
+def packed_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``pack_conv_weight(weight.to(dtype))``, built once per weight and dtype and reused until the
+    weight changes (an in-place update bumps its version: load_state_dict, an optimizer step)."""
+    global packs
+    key = (weight._version, dtype)
+    cached = _packed.get(id(weight))
+    if cached is not None and cached[0]() is weight and cached[1] == key:
+        return cached[2]
+    with torch.no_grad():
+        packed = pack_conv_weight(weight.detach().to(dtype))
+    packs += 1
+    wid = id(weight)
+    _packed[wid] = (weakref.ref(weight, lambda _: _packed.pop(wid, None)), key, packed)
+    return packed
+
+
+def _channels_last_out(x: torch.Tensor) -> bool:
+    """Outputs follow the input's layout: channels-last in, channels-last out; NCHW otherwise."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _pixel_strides(t: torch.Tensor):
+    """(image, pixel, channel) strides of an (N, C, H, W) tensor whose H, W flatten to one pixel index."""
+    return t.stride(0), t.stride(3), t.stride(1)
 
 
 @torch.library.custom_op("reglue::fused_conv2d_fwd", mutates_args=())
@@ -131,32 +190,36 @@ def _fused_conv2d_fwd(
 ) -> torch.Tensor:
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
-    x = x.contiguous()
-    residual = residual.contiguous() if residual is not None else None
+    fmt = torch.channels_last if _channels_last_out(x) else torch.contiguous_format
+    x = x.contiguous(memory_format=torch.channels_last)
+    if residual is not None and residual.stride(2) != w * residual.stride(3):
+        residual = residual.contiguous()
     packed = pack_conv_weight(weight.to(x.dtype)).permute(2, 3, 1, 0)  # (3, 3, C_in, C_out), contiguous
-    out = empty_output((n, c_out, h, w), x.dtype, x.device)
+    out = empty_output((n, c_out, h, w), x.dtype, x.device, memory_format=fmt)
     if out.numel() == 0:
         return out
-    block_p, block_co, block_ci, num_warps, num_stages = _conv_blocks(c_in, c_out, h * w, x.dtype)
-    grid = (n * cdiv(h * w, block_p), cdiv(c_out, block_co))
+    grid = lambda meta: (cdiv(n * h * w, meta["BLOCK_P"]), cdiv(c_out, meta["BLOCK_CO"]))  # noqa: E731
     has_bias, has_residual = bias is not None, residual is not None
+    fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     with device_guard(x):
-        _conv3x3_kernel[grid](
+        _conv3x3_tuned[grid](
             x, packed, bias if has_bias else x, residual if has_residual else x, out,
-            c_in, c_out, h, w,
+            n * h * w, c_in, c_out, h, w,
+            *(_pixel_strides(residual) if has_residual else (0, 0, 0)), *_pixel_strides(out),
             HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, RELU=relu,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            # fp32 runs on tensor cores (TF32) where torch allows it for matmuls, else exact FMA.
+            PRECISION=fp32_precision if x.dtype == torch.float32 else "tf32",
             # The interpreter multiplies bf16 operands as their raw uint16 bits: upcast there (exact).
             # interpreter_enabled() asks how the kernel was built, so compiled kernels never take this.
             UPCAST_DOT=interpreter_enabled() and x.dtype == torch.bfloat16,
-            BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     return out
 
 
 @_fused_conv2d_fwd.register_fake
 def _(x, weight, bias, residual, relu):
-    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+    fmt = torch.channels_last if _channels_last_out(x) else torch.contiguous_format
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3])).contiguous(memory_format=fmt)
 
 
 def fused_conv2d(
@@ -198,11 +261,15 @@ def compressor_encode_fused(compressor: nn.Module, feats: torch.Tensor) -> torch
     layers = compressor.encoder.model
     if not all(_is_folded(layer) for layer in layers if not isinstance(layer, nn.Conv2d)):
         layers = compressor.fold_batchnorm().encoder.model
-    x = feats
+    x = feats.contiguous(memory_format=torch.channels_last)  # the one layout change: NHWC throughout
+
+    def conv(x, layer, **kwargs):
+        return fused_conv2d(x, packed_conv_weight(layer.weight, x.dtype), layer.bias, **kwargs)
+
     for layer in layers:
         if isinstance(layer, nn.Conv2d):
-            x = fused_conv2d(x, layer.weight, layer.bias)
+            x = conv(x, layer)
         else:
-            h = fused_conv2d(x, layer.conv1.weight, layer.conv1.bias, relu=True)
-            x = fused_conv2d(h, layer.conv2.weight, layer.conv2.bias, residual=x, relu=True)
+            h = conv(x, layer.conv1, relu=True)
+            x = conv(h, layer.conv2, residual=x, relu=True)
     return x

@@ -18,6 +18,7 @@ from ._utils import (
     device_guard,
     empty_output,
     fused_op_set,
+    autotuned_rows,
     reduction_programs,
     row_tile,
     triton_available,
@@ -44,26 +45,43 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, upcas
 if triton is not None:
 
     @triton.jit
+    def _row_offsets(rows, S1, S2, stride0, stride1, stride2, ROW_ALIGN: tl.constexpr):
+        """Element offset of each row of a (S0, S1, S2, D) view with unit last stride: q/k of the qkv
+        projection arrive as such a permuted view and are read in place, not copied."""
+        i2 = rows % S2
+        i1 = (rows // S2) % S1
+        i0 = rows // S2 // S1
+        return tl.multiple_of(i0 * stride0 + i1 * stride1 + i2 * stride2, ROW_ALIGN)
+
+    @triton.jit
     def _rms_norm_fwd_kernel(
-        X, W, Y, M, D, eps,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        X, W, Y, M, S1, S2, sx0, sx1, sx2, eps,
+        D: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
+        """Y (M, D) contiguous = rmsnorm of the M rows of X (strided, see _row_offsets).
+
+        D is a constexpr and ROW_ALIGN (elements, a power of two) divides every row start, so row
+        accesses vectorise to 128 bits where the row size and alignment allow it."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         mask = (rows < M)[:, None] & cmask[None, :]
-        offs = rows[:, None] * D + cols[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        x_offs = _row_offsets(rows, S1, S2, sx0, sx1, sx2, ROW_ALIGN)[:, None] + cols[None, :]
+        y_offs = tl.multiple_of(rows * D, ROW_ALIGN)[:, None] + cols[None, :]
+        x = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-        tl.store(Y + offs, (x * rstd[:, None] * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + y_offs, (x * rstd[:, None] * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+
+    _rms_norm_fwd_tuned = autotuned_rows(_rms_norm_fwd_kernel)
 
     @triton.jit
     def _rms_norm_bwd_kernel(
-        DY, X, W, DX, DW_PART, M, D, eps,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        DY, X, W, DX, DW_PART, M, S1, S2, sx0, sx1, sx2, eps,
+        D: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """Grid-stride over row tiles; one fp32 partial row of dweight per program."""
+        """Grid-stride over row tiles of X (strided); DY, DX (M, D) contiguous; one fp32 partial
+        row of dweight per program."""
         pid = tl.program_id(0)
         n_programs = tl.num_programs(0)
         cols = tl.arange(0, BLOCK_D)
@@ -73,8 +91,9 @@ if triton is not None:
         for tile in range(pid, tl.cdiv(M, BLOCK_M), n_programs):
             rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             mask = (rows < M)[:, None] & cmask[None, :]
-            offs = rows[:, None] * D + cols[None, :]
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            x_offs = _row_offsets(rows, S1, S2, sx0, sx1, sx2, ROW_ALIGN)[:, None] + cols[None, :]
+            offs = tl.multiple_of(rows * D, ROW_ALIGN)[:, None] + cols[None, :]
+            x = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
             xhat = x * rstd[:, None]
@@ -86,18 +105,56 @@ if triton is not None:
         tl.store(DW_PART + pid.to(tl.int64) * D + cols, tl.sum(acc_w, axis=0), mask=cmask)
 
 
+def _row_view(x: torch.Tensor):
+    """(M, S1, S2, strides (s0, s1, s2)) describing the rows of x (..., D) in place, or None when
+    its leading dims do not fit three strides (then the caller copies)."""
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        return None
+    dims = [(size, stride) for size, stride in zip(x.shape[:-1], x.stride()[:-1]) if size != 1]
+    merged = []
+    for size, stride in dims:  # merge dims that are contiguous with their inner neighbour
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    if len(merged) > 3:
+        return None
+    merged = [(1, 0)] * (3 - len(merged)) + merged
+    (s0, t0), (s1, t1), (s2, t2) = merged
+    return s0 * s1 * s2, s1, s2, (t0, t1, t2)
+
+
+def _row_align(x: torch.Tensor, strides) -> int:
+    """The largest power of two (elements, at most 16 bytes' worth) dividing every row start of x."""
+    align = 16 // x.element_size()
+    while align > 1 and (x.data_ptr() % (align * x.element_size()) or x.shape[-1] % align
+                         or any(s % align for s in strides)):
+        align //= 2
+    return align
+
+
+def _rows_of(x: torch.Tensor):
+    """(x or a contiguous copy, M, S1, S2, strides, ROW_ALIGN) for the kernels."""
+    view = _row_view(x)
+    if view is None:
+        x = x.contiguous()
+        view = _row_view(x)
+    m, s1, s2, strides = view
+    return x, m, s1, s2, strides, _row_align(x, strides)
+
+
 @torch.library.custom_op("reglue::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: (M, D), weight: (D,) -> (M, D) in x's dtype."""
-    x, weight = x.contiguous(), weight.contiguous()
-    m, d = x.shape
+    """x: (..., D) with any strides (rows read in place), weight: (D,) -> contiguous, x's shape and dtype."""
+    weight = weight.contiguous()
+    d = x.shape[-1]
     y = empty_output(x.shape, x.dtype, x.device)
+    x, m, s1, s2, (t0, t1, t2), align = _rows_of(x)
     if m:
-        block_m, block_d, num_warps = row_tile(d, m)
         with device_guard(x):
-            _rms_norm_fwd_kernel[(cdiv(m, block_m),)](
-                x, weight, y, m, d, eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps
-            )
+            _rms_norm_fwd_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]),)](
+                x, weight, y, m, s1, s2, t0, t1, t2, eps, D=d, ROW_ALIGN=align, BLOCK_D=row_tile(d, m)[1],
+            )  # fmt: skip
     return y
 
 
@@ -108,11 +165,13 @@ def _(x, weight, eps):
 
 @torch.library.custom_op("reglue::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """-> (dx in x's dtype, dweight in fp32)."""
-    dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
-    m, d = x.shape
+    """-> (dx contiguous in x's shape and dtype, dweight in fp32); x read in place."""
+    dy, weight = dy.contiguous(), weight.contiguous()
+    d = x.shape[-1]
     dx = empty_output(x.shape, x.dtype, x.device)
-    block_m, block_d, num_warps = row_tile(d, m)
+    x, m, s1, s2, (t0, t1, t2), align = _rows_of(x)
+    align = min(align, _row_align(dy, ()))
+    block_m, block_d, num_warps = row_tile(d, m, per_thread=8)
     n_programs = max(1, min(reduction_programs(x.device), cdiv(m, block_m)))
     dw_part = empty_output((n_programs, d), torch.float32, x.device)
     if not m:
@@ -120,8 +179,9 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: 
     else:
         with device_guard(x):
             _rms_norm_bwd_kernel[(n_programs,)](
-                dy, x, weight, dx, dw_part, m, d, eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps
-            )
+                dy, x, weight, dx, dw_part, m, s1, s2, t0, t1, t2, eps,
+                D=d, ROW_ALIGN=align, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            )  # fmt: skip
     return dx, dw_part.sum(dim=0)
 
 
@@ -154,7 +214,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     d = x.shape[-1]
     if weight.shape != (d,):
         raise ValueError(f"reglue.kernels.rms_norm: weight {tuple(weight.shape)} must be ({d},) for x {tuple(x.shape)}")
-    return _rms_norm_fwd(x.reshape(-1, d), weight, eps).reshape(x.shape)
+    return _rms_norm_fwd(x, weight, eps)
 
 
 class RMSNorm(nn.Module):

@@ -57,12 +57,16 @@ class Execution:
     attention: str
     reference: bool = False
     failed_ops: Dict[str, str] = field(default_factory=dict)
+    compile_fallback: bool = False
+    """parallel.compile=auto: a region that fails to compile runs eager (``compile_region``)."""
 
     def summary(self) -> Dict:
         record = {"fused_ops": sorted(self.fused_ops), "eager_ops": sorted(self.eager_ops), "compile": self.compile,
                   "reference": self.reference}
         if self.failed_ops:  # the first line of each op's self-check error
             record["self_check_failed"] = {op: error.splitlines()[0] for op, error in sorted(self.failed_ops.items())}
+        if compile_fallbacks:
+            record["compile_fallbacks"] = dict(sorted(compile_fallbacks.items()))
         return record
 
 
@@ -129,7 +133,8 @@ def resolve_execution(config: Config, device: torch.device) -> Execution:
             failed = _self_checked(config, device, used)
         fused = used - set(failed) if wants_kernels else frozenset()
         compile_ = device.type == "cuda" if par.compile == "auto" else par.compile
-        execution = Execution(frozenset(fused), used - fused, compile_, model.attention, failed_ops=failed)
+        execution = Execution(frozenset(fused), used - fused, compile_, model.attention, failed_ops=failed,
+                              compile_fallback=compile_ and par.compile == "auto")
     log.info("execution on %s: fused kernels %s, eager %s%s; compile %s%s", device, sorted(execution.fused_ops) or "none",
              sorted(execution.eager_ops) or "none", f" (failed the self-check: {sorted(failed)})" if failed else "",
              "per region" if execution.compile else "off", "; published reference execution" if par.reference else "")
@@ -149,24 +154,78 @@ def execution_metrics(config: Config, device: torch.device) -> Dict:
     return record
 
 
-def compile_region(fn: Callable) -> Callable:
+compile_fallbacks: Dict[str, str] = {}
+"""Regions that failed to compile under ``parallel.compile=auto`` and run eager in this process:
+region name -> the error's first line (in the metrics' execution record)."""
+
+
+def _is_compile_failure(exc: BaseException) -> bool:
+    """Dynamo or Inductor failed (tracing, lowering, codegen, a backend compiler such as Triton's
+    ptxas): torch raises all of these as TorchDynamoException (InductorError, BackendCompilerFailed)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(exc, TorchDynamoException)
+
+
+class _EagerOnCompileFailure:
+    """Calls ``compiled``; if it fails to compile (lazily, at a call: torch.compile compiles at the
+    first call and at every recompile), warns once per region name, records it in
+    :data:`compile_fallbacks`, and from then on calls ``eager``. Other errors propagate."""
+
+    def __init__(self, compiled: Callable, eager: Callable, name: str, on_fallback: Callable = lambda: None):
+        self.compiled, self.eager, self.name, self.on_fallback = compiled, eager, name, on_fallback
+        self.failed = False
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as exc:
+                if not _is_compile_failure(exc):
+                    raise
+                self.failed = True
+                self.on_fallback()
+                if self.name not in compile_fallbacks:
+                    compile_fallbacks[self.name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                    log.warning("\n%s\nCOMPILE FAILED: region %r runs eager for this process (parallel.compile=auto; "
+                                "--compile makes this an error). Error:\n%s\n%s", "!" * 100, self.name, exc, "!" * 100)
+        return self.eager(*args, **kwargs)
+
+
+def compile_region(fn: Callable, name: str = "", fallback: bool = False) -> Callable:
     """``torch.compile`` with :data:`COMPILE_OPTIONS`; a module compiles in place (``module.compile``
-    keeps its state-dict keys free of ``_orig_mod.``) and is returned."""
+    keeps its state-dict keys free of ``_orig_mod.``) and is returned.
+
+    ``fallback`` (``parallel.compile=auto``): a compile failure of this region, whenever it comes
+    (at its first call), makes the region run eager instead of stopping the run, with one warning
+    naming it (``name``) and an entry in the metrics. Without it (``parallel.compile=true``) the
+    failure propagates. Ranks decide on their own: the collectives (FSDP2's hooks) sit outside
+    the compiled regions, so a rank whose region fell back still runs the same collectives, and
+    computes the same math eagerly (rounding may differ from the compiled ranks)."""
+    name = name or getattr(fn, "__name__", type(fn).__name__)
     if isinstance(fn, nn.Module):
         fn.compile(**COMPILE_OPTIONS)
+        if fallback:
+            def to_eager(module=fn):
+                module._compiled_call_impl = None  # nn.Module.__call__ then runs _call_impl eagerly
+
+            fn._compiled_call_impl = _EagerOnCompileFailure(fn._compiled_call_impl, fn._call_impl, name, to_eager)
         return fn
-    return torch.compile(fn, **COMPILE_OPTIONS)
+    compiled = torch.compile(fn, **COMPILE_OPTIONS)
+    return _EagerOnCompileFailure(compiled, fn, name) if fallback else compiled
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_loss() -> Callable:
-    return functools.partial(training_losses, inputs_fn=compile_region(loss_inputs), terms_fn=compile_region(loss_terms))
+def _compiled_loss(fallback: bool) -> Callable:
+    return functools.partial(training_losses, inputs_fn=compile_region(loss_inputs, "loss inputs", fallback),
+                             terms_fn=compile_region(loss_terms, "loss terms", fallback))
 
 
 def loss_fn(config: Config, device: torch.device) -> Callable:
     """``training_losses``, with its stages before and after the model compiled when the run
     compiles (the model's own regions are compiled separately); same signature."""
-    return _compiled_loss() if resolve_execution(config, device).compile else training_losses
+    execution = resolve_execution(config, device)
+    return _compiled_loss(execution.compile_fallback) if execution.compile else training_losses
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,15 +316,16 @@ def build_parallel_model(config: Config, dist_info: DistInfo, mesh: Optional[Par
     return materialize(parallelize(model, cfg, dist_info, mesh, execution.compile), dist_info.device, config.train.seed)
 
 
-def compile_model(model: nn.Module) -> None:
+def compile_model(model: nn.Module, fallback: bool = False) -> None:
     """Regional compile of a SiT: every block (one graph shared by all of them), then the embedders
-    (``embed``), the REPA projectors (``project``) and the final layer (``head``)."""
+    (``embed``), the REPA projectors (``project``) and the final layer (``head``); ``fallback``
+    as in :func:`compile_region`."""
     for block in model.blocks:
-        compile_region(block)
-    model.embed = compile_region(model.embed)
+        compile_region(block, "SiT block", fallback)
+    model.embed = compile_region(model.embed, "SiT embedders", fallback)
     if len(model.projectors):
-        model.project = compile_region(model.project)
-    model.head = compile_region(model.head)
+        model.project = compile_region(model.project, "REPA projectors", fallback)
+    model.head = compile_region(model.head, "SiT final layer", fallback)
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo, mesh: ParallelMesh, compile: bool) -> nn.Module:
@@ -273,7 +333,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo, mesh
     for i, block in enumerate(model.blocks):
         model.blocks[i] = apply_activation_checkpointing(block, cfg.activation_checkpointing)
     if compile:
-        compile_model(model)
+        compile_model(model, fallback=cfg.compile == "auto")
     if mesh.device_mesh is not None:
         import warnings
 

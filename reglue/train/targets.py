@@ -104,9 +104,9 @@ class FrozenEncoders:
     def _compile(self) -> None:
         if self.dinov2 is not None:
             for block in self.dinov2.model.blocks:
-                compile_region(block)
+                compile_region(block, "DINOv2 block", self.execution.compile_fallback)
         if self.reducer is not None:
-            self.semantic_target = compile_region(semantic_target)
+            self.semantic_target = compile_region(semantic_target, "semantic target", self.execution.compile_fallback)
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         return self.dinov2(images.to(self.device)).features.float()

@@ -1,81 +1,74 @@
-"""Compile every Triton kernel variant we launch to GPU machine code, without a GPU.
+"""Compile every Triton kernel variant we launch to GPU machine code, without a GPU, as the JIT would.
 
-Triton compiles ahead of time for a target (``GPUTarget("cuda", 80|90, 32)``) down to cubin with
-its bundled ptxas, so constructs that the CPU interpreter accepts but the real compiler rejects
-fail here. Run in a process where TRITON_INTERPRET is unset (the kernels must be real JITFunctions):
+The launches are recorded from the real launchers at the real shapes of SiT-B/2 and SiT-XL/2
+REGLUE runs (QK-norm on, so RMSNorm is covered) and at odd shapes in fp32 and bf16, then
+specialised by Triton's own binder (16-byte alignment of pointers, divisibility of ints by 16)
+and compiled for ``GPUTarget("cuda", 80|90, 32)`` by the bundled ptxas (``reglue.kernels.report``).
+Constructs the CPU interpreter accepts but the real compiler rejects fail here, and the facts of
+each cubin (registers, spills, access widths, MMA, cp.async) are written for the tests to assert.
+Run in a process where TRITON_INTERPRET is unset (the kernels must be real JITFunctions):
 
-    python -m tests.kernels._aot 80,90
+    python -m tests.kernels._aot --arch 80,90 --json facts.json
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import sys
 
 import torch
 
-TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+def shape_sets():
+    """name -> RunShapes the variants are recorded at."""
+    from reglue.kernels.report import RunShapes, shapes_of_preset
+
+    sets = {name: dataclasses.replace(shapes_of_preset(f"reglue-{name}", 32), qk_norm=True)
+            for name in ("sit-b-2", "sit-xl-2")}
+    for dtype, d, head_dim in ((torch.float32, 100, 72), (torch.bfloat16, 72, 100)):
+        sets[f"odd D={d} hd={head_dim} {str(dtype)[6:]}"] = RunShapes(
+            batch=2, tokens=17, hidden_size=d, head_dim=head_dim, num_heads=2, qk_norm=True,
+            compressor_channels=(40, 24, 8), feature_grid=6, dtype=dtype, conv_dtype=dtype)
+    return sets
 
 
-def variants(caps=(80, 90), dtypes=(torch.float32, torch.bfloat16), dims=((72, 4096), (1152, 257))):
-    """(name, kernel, signature, constexprs, num_warps, num_stages, cap) for every launch we make."""
-    from reglue.kernels import adaln, conv, rmsnorm
-    from reglue.kernels._utils import row_tile
+def compile_all(archs):
+    """[{"set", "arch", "rows"}] for every shape set and arch; a variant is compiled once."""
+    from reglue.kernels.report import record_run_launches, report_rows
 
-    for cap in caps:
-        for dt in dtypes:
-            p = "*" + TYPES[dt]
-            for d, rows in dims:
-                bm, bd, nw = row_tile(d, rows)
-                tile = dict(BLOCK_M=bm, BLOCK_D=bd)
-                for res, norm in ((True, True), (False, True), (True, False)):
-                    flags = dict(HAS_RESIDUAL=res, HAS_NORM=norm, **tile)
-                    sig = dict(X=p, Y=p, GATE=p, SHIFT=p, SCALE=p, R=p, H=p, M="i32", T="i32", D="i32",
-                               stride_gate="i32", stride_shift="i32", stride_scale="i32", eps="fp32")
-                    yield f"sm{cap} adaln_fwd {TYPES[dt]} D={d} res={res} norm={norm}", adaln._adaln_fwd_kernel, sig, flags, nw, 3, cap
-                    sig = dict(DH=p, DR=p, XN=p, Y=p, GATE=p, SCALE=p, DX=p, DY=p, DSHIFT="*fp32", DSCALE="*fp32",
-                               DGATE="*fp32", T="i32", D="i32", rows_per_chunk="i32", n_chunks="i32",
-                               stride_gate="i32", stride_scale="i32", eps="fp32")
-                    yield f"sm{cap} adaln_bwd {TYPES[dt]} D={d} res={res} norm={norm}", adaln._adaln_bwd_kernel, sig, flags, nw, 3, cap
-                sig = dict(X=p, W=p, Y=p, M="i32", D="i32", eps="fp32")
-                yield f"sm{cap} rms_fwd {TYPES[dt]} D={d}", rmsnorm._rms_norm_fwd_kernel, sig, tile, nw, 3, cap
-                sig = dict(DY=p, X=p, W=p, DX=p, DW_PART="*fp32", M="i32", D="i32", eps="fp32")
-                yield f"sm{cap} rms_bwd {TYPES[dt]} D={d}", rmsnorm._rms_norm_bwd_kernel, sig, tile, nw, 3, cap
-            for c_in, c_out in ((3072, 256), (256, 16)):
-                bp, bco, bci, nw, ns = conv._conv_blocks(c_in, c_out, 256, dt)
-                for bias, res, relu in ((True, True, True), (True, False, False)):
-                    sig = dict(X=p, Wt=p, B=p, RES=p, OUT=p, C_in="i32", C_out="i32", H="i32", W="i32")
-                    flags = dict(HAS_BIAS=bias, HAS_RESIDUAL=res, RELU=relu,
-                                 PRECISION="ieee" if dt == torch.float32 else "tf32", UPCAST_DOT=False,
-                                 BLOCK_P=bp, BLOCK_CO=bco, BLOCK_CI=bci)
-                    yield f"sm{cap} conv3x3 {TYPES[dt]} {c_in}->{c_out} res={res}", conv._conv3x3_kernel, sig, flags, nw, ns, cap
-
-
-def compile_one(kernel, signature, constexprs, num_warps, num_stages, cap):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = dict(signature, **{k: "constexpr" for k in constexprs})
-    src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    out = []
+    for name, shapes in shape_sets().items():
+        for arch in archs:
+            out.append({"set": name, "arch": arch, "rows": report_rows(shapes, arch, record_run_launches(shapes, arch))})
+    return out
 
 
 def main(argv) -> int:
     from reglue.kernels import _utils
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="80,90")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
     if _utils.interpreter_enabled():
         print("TRITON_INTERPRET is set: the kernels are interpreted functions; unset it", file=sys.stderr)
         return 2
-    caps = tuple(int(c) for c in argv[0].split(",")) if argv else (80, 90)
+    results = compile_all(tuple(int(a) for a in args.arch.split(",")))
     failures = 0
-    for name, kernel, sig, flags, nw, ns, cap in variants(caps):
-        try:
-            compiled = compile_one(kernel, sig, flags, nw, ns, cap)
-            print(f"ok   {name} (shared {compiled.metadata.shared} B)", flush=True)
-        except Exception as exc:  # report every failing variant, not just the first
-            failures += 1
-            print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:1500]}", flush=True)
+    for result in results:
+        for row in result["rows"]:
+            name = f"sm{result['arch']} {result['set']}: {row['kernel']} {row['constexprs']} ({', '.join(row['ops'])})"
+            if "error" in row:
+                failures += 1
+                print(f"FAIL {name}: {row['error']}", flush=True)
+            else:
+                print(f"ok   {name}: {row['registers']} regs, {row['spill_instructions']} spills, "
+                      f"shared {row['shared_bytes']} B", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
     print(f"{failures} failed")
     return 1 if failures else 0
 

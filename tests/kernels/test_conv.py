@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from reglue.kernels import _utils
+from reglue.kernels import conv as conv_module
 from reglue.kernels.conv import (
     _fused_conv2d_fwd,
     compressor_encode_fused,
@@ -149,3 +150,38 @@ def test_compressor_real_size_gpu(dtype):
         torch.testing.assert_close(out, ref32, atol=1e-4 * ref32.abs().max().item(), rtol=1e-3)
     else:
         assert_three_way(out, eager, ref32, "encode", ulps=3)
+
+
+def test_compressor_weights_packed_once_per_weight():
+    compressor = _compressor((24, 16, 8)).fold_batchnorm()
+    feats = torch.randn(1, 24, 5, 5, device=DEVICE)
+    convs = [m for m in compressor.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    before = conv_module.packs
+    first = compressor_encode_fused(compressor, feats)
+    assert conv_module.packs - before == len(convs) == 4
+    assert torch.equal(compressor_encode_fused(compressor, feats), first)
+    assert conv_module.packs - before == len(convs)  # the second call reuses every packed weight
+    with torch.no_grad():
+        convs[0].weight.mul_(2)  # an in-place change (load_state_dict, an optimizer step) repacks that one
+    changed = compressor_encode_fused(compressor, feats)
+    assert conv_module.packs - before == len(convs) + 1
+    assert not torch.equal(changed, first)
+    with torch.no_grad():
+        torch.testing.assert_close(changed, compressor.encode(feats), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_fp32_precision_follows_allow_tf32(monkeypatch, allow_tf32):
+    """fp32 convs use TF32 tensor cores exactly where torch allows TF32 matmuls."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(conv_module, "_conv3x3_tuned", Recorder())
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32  # the autouse fixture restores it
+    x, weight, bias, _ = _inputs(1, 16, 16, 4, 4, True, False)
+    fused_conv2d(x, weight, bias)
+    fused_conv2d(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
+    assert [k["PRECISION"] for k in launches] == ["tf32" if allow_tf32 else "ieee", "tf32"]

@@ -36,6 +36,35 @@ def test_non_contiguous_heads():
     torch.testing.assert_close(rms_norm(q, weight), rms_norm_ref(q, weight), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim, tokens", [(72, 257), (100, 9), (64, 17)])
+def test_strided_heads_read_in_place(head_dim, tokens, dtype):
+    """q of the qkv projection, (N, T, 3, H, hd).permute(2, 0, 3, 1, 4)[0], normalised without a
+    copy: output and the gradients of qkv and weight against the reference."""
+    qkv = torch.randn(2, tokens, 3, 2, head_dim, device=DEVICE) * 3
+    weight = 1 + 0.2 * torch.randn(head_dim, device=DEVICE)
+
+    def q_of(qkv):
+        return qkv.permute(2, 0, 3, 1, 4)[0]
+
+    check_op(lambda qkv, w: rms_norm(q_of(qkv), w), lambda qkv, w, upcast: rms_norm_ref(q_of(qkv), w, upcast=upcast),
+             [qkv, weight], [torch.randn(2, 2, tokens, head_dim, device=DEVICE)], dtype, ["qkv", "weight"], ["out"])
+
+
+def test_strided_rows_are_not_copied(monkeypatch):
+    """The launcher hands the kernel the view's own storage and strides."""
+    from reglue.kernels import rmsnorm
+
+    seen = []
+    real = rmsnorm._rows_of
+    monkeypatch.setattr(rmsnorm, "_rows_of", lambda x: seen.append(real(x)) or seen[-1])
+    qkv = torch.randn(2, 9, 3, 4, 72, device=DEVICE)
+    rms_norm(qkv.permute(2, 0, 3, 1, 4)[0], torch.ones(72, device=DEVICE))
+    x, m, s1, s2, strides, align = seen[0]
+    assert x.data_ptr() == qkv.data_ptr() and (m, s1, s2) == (2 * 4 * 9, 4, 9)
+    assert strides == (9 * 3 * 4 * 72, 72, 3 * 4 * 72) and align == 4  # fp32: 16 bytes = 4 elements
+
+
 def test_module_state_dict_and_dispatch():
     eager, fused = RMSNorm(72, kernels="eager").to(DEVICE), RMSNorm(72, kernels="triton").to(DEVICE)
     assert list(eager.state_dict()) == list(fused.state_dict()) == ["weight"]
