@@ -366,15 +366,15 @@ class Trainer:
             write_run_plot(self.run_dir)
 
     def at_end(self) -> None:
-        """All ranks, after the last step (and its checkpoint): final samples, the class-match line
-        (datasets with a fixed classifier: the synthetic demo set) and the run's plot."""
+        """All ranks, after the last step (and its checkpoint): final samples, the class-match lines
+        (datasets with fixed classifiers: the synthetic demo set's hue and shape) and the run's plot."""
         final = self._write_samples("final")
         if self.dist.is_main:
             class_match = report_class_match(self.dataset, *final, self.metrics, self.step)
             write_run_plot(self.run_dir)
             log.info("done: %s", self.run_dir)
-            if class_match:
-                log.info(class_match)
+            for line in class_match:
+                log.info(line)
         barrier()
 
     def sample_images(self, num: int, seed: int) -> Optional[torch.Tensor]:
