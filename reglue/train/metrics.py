@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -44,6 +44,12 @@ def report_class_match(dataset, images: torch.Tensor, labels: torch.Tensor, metr
         return []
     shares = {kind: classifier.accuracy(images, labels) for kind, classifier in dataset.classifiers().items()}
     metrics.write({"step": step, "eval/class_match": shares["hue"], "eval/shape_match": shares["shape"]})
+    return class_match_lines(shares, labels)
+
+
+def class_match_lines(shares: Dict[str, float], labels: torch.Tensor) -> List[str]:
+    """The lines of the class-match ``shares`` ({"hue": share, "shape": share}) of samples drawn
+    for ``labels`` (N,): "class match: ..." (hue) and "shape match: ..."."""
     chance = len(torch.unique(labels))
     return [f"{'class' if kind == 'hue' else kind} match: {round(share * len(labels))}/{len(labels)} EMA samples ({share:.0%}) "
             f"are assigned to their conditioning class by the fixed {kind} classifier of the synthetic set (chance: 1 in {chance})"
