@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import colorsys
 import math
-from typing import List
+from typing import Dict, List
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "bars", "dots")
@@ -45,11 +46,13 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return [f"{HUE_NAMES[round(len(HUE_NAMES) * k / self.num_classes) % len(HUE_NAMES)]} {SHAPES[k % len(SHAPES)]}"
                 for k in range(self.num_classes)]
 
-    def classifier(self, per_class: int = 64) -> "HueClassifier":
-        """A :class:`HueClassifier` with class means over the first ``per_class`` images of each class."""
+    def classifiers(self, per_class: int = 64) -> Dict[str, "NearestClassMean"]:
+        """``{"hue": HueClassifier, "shape": ShapeClassifier}``, each with class means over the first
+        ``per_class`` images of each class."""
         count = min(len(self), per_class * self.num_classes)
         images, labels = zip(*(self[i] for i in range(count)))
-        return HueClassifier.fit(torch.stack(images), torch.tensor(labels), self.num_classes)
+        images, labels = torch.stack(images), torch.tensor(labels)
+        return {c.KIND: c.fit(images, labels, self.num_classes) for c in (HueClassifier, ShapeClassifier)}
 
     def __getitem__(self, index: int):
         if not 0 <= index < self.size:
@@ -101,7 +104,37 @@ class SyntheticShapes(torch.utils.data.Dataset):
                     draw.ellipse([cx + dx - r / 4, cy + dy - r / 4, cx + dx + r / 4, cy + dy + r / 4], fill=fg)
 
 
-class HueClassifier:
+class NearestClassMean:
+    """Nearest class mean (Euclidean) over a fixed descriptor of the images, the subclass's
+    classmethod ``describe``: uint8 (N, 3, H, W) -> (N, DIM). class_means: (num_classes, DIM)."""
+
+    DIM: int
+    KIND: str
+
+    def __init__(self, class_means: torch.Tensor):
+        if class_means.ndim != 2 or class_means.shape[1] != self.DIM:
+            raise ValueError(f"expected class means (num_classes, {self.DIM}), got {tuple(class_means.shape)}")
+        self.class_means = class_means.float()
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> "NearestClassMean":
+        """Class means of the descriptors of uint8 ``images`` (N, 3, H, W) with ``labels`` (N,)."""
+        descriptors = cls.describe(images)
+        missing = [k for k in range(num_classes) if not (labels == k).any()]
+        if missing:
+            raise ValueError(f"no images of classes {missing} to fit the classifier on")
+        return cls(torch.stack([descriptors[labels == k].mean(0) for k in range(num_classes)]))
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> class indices (N,)."""
+        return torch.cdist(self.describe(images.cpu()), self.class_means).argmin(1)
+
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Share of ``images`` assigned to their ``labels`` (N,)."""
+        return (self.predict(images) == labels.cpu()).float().mean().item()
+
+
+class HueClassifier(NearestClassMean):
     """Nearest class mean over chroma-weighted hue histograms of the pixels.
 
     The synthetic classes differ mainly in hue, so a histogram of hue weighted by chroma²
@@ -112,19 +145,14 @@ class HueClassifier:
     on a bin edge is not split by chance. Measured on seed-0 64 px images (``tests/data/
     test_synthetic.py``): 99.6% of real images right, 96% after 8x block-averaging, 12.5%
     (chance) of uniform noise. Nearest class mean in raw pixel space reaches only ~60%.
-
-    class_means: (num_classes, BINS) mean normalised histogram of each class.
     """
 
     BINS = 32
-
-    def __init__(self, class_means: torch.Tensor):
-        if class_means.ndim != 2 or class_means.shape[1] != self.BINS:
-            raise ValueError(f"expected class means (num_classes, {self.BINS}), got {tuple(class_means.shape)}")
-        self.class_means = class_means.float()
+    DIM = BINS
+    KIND = "hue"
 
     @classmethod
-    def histograms(cls, images: torch.Tensor) -> torch.Tensor:
+    def describe(cls, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> (N, BINS) hue histograms weighted by chroma², summing to 1
         (all zeros for a grey image)."""
         x = images.float() / 255
@@ -139,19 +167,47 @@ class HueClassifier:
         hist.scatter_add_(1, low, weight * (1 - frac)).scatter_add_(1, (low + 1) % cls.BINS, weight * frac)
         return hist / hist.sum(1, keepdim=True).clamp_min(1e-12)
 
+
+class ShapeClassifier(NearestClassMean):
+    """Nearest class mean over a descriptor of the foreground's shape that ignores colour,
+    position, size and rotation.
+
+    - foreground: each pixel's distance in RGB to the image's median colour (the background
+      covers most of every image), divided by the 99th percentile of those distances, mapped
+      linearly from [0.3, 0.7] to [0, 1]: the same soft mask whatever the hue or brightness of
+      shape and background (sensor noise, ~0.1 of the shape's contrast, falls below 0.3);
+    - the mask sampled bilinearly on ``RINGS`` rings around its centroid, out to twice its RMS
+      radius (``ANGLES`` points each): position and size removed;
+    - per ring, the magnitudes of the angular Fourier harmonics 0..``HARMONICS`` (a triangle
+      has a 3-fold one, a cross and the dots 4-fold, the bars 2-fold, circle and ring none; the
+      ring and the dots are hollow in the inner rings): rotation removed.
+
+    Measured on seed-0 64 px images (``tests/data/test_synthetic.py``): 99% of real images
+    right, the same on grey copies (colour plays no part), ~90% after 4x block-averaging, ~12%
+    (chance) on uniform noise. DIM = RINGS x (HARMONICS + 1).
+    """
+
+    RINGS, ANGLES, HARMONICS = 8, 32, 8
+    DIM = RINGS * (HARMONICS + 1)
+    KIND = "shape"
+
     @classmethod
-    def fit(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> "HueClassifier":
-        """Class means of the histograms of uint8 ``images`` (N, 3, H, W) with ``labels`` (N,)."""
-        hist = cls.histograms(images)
-        missing = [k for k in range(num_classes) if not (labels == k).any()]
-        if missing:
-            raise ValueError(f"no images of classes {missing} to fit the classifier on")
-        return cls(torch.stack([hist[labels == k].mean(0) for k in range(num_classes)]))
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> class indices (N,)."""
-        return torch.cdist(self.histograms(images.cpu()), self.class_means).argmin(1)
-
-    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """Share of ``images`` assigned to their ``labels`` (N,)."""
-        return (self.predict(images) == labels.cpu()).float().mean().item()
+    def describe(cls, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> (N, DIM) harmonic magnitudes of the foreground mask per ring."""
+        x = images.float() / 255
+        n, _, h, w = x.shape
+        distance = (x - x.flatten(2).median(2).values[:, :, None, None]).norm(dim=1)  # (N, H, W)
+        scale = torch.quantile(distance.flatten(1), 0.99, dim=1).clamp_min(1e-6)[:, None, None]
+        mask = ((distance / scale - 0.3) / 0.4).clamp(0, 1)
+        ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        mass = mask.sum((1, 2)).clamp_min(1e-6)
+        cx, cy = (mask * xs).sum((1, 2)) / mass, (mask * ys).sum((1, 2)) / mass
+        radius = (((xs - cx[:, None, None]).square() + (ys - cy[:, None, None]).square()) * mask).sum((1, 2))
+        radius = (radius / mass).sqrt().clamp_min(1.0)
+        rings = (torch.arange(cls.RINGS) + 0.5) / cls.RINGS * 2.0
+        angles = torch.arange(cls.ANGLES) * (2 * math.pi / cls.ANGLES)
+        reach = radius[:, None, None] * rings[None, :, None]  # (N, RINGS, 1)
+        px, py = cx[:, None, None] + reach * angles.cos(), cy[:, None, None] + reach * angles.sin()
+        grid = torch.stack([px / w * 2 - 1, py / h * 2 - 1], dim=-1)  # grid_sample's [-1, 1] pixel-edge coordinates
+        polar = F.grid_sample(mask[:, None], grid, align_corners=False)[:, 0]  # (N, RINGS, ANGLES)
+        return (torch.fft.rfft(polar, dim=2).abs()[:, :, : cls.HARMONICS + 1] / cls.ANGLES).flatten(1)

@@ -1,9 +1,9 @@
-"""Rank-0 metrics of a run: FLOP and MFU helpers and the class-match line (the metrics log is
+"""Rank-0 metrics of a run: FLOP and MFU helpers and the class-match lines (the metrics log is
 ``reglue.outputs.MetricsWriter``; pictures are drawn in :mod:`reglue.train.plots`)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -53,20 +53,23 @@ def sit_flops_per_image(config) -> int:
     return count_flops(fwd_bwd)
 
 
-def report_class_match(dataset, images: torch.Tensor, labels: torch.Tensor, metrics: MetricsWriter, step: int) -> Optional[str]:
-    """For a dataset with a fixed classifier of its classes (the synthetic set's
-    :class:`~reglue.data.synthetic.HueClassifier`): the share of ``images`` (uint8 (N, 3, H, W))
-    it assigns to their conditioning ``labels`` (N,), written as ``eval/class_match`` at ``step``;
-    returns the line saying so (None for other datasets)."""
-    if not hasattr(dataset, "classifier"):
-        return None
-    share = dataset.classifier().accuracy(images, labels)
-    metrics.write({"step": step, "eval/class_match": share})
-    return class_match_line(share, labels)
+def report_class_match(dataset, images: torch.Tensor, labels: torch.Tensor, metrics: MetricsWriter, step: int) -> List[str]:
+    """For a dataset with fixed classifiers of its classes (the synthetic set's hue and shape
+    classifiers, :meth:`~reglue.data.synthetic.SyntheticShapes.classifiers`): the share of
+    ``images`` (uint8 (N, 3, H, W)) each assigns to their conditioning ``labels`` (N,), written as
+    ``eval/class_match`` (hue) and ``eval/shape_match`` at ``step``; returns a line per classifier
+    saying so (none for other datasets)."""
+    if not hasattr(dataset, "classifiers"):
+        return []
+    shares = {kind: classifier.accuracy(images, labels) for kind, classifier in dataset.classifiers().items()}
+    metrics.write({"step": step, "eval/class_match": shares["hue"], "eval/shape_match": shares["shape"]})
+    return class_match_lines(shares, labels)
 
 
-def class_match_line(share: float, labels: torch.Tensor) -> str:
-    """The line of a class-match ``share`` of samples drawn for ``labels`` (N,)."""
-    hits = round(share * len(labels))
-    return (f"class match: {hits}/{len(labels)} EMA samples ({share:.0%}) are assigned to their conditioning class "
-            f"by the fixed hue classifier of the synthetic set (chance: 1 in {len(torch.unique(labels))})")
+def class_match_lines(shares: Dict[str, float], labels: torch.Tensor) -> List[str]:
+    """The lines of the class-match ``shares`` ({"hue": share, "shape": share}) of samples drawn
+    for ``labels`` (N,): "class match: ..." (hue) and "shape match: ..."."""
+    chance = len(torch.unique(labels))
+    return [f"{'class' if kind == 'hue' else kind} match: {round(share * len(labels))}/{len(labels)} EMA samples ({share:.0%}) "
+            f"are assigned to their conditioning class by the fixed {kind} classifier of the synthetic set (chance: 1 in {chance})"
+            for kind, share in shares.items()]

@@ -2,7 +2,7 @@
 
 - :func:`metrics_figure` / :func:`save_metrics_plot`: one panel per loss component (log scale
   where every value is positive), gradient norm, learning rate, images/s, and every ``eval/*``
-  key (FID and friends from in-training evaluation, the demo's class match) against the step;
+  key (FID and friends from in-training evaluation, the demo's class and shape match) against the step;
   each panel shows the logged points faintly and a smoothed line over them. Several runs overlay
   in the same panels, one colour per run.
 - :func:`save_sample_grid`: ``torchvision.utils.make_grid`` rows, each with a caption strip under

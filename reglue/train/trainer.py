@@ -34,7 +34,7 @@ from reglue.runtime import (DistInfo, barrier, broadcast_object, init_distribute
                             shutdown)
 from reglue.train.ema import EMA
 from reglue.train.evaluation import TrainingEvaluation, scores_line
-from reglue.train.metrics import class_match_line, count_flops, device_peak_flops, report_class_match, sit_flops_per_image
+from reglue.train.metrics import class_match_lines, count_flops, device_peak_flops, report_class_match, sit_flops_per_image
 from reglue.train.mesh import CollectiveCounter, model_parameters
 from reglue.train.parallelize import build_parallel_model, execution_metrics, loss_fn, run_mesh
 from reglue.train.plots import dataset_class_names, save_sample_grid, write_run_plot
@@ -374,15 +374,15 @@ class Trainer:
             write_run_plot(self.run_dir)
 
     def at_end(self) -> None:
-        """All ranks, after the last step (and its checkpoint): final samples, the class-match line
-        (datasets with a fixed classifier: the synthetic demo set) and the run's plot."""
+        """All ranks, after the last step (and its checkpoint): final samples, the class-match lines
+        (datasets with fixed classifiers: the synthetic demo set's hue and shape) and the run's plot."""
         final = self._write_samples("final")
         if self.dist.is_main:
             class_match = report_class_match(self.dataset, *final, self.metrics, self.step)
             write_run_plot(self.run_dir)
             log.info("done: %s", self.run_dir)
-            if class_match:
-                log.info(class_match)
+            for line in class_match:
+                log.info(line)
         barrier()
 
     def result_lines(self) -> List[str]:
@@ -392,8 +392,10 @@ class Trainer:
         lines = []
         for row in rows:
             if "eval/class_match" in row:
-                lines.append(class_match_line(row["eval/class_match"],
-                                              sample_labels(self.config, self.config.train.num_sample_images)))
+                shares = {"hue": row["eval/class_match"]}
+                if "eval/shape_match" in row:  # rows of runs from before the shape check have none
+                    shares["shape"] = row["eval/shape_match"]
+                lines.extend(class_match_lines(shares, sample_labels(self.config, self.config.train.num_sample_images)))
             else:
                 lines.append(scores_line(row, self.config))
         return lines

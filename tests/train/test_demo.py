@@ -7,6 +7,10 @@ at 44%, 45% and 38% after 200 steps with seeds 0, 1 and 2, and at 84-88% after t
 the same 200-step demo with the random VAE it used before (`encoders.vae=tiny-random`) stays at
 12.5% (every sample decodes to noise the classifier puts in one class; 100, 200 and 300 steps
 alike). 25% is twice chance, 13 points under the worst seed and 12 over the random-VAE figure.
+
+The shape classifier's line is checked for being printed and recorded, not for a share: after
+200 steps the samples' shapes are at chance (12.5% at seed 0; 22% after the default 400 steps),
+which is what that line exists to show (README, "What the demo shows").
 """
 
 import json
@@ -52,9 +56,11 @@ def short_demo(tmp_path_factory):
 def test_short_demo_samples_are_class_conditional(short_demo):
     run_dir, log_lines = short_demo
     class_match = records(run_dir)[-1]
-    assert set(class_match) == {"step", "eval/class_match"} and class_match["step"] == SHORT_DEMO_STEPS
+    assert set(class_match) == {"step", "eval/class_match", "eval/shape_match"} and class_match["step"] == SHORT_DEMO_STEPS
     assert class_match["eval/class_match"] >= CLASS_MATCH_THRESHOLD, class_match
-    assert log_lines[-1].startswith("class match: ") and f"({class_match['eval/class_match']:.0%})" in log_lines[-1]
+    assert 0 <= class_match["eval/shape_match"] <= 1, class_match
+    assert log_lines[-2].startswith("class match: ") and f"({class_match['eval/class_match']:.0%})" in log_lines[-2]
+    assert log_lines[-1].startswith("shape match: ") and f"({class_match['eval/shape_match']:.0%})" in log_lines[-1]
     for name in ("metrics.png", "samples-final.png", "autoencoder.safetensors", "config.json"):
         assert (run_dir / name).is_file(), name
     with Image.open(run_dir / "samples-final.png") as grid:  # 8 rows of 8 (64 px + 2 px padding) + captions
@@ -70,10 +76,10 @@ def test_reglue_plot_overlays_two_runs(short_demo, tmp_path, capsys):
     repa_dir = Trainer(repa).fit()
     out = tmp_path / "compare" / "plot.png"
     assert reglue_main(["plot", str(demo_dir), str(repa_dir / "metrics.jsonl"), "--out", str(out)]) == 0
-    # the union of both runs' metrics: REGLUE's semantic and [CLS] losses, the demo's class match
-    assert capsys.readouterr().out.strip() == f"wrote {out}: 9 panels, runs tiny, repa"
+    # the union of both runs' metrics: REGLUE's semantic and [CLS] losses, the demo's class and shape match
+    assert capsys.readouterr().out.strip() == f"wrote {out}: 10 panels, runs tiny, repa"
     with Image.open(out) as image:
-        assert image.size == (1260, 900)
+        assert image.size == (1260, 1190)  # 10 panels in 4 rows of 3
     assert reglue_main(["plot", str(tmp_path / "nothing-here")]) == 2
     assert "no metrics.jsonl there" in capsys.readouterr().err
 
