@@ -110,20 +110,21 @@ def test_an_os_error_the_checks_did_not_foresee_is_one_line(tmp_path, monkeypatc
 
 
 def test_rerunning_a_finished_run_repeats_its_result_and_a_shorter_one_is_refused(tmp_path, capsys, caplog):
-    """After a finished run the same command prints the run's result line again (read back from
-    metrics.jsonl); a --max-steps below the run's step is one error line naming --name and --overwrite."""
+    """After a finished run the same command prints the run's result lines again (read back from
+    metrics.jsonl), hue and shape; a --max-steps below the run's step is one error line naming --name and --overwrite."""
     from reglue.train.cli import main
 
     argv = ["--out", str(tmp_path), "--max-steps", "2", "--set", "sample.steps=2", "--set", "train.num_sample_images=8",
             "--set", "data.synthetic_size=256", "--set", "train.tensorboard=false"]
     with caplog.at_level(logging.INFO, logger="reglue.train"):
         assert main(argv) == 0
-        [first] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("class match: ")]
+        first = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("class match: ", "shape match: "))]
+        assert [line.split(":")[0] for line in first] == ["class match", "shape match"], first
         caplog.clear()
         assert main(argv) == 0
     lines = [r.getMessage() for r in caplog.records]
     assert f"{tmp_path / 'tiny'} is complete (step 2 of 2); its results:" in lines
-    assert lines[-1] == first
+    assert lines[-2:] == first
     capsys.readouterr()
     assert main(argv[:3] + ["1"] + argv[4:]) == 2
     err = capsys.readouterr().err.splitlines()
