@@ -3,13 +3,15 @@ per-round store under torchrun (multi-process runs: tests/train/test_multinode.p
 
 import datetime
 import logging
+import threading
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from reglue.config import ConfigError, ParallelConfig
-from reglue.runtime import _elastic_store
+from reglue.runtime import _elastic_store, _round_prefix
 from reglue.train.mesh import CollectiveCounter, ParallelMesh, mesh_shape
 
 
@@ -87,27 +89,75 @@ def test_counter_counts_the_buffer_and_where(tmp_path):
         dist.destroy_process_group()
 
 
-def test_each_torchrun_round_gets_fresh_store_keys(monkeypatch):
+def _join_round(port, world_size, ranks, timeout=30.0, stagger=()):
+    """The ranks ``ranks`` of a torchrun round of ``world_size`` take their store prefix, each
+    in its own thread on its own client of the agent's store (its timeout ``timeout`` seconds);
+    the ranks in ``stagger`` start 0.2 s after the others. rank -> prefix, or the exception of
+    a rank whose wait timed out (as a worker killed while it waits)."""
+    out = {}
+
+    def worker(rank):
+        if rank in stagger:
+            time.sleep(0.2)
+        client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout))
+        try:
+            out[rank] = _round_prefix(client, rank, world_size)
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            out[rank] = exc
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 10)
+    return out
+
+
+@pytest.fixture
+def agent_store():
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+
+
+def test_each_torchrun_round_gets_fresh_store_keys(agent_store, monkeypatch):
     """The agent's store outlives the workers; the workers of round 1 must not see the keys that
-    round 0 left there, whatever their TORCHELASTIC_RESTART_COUNT says."""
-    timeout = datetime.timedelta(seconds=30)
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timeout, wait_for_workers=False)
+    round 0 left there, whatever their TORCHELASTIC_RESTART_COUNT says, also after a round of
+    another world size (an elastic resize)."""
+    port = agent_store.port
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(server.port))
-    round0 = [_elastic_store(2, timeout) for _ in range(2)]
-    round0[0].set("rank0_address", "old")
-    round1 = [_elastic_store(2, timeout) for _ in range(2)]
-    assert round1[1].check(["rank0_address"]) is False
-    round1[0].set("rank0_address", "new")
-    assert round1[1].get("rank0_address") == b"new" and round0[1].get("rank0_address") == b"old"
-    shrunk = _elastic_store(1, timeout)  # an elastic round of another size, then a full one again
-    assert shrunk.check(["rank0_address"]) is False
-    round2 = [_elastic_store(2, timeout) for _ in range(2)]
-    round2[0].set("rank0_address", "newer")
-    assert round2[1].get("rank0_address") == b"newer" and round1[1].get("rank0_address") == b"new"
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    rounds = [_join_round(port, 2, (0, 1)), _join_round(port, 3, (0, 1, 2)), _join_round(port, 2, (0, 1))]
+    prefixes = [set(r.values()) for r in rounds]
+    assert all(len(p) == 1 and isinstance(next(iter(p)), str) for p in prefixes), rounds
+    assert len(set.union(*prefixes)) == 3, rounds
+    old = dist.PrefixStore(next(iter(prefixes[0])), agent_store)
+    old.set("rank0_address", "old")
+    new = dist.PrefixStore(next(iter(prefixes[2])), agent_store)
+    assert new.check(["rank0_address"]) is False
+    timeout = datetime.timedelta(seconds=30)
+    stores = {}
+    threads = [threading.Thread(target=lambda r=r: stores.update({r: _elastic_store(r, 2, timeout)})) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    stores[0].set("rank0_address", "new")
+    assert stores[1].get("rank0_address") == b"new" and old.get("rank0_address") == b"old"
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
-    assert _elastic_store(2, timeout) is None
+    assert _elastic_store(0, 2, timeout) is None
+
+
+def test_workers_that_die_before_or_while_joining_do_not_split_later_rounds(agent_store):
+    """Round 0: rank 1 dies before it joins (killed while importing), rank 0 waits and is killed
+    (its wait times out here). Round 1 agrees. Round 2: rank 0 dies before it joins, rank 1
+    announces itself and is killed while waiting. Round 3, its rank 1 first, agrees on a new
+    prefix. (A count of joins per round, as before, split rounds 1 and 3 over two prefixes.)"""
+    port = agent_store.port
+    assert isinstance(_join_round(port, 2, (0,), timeout=0.5)[0], dist.DistStoreError)
+    round1 = _join_round(port, 2, (0, 1))
+    assert isinstance(_join_round(port, 2, (1,), timeout=0.5)[1], dist.DistStoreError)
+    round3 = _join_round(port, 2, (0, 1), stagger=(0,))
+    assert round1[0] == round1[1] and round3[0] == round3[1] and round1[0] != round3[0], (round1, round3)
 
 
 def test_a_mesh_that_does_not_fit_stops_the_run_before_it_writes(tmp_path):
@@ -130,3 +180,4 @@ def test_reduce_dtype_bf16_on_cuda_only():
     assert reduce_dtype(fp32, torch.device("cuda", 0)) == reduce_dtype(bf16, torch.device("cpu")) == torch.float32
     with pytest.raises(ConfigError, match="parallel.reduce_dtype"):
         ParallelConfig(reduce_dtype="fp16")
+
