@@ -344,6 +344,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo, mesh
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
         param_dtype, reduce = compute_param_dtype(cfg, dist_info.device), reduce_dtype(cfg, dist_info.device)
+        if cfg.reduce_dtype == "bf16" and reduce != torch.bfloat16:
+            log.warning("parallel.reduce_dtype=bf16 applies on CUDA; on %s the gradient reductions run in fp32",
+                        dist_info.device.type)
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
         shard = functools.partial(fully_shard, mesh=mesh.fsdp_mesh, reshard_after_forward=cfg.reshard_after_forward)
         for block in model.blocks:

@@ -181,3 +181,33 @@ def test_reduce_dtype_bf16_on_cuda_only():
     with pytest.raises(ConfigError, match="parallel.reduce_dtype"):
         ParallelConfig(reduce_dtype="fp16")
 
+
+@pytest.mark.parametrize("device,asked,want", [
+    ("cuda", "bf16", torch.bfloat16), ("cuda", "fp32", torch.float32), ("cpu", "bf16", torch.float32),
+])
+def test_reduce_dtype_reaches_fully_shard(monkeypatch, caplog, device, asked, want):
+    """``parallel.reduce_dtype`` is the reduce dtype of every ``fully_shard`` call (blocks and
+    root); on the CPU bf16 runs fp32, with one warning saying so. (CUDA is only the device's
+    type here: ``fully_shard`` is recorded, not run.)"""
+    import torch.distributed.fsdp as fsdp
+
+    from reglue.config import apply_overrides
+    from reglue.models import build_model
+    from reglue.presets import get_preset
+    from reglue.runtime import DistInfo
+    from reglue.train.parallelize import parallelize
+
+    policies = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, mp_policy, **kw: policies.append(mp_policy) or module)
+    config = apply_overrides(get_preset("tiny"), {"parallel.reduce_dtype": asked})
+    with torch.device("meta"):
+        model = build_model(config, kernels=frozenset())
+    mesh = ParallelMesh(2, 2, 2, device_mesh=object())
+    with caplog.at_level(logging.WARNING, logger="reglue.parallelize"):
+        parallelize(model, config.parallel, DistInfo(world_size=4, local_world_size=2, device=torch.device(device)), mesh, False)
+    assert len(policies) == len(model.blocks) + 1
+    assert {p.reduce_dtype for p in policies} == {want}
+    warned = [r for r in caplog.records if "reduce_dtype" in r.getMessage()]
+    assert len(warned) == (device == "cpu" and asked == "bf16"), caplog.text
+    if warned:
+        assert "on cpu the gradient reductions run in fp32" in warned[0].getMessage()
