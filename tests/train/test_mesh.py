@@ -211,3 +211,54 @@ def test_reduce_dtype_reaches_fully_shard(monkeypatch, caplog, device, asked, wa
     assert len(warned) == (device == "cpu" and asked == "bf16"), caplog.text
     if warned:
         assert "on cpu the gradient reductions run in fp32" in warned[0].getMessage()
+
+
+class _NoNoise:
+    def slice(self, lo, hi):
+        return None
+
+
+def test_counter_sees_every_collective_of_a_training_step():
+    """One training step (``FastStep``: forward and backward of the FSDP2 model, the step's
+    all-reduce, fused AdamW, the EMA) on a 2 x 2 HSDP mesh of a fake 4-rank process group:
+    every collective torch dispatches (``CommDebugMode``, which sees the c10d ops of
+    ``torch.distributed``, functional collectives and DTensor alike) is one the counter counted,
+    kind for kind, so a collective issued another way cannot pass its counts unseen."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from reglue.models import build_model
+    from reglue.presets import get_preset
+    from reglue.runtime import DistInfo
+    from reglue.train.ema import EMA
+    from reglue.train.parallelize import materialize, parallelize
+    from reglue.train.step import FastStep
+
+    c10d = torch.ops.c10d
+    kind_of = {c10d._allgather_base_: "all_gather", c10d._reduce_scatter_base_: "reduce_scatter", c10d.allreduce_: "all_reduce"}
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        mesh = ParallelMesh(2, 2, 2, device_mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")))
+        config = get_preset("tiny")
+        with torch.device("meta"):
+            model = build_model(config, kernels=frozenset())
+        model = materialize(parallelize(model, config.parallel, DistInfo(world_size=4, local_world_size=2), mesh, False),
+                            torch.device("cpu"), 0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+        def micro_losses(batch, noise, eps, step):
+            out, zs, cls_out = model(batch["x"], torch.tensor([0.3, 0.7]), batch["y"], torch.randn(2, 32))
+            return {"total": out.float().square().mean() + sum(z.float().square().mean() for z in zs) + cls_out.float().square().mean()}
+
+        step = FastStep(model, params, optimizer, EMA(model), config, mesh, micro_losses, vote=lambda: torch.zeros(()))
+        batch = {"x": torch.randn(2, config.in_channels, 8, 8), "y": torch.tensor([1, 2])}
+        with CommDebugMode() as comm, CollectiveCounter(mesh) as counter:
+            step(0, batch, _NoNoise(), torch.zeros(2), 0, 2, 1)
+        dispatched = comm.get_comm_counts()
+        assert set(dispatched) <= set(kind_of), dispatched
+        assert {kind_of[op]: n for op, n in dispatched.items()} == dict(counter.calls), (dispatched, counter.calls)
+        assert counter.calls["all_gather"] > 0 and counter.calls["reduce_scatter"] > 0 and counter.calls["all_reduce"] > 0
+    finally:
+        dist.destroy_process_group()
