@@ -9,7 +9,8 @@ count, the figures hold for any model size; ``bench/scaling.py`` scales them to 
   pytest bench/bench_comm.py -s                       # the table, and the expected figures checked
   python bench/bench_comm.py --json bench/results/comm_per_param.json   # what scaling.py reads
 
-It also checks ``bench/scaling.py``'s projection on the tiny preset against those figures.
+It also checks that ``bench/results/comm_per_param.json`` (what ``bench/scaling.py`` projects from)
+holds the figures just measured, within 1 %, and the projection on the tiny preset against them.
 
 The counts are of a CPU run: parameters and reductions in fp32. On CUDA the all-gathers carry
 bf16 parameters (``parallel.param_dtype``), half the bytes; the reductions stay fp32 by default.
@@ -104,6 +105,13 @@ def test_collective_bytes_per_param(tmp_path):
     # replication: the whole fp32 gradient all-reduced over every rank; no gathers
     assert rep["all_gather"] == rep["reduce_scatter"] == {"within_node": 0, "across_nodes": 0}
     assert 3.9 < rep["all_reduce"]["across_nodes"] < 4.05
+    # what scaling.py projects from (bench/results/comm_per_param.json) is what was just measured
+    committed = json.loads(scaling.COUNTS.read_text())["meshes"]
+    assert committed.keys() == per.keys()
+    for name in per:
+        assert committed[name]["mesh"] == result[name]["mesh"], name
+        for kind, figures in per[name].items():
+            assert figures == pytest.approx(committed[name]["bytes_per_param"][kind], rel=0.01, abs=1e-6), (name, kind)
 
 
 def test_projection_runs_and_hsdp_keeps_flat_fsdp_off_the_network():
