@@ -125,6 +125,16 @@ def test_projection_runs_and_hsdp_keeps_flat_fsdp_off_the_network():
     assert at[(256, 32, "hsdp")]["across_gb"] == pytest.approx(4 * p / 8, rel=0.03)
     assert at[(256, 32, "flat-fsdp")]["across_gb"] == pytest.approx(8 * p, rel=0.03)
     assert at[(256, 32, "hsdp")]["step_ms"][0] < at[(256, 32, "flat-fsdp")]["step_ms"][0]
+    # per rank, fp32 and sharded over the shard group: parameters, gradients, two AdamW moments, EMA
+    state = {"parameters": 4 * p, "gradients": 4 * p, "AdamW moments": 8 * p, "EMA": 4 * p}
+    assert at[(256, 1, "flat-fsdp")]["state_gb"] == pytest.approx(state)
+    assert at[(256, 32, "hsdp")]["state_gb"] == pytest.approx({k: v / 8 for k, v in state.items()})
+    assert at[(256, 32, "replicate")]["state_gb"] == pytest.approx(state)
+    flops = facts["sit_flops"] + facts["dinov2_flops"]
+    assert at[(1024, 32, "hsdp")]["tflop_per_gpu"] == pytest.approx(flops * 1024 / 32 / 1e12)
+    text = scaling.markdown(rows, "tiny", facts, "H100", 8, 450.0, 50.0, 0.4)
+    assert "| params GB/rank | grads GB/rank | AdamW GB/rank | EMA GB/rank | TFLOP/GPU/step |" in text
+    assert all(line.count("|") == 17 for line in text.splitlines()[2:])
 
 
 if __name__ == "__main__":
