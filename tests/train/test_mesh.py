@@ -262,3 +262,23 @@ def test_counter_sees_every_collective_of_a_training_step():
         assert counter.calls["all_gather"] > 0 and counter.calls["reduce_scatter"] > 0 and counter.calls["all_reduce"] > 0
     finally:
         dist.destroy_process_group()
+
+
+def test_reference_runs_describe_ddp(caplog):
+    """--reference runs DDP whatever the degrees say: the mesh is world x 1 and its log line says
+    DDP, not FSDP or HSDP; a degree that was set is reported as not applied."""
+    from reglue.config import apply_overrides
+    from reglue.presets import get_preset
+    from reglue.runtime import DistInfo
+    from reglue.train.parallelize import run_mesh
+
+    world = DistInfo(world_size=4, local_world_size=2)
+    config = apply_overrides(get_preset("tiny"), {"parallel.reference": "true"})
+    mesh = run_mesh(config, world)
+    assert (mesh.replicate, mesh.shard, mesh.kind, mesh.device_mesh) == (4, 1, "replicate", None)
+    assert mesh.describe() == "mesh 4 x 1 (replicate x shard, DDP, the published reference execution) on 2 node(s) of 2 process(es)"
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="reglue.parallelize"):
+        mesh = run_mesh(apply_overrides(config, {"parallel.shard_degree": "3"}), world)
+    assert (mesh.replicate, mesh.shard) == (4, 1)
+    assert "parallel.shard_degree=3: not applied, parallel.reference runs DDP (4 x 1" in caplog.text
