@@ -9,7 +9,8 @@ count, the figures hold for any model size; ``bench/scaling.py`` scales them to 
   pytest bench/bench_comm.py -s                       # the table, and the expected figures checked
   python bench/bench_comm.py --json bench/results/comm_per_param.json   # what scaling.py reads
 
-It also checks ``bench/scaling.py``'s projection on the tiny preset against those figures.
+It also checks that ``bench/results/comm_per_param.json`` (what ``bench/scaling.py`` projects from)
+holds the figures just measured, within 1 %, and the projection on the tiny preset against them.
 
 The counts are of a CPU run: parameters and reductions in fp32. On CUDA the all-gathers carry
 bf16 parameters (``parallel.param_dtype``), half the bytes; the reductions stay fp32 by default.
@@ -104,6 +105,13 @@ def test_collective_bytes_per_param(tmp_path):
     # replication: the whole fp32 gradient all-reduced over every rank; no gathers
     assert rep["all_gather"] == rep["reduce_scatter"] == {"within_node": 0, "across_nodes": 0}
     assert 3.9 < rep["all_reduce"]["across_nodes"] < 4.05
+    # what scaling.py projects from (bench/results/comm_per_param.json) is what was just measured
+    committed = json.loads(scaling.COUNTS.read_text())["meshes"]
+    assert committed.keys() == per.keys()
+    for name in per:
+        assert committed[name]["mesh"] == result[name]["mesh"], name
+        for kind, figures in per[name].items():
+            assert figures == pytest.approx(committed[name]["bytes_per_param"][kind], rel=0.01, abs=1e-6), (name, kind)
 
 
 def test_projection_runs_and_hsdp_keeps_flat_fsdp_off_the_network():
@@ -117,6 +125,16 @@ def test_projection_runs_and_hsdp_keeps_flat_fsdp_off_the_network():
     assert at[(256, 32, "hsdp")]["across_gb"] == pytest.approx(4 * p / 8, rel=0.03)
     assert at[(256, 32, "flat-fsdp")]["across_gb"] == pytest.approx(8 * p, rel=0.03)
     assert at[(256, 32, "hsdp")]["step_ms"][0] < at[(256, 32, "flat-fsdp")]["step_ms"][0]
+    # per rank, fp32 and sharded over the shard group: parameters, gradients, two AdamW moments, EMA
+    state = {"parameters": 4 * p, "gradients": 4 * p, "AdamW moments": 8 * p, "EMA": 4 * p}
+    assert at[(256, 1, "flat-fsdp")]["state_gb"] == pytest.approx(state)
+    assert at[(256, 32, "hsdp")]["state_gb"] == pytest.approx({k: v / 8 for k, v in state.items()})
+    assert at[(256, 32, "replicate")]["state_gb"] == pytest.approx(state)
+    flops = facts["sit_flops"] + facts["dinov2_flops"]
+    assert at[(1024, 32, "hsdp")]["tflop_per_gpu"] == pytest.approx(flops * 1024 / 32 / 1e12)
+    text = scaling.markdown(rows, "tiny", facts, "H100", 8, 450.0, 50.0, 0.4)
+    assert "| params GB/rank | grads GB/rank | AdamW GB/rank | EMA GB/rank | TFLOP/GPU/step |" in text
+    assert all(line.count("|") == 17 for line in text.splitlines()[2:])
 
 
 if __name__ == "__main__":

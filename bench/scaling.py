@@ -1,5 +1,7 @@
 """A scaling projection, on paper, from measured parts: step time and img/s of a preset on 1-128
-GPUs for flat FSDP, HSDP and replication. A PROJECTION, not a measurement.
+GPUs for flat FSDP, HSDP and replication, with, per GPU and per step, the bytes a rank keeps of
+parameters, gradients, AdamW moments and EMA, the training FLOPs, and the collective bytes within
+and across nodes. A PROJECTION, not a measurement.
 
 What is measured or counted, and what is assumed:
 - parameters and training FLOPs per image: counted on a meta-device model with the trainer's own
@@ -34,8 +36,9 @@ STRATEGIES = ("flat-fsdp", "hsdp", "replicate")
 # Per GPU, one direction, GB/s: NVLink (A100: NVLink3 600 GB/s both ways; H100: NVLink4 900) and
 # the usual one NIC per GPU (A100 HDR 200 Gb/s, H100 NDR 400 Gb/s).
 LINKS = {"A100": (300.0, 25.0), "H100": (450.0, 50.0)}
-STATE_BYTES_PER_PARAM = {"fp32 parameters": 4, "fp32 gradients": 4, "AdamW moments": 8, "fp32 EMA": 4}
-"""What a rank keeps per parameter of its shard (everything is sharded over the shard group)."""
+STATE_BYTES_PER_PARAM = {"parameters": 4, "gradients": 4, "AdamW moments": 8, "EMA": 4}
+"""What a rank keeps per parameter of its shard, all fp32 (FSDP2 shards each over the shard group;
+the AdamW moments are two)."""
 
 
 def preset_counts(preset: str) -> dict:
@@ -109,8 +112,9 @@ def project(counts: dict, preset_facts: dict, gpu: str, per_node: int, nvlink: f
                               for b, n, spans, factor in comm["items"])
                 serial, overlapped = compute + seconds, max(compute, seconds)
                 rows.append({"batch": batch, "gpus": gpus, "nodes": -(-gpus // per_node), "strategy": strategy,
-                             "mesh": f"{comm['replicate']} x {comm['shard']}", "state_gb": sum(STATE_BYTES_PER_PARAM.values())
-                             * preset_facts["params"] / comm["shard"] / 1e9, "within_gb": comm["within"] / 1e9,
+                             "mesh": f"{comm['replicate']} x {comm['shard']}",
+                             "state_gb": {k: b * preset_facts["params"] / comm["shard"] / 1e9 for k, b in STATE_BYTES_PER_PARAM.items()},
+                             "tflop_per_gpu": flops * batch / gpus / 1e12, "within_gb": comm["within"] / 1e9,
                              "across_gb": comm["across"] / 1e9, "compute_ms": compute * 1e3, "comm_ms": seconds * 1e3,
                              "step_ms": (serial * 1e3, overlapped * 1e3), "img_s": (batch / serial, batch / overlapped)})
     return rows
@@ -122,13 +126,14 @@ def markdown(rows: list, preset: str, facts: dict, gpu: str, per_node: int, nvli
             f"{facts['params'] / 1e6:.1f} M trainable parameters; {flops / 1e12:.3f} TFLOP per training image "
             f"(SiT forward + backward {facts['sit_flops'] / 1e12:.3f}, DINOv2 forward {facts['dinov2_flops'] / 1e12:.3f}); "
             f"compute at {mfu:.0%} MFU of {gpu} bf16 peak; NVLink {nvlink:g} GB/s and network {network:g} GB/s per GPU; "
-            "ring collectives, no latency; bf16 parameter all-gathers, fp32 reductions. State per rank = "
-            f"{sum(STATE_BYTES_PER_PARAM.values())} B x parameters / shard "
-            f"({', '.join(f'{k} {v}' for k, v in STATE_BYTES_PER_PARAM.items())}). Step time and img/s: serial / overlapped.", "",
-            "| global batch | GPUs | nodes | strategy | mesh | state GB/rank | GB/step/rank within node | across nodes "
-            "| compute ms | comm ms | step ms | img/s |", "|---" * 12 + "|"]
+            "ring collectives, no latency; bf16 parameter all-gathers, fp32 reductions. Per rank, fp32, sharded over the "
+            f"shard group: {', '.join(f'{k} {v} B' for k, v in STATE_BYTES_PER_PARAM.items())} x parameters / shard. "
+            "TFLOP/GPU/step: the global batch's training FLOPs / GPUs. Step time and img/s: serial / overlapped.", "",
+            "| global batch | GPUs | nodes | strategy | mesh | params GB/rank | grads GB/rank | AdamW GB/rank | EMA GB/rank "
+            "| TFLOP/GPU/step | GB/step/rank within node | across nodes | compute ms | comm ms | step ms | img/s |", "|---" * 16 + "|"]
     for r in rows:
-        head.append(f"| {r['batch']} | {r['gpus']} | {r['nodes']} | {r['strategy']} | {r['mesh']} | {r['state_gb']:.1f} | "
+        state = " | ".join(f"{r['state_gb'][k]:.2f}" for k in STATE_BYTES_PER_PARAM)
+        head.append(f"| {r['batch']} | {r['gpus']} | {r['nodes']} | {r['strategy']} | {r['mesh']} | {state} | {r['tflop_per_gpu']:.1f} | "
                     f"{r['within_gb']:.2f} | {r['across_gb']:.2f} | {r['compute_ms']:.1f} | {r['comm_ms']:.1f} | "
                     f"{r['step_ms'][0]:.1f} / {r['step_ms'][1]:.1f} | {r['img_s'][0]:.0f} / {r['img_s'][1]:.0f} |")
     return "\n".join(head)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -77,27 +78,62 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _elastic_store(world_size: int, timeout: datetime.timedelta):
-    """The store of this torchrun round: the agent's store, keys prefixed by the round.
+_ROUND_KEYS = "reglue/round"
+"""Keys of the round handshake in torchrun's store: the ``events`` queue, ``welcome/<nonce>``
+and, per round, ``<round id>/`` (the prefix the process group's keys get)."""
+
+
+def _round_prefix(store, rank: int, world_size: int) -> str:
+    """The key prefix of this torchrun round, the same for every worker of the round and new in
+    every round, whatever earlier rounds left in ``store``.
+
+    Rank 0 (one per round) names the round with a fresh random id; every other rank announces
+    itself with a fresh random nonce on a queue (``hello <nonce>``), waits for the id under a
+    key that only its nonce names (``welcome/<nonce>``, so no earlier round's answer can be
+    read), and confirms with ``ready <round id>``. Rank 0 answers every hello it pops, an earlier
+    round's left-over ones too (their askers are gone; the answer is never read), and returns
+    once ``world_size - 1`` confirmations of its own id came back. Nothing counts joins across
+    rounds, so a worker that died anywhere before or during the handshake changes nothing for
+    the rounds after it. Workers of one round must not meet those of another in the handshake:
+    torchrun's agents stop all their workers before the next rendezvous completes.
+    """
+    events = f"{_ROUND_KEYS}/events"
+    if rank == 0:
+        round_id, ready = uuid.uuid4().hex, 0
+        while ready < world_size - 1:  # each pop waits up to the store's timeout
+            kind, value = store.queue_pop(events).decode().split(" ", 1)
+            if kind == "hello":
+                store.set(f"{_ROUND_KEYS}/welcome/{value}", round_id)
+            elif value == round_id:
+                ready += 1
+    else:
+        nonce = uuid.uuid4().hex
+        store.queue_push(events, f"hello {nonce}")
+        welcome = f"{_ROUND_KEYS}/welcome/{nonce}"
+        round_id = store.get(welcome).decode()
+        store.delete_key(welcome)
+        store.queue_push(events, f"ready {round_id}")
+    return f"{_ROUND_KEYS}/{round_id}"
+
+
+def _elastic_store(rank: int, world_size: int, timeout: datetime.timedelta):
+    """The store of this torchrun round: the agent's store, keys prefixed by the round
+    (:func:`_round_prefix`). None when not under torchrun's agent store.
 
     torchrun keeps one store server for the whole job, and torch's ``env://`` handler connects
     every round of workers to it without a prefix (torch 2.14, ``rendezvous._create_c10d_store``:
     "We create a new TCPStore for every retry"), so the workers restarted after a failure find
     the keys of the round before (its ranks' addresses, its barrier counts) and hang in
-    ``init_process_group``. ``TORCHELASTIC_RESTART_COUNT`` cannot name the round: an agent whose
-    workers were still healthy when another node re-joined restarts them without counting a
-    restart (seen here: node 0 at count 0, node 1 at count 1). Every worker of every round joins
-    once, and rounds do not overlap (an agent stops all its workers before the next rendezvous),
-    so the n-th join belongs to round ``(n - 1) // world_size``: that round's prefix (counted
-    per world size, so rounds of another size after an elastic resize do not shift it). A worker
-    that dies before it joins (during its imports) shifts the count; the rounds after then time
-    out in ``init_process_group`` instead of training. None when not under torchrun's agent store.
+    ``init_process_group``. Nothing torchrun hands its workers names the round:
+    ``TORCHELASTIC_RESTART_COUNT`` differs between nodes (an agent whose workers were still
+    healthy when another node re-joined restarts them without counting a restart), the master
+    port stays the job's, and the rendezvous round number lives in the rendezvous backend's
+    store, whose address the workers are not told. Hence the handshake of :func:`_round_prefix`.
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
-    joined = store.add(f"reglue/world_{world_size}/joined", 1)
-    return dist.PrefixStore(f"reglue/world_{world_size}/round_{(joined - 1) // world_size}", store)
+    return dist.PrefixStore(_round_prefix(store, rank, world_size), store)
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
@@ -116,7 +152,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=timeout_minutes)
-        store = _elastic_store(world_size, timeout)
+        store = _elastic_store(rank, world_size, timeout)
         dist.init_process_group(
             backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
             **({} if store is None else {"store": store, "rank": rank, "world_size": world_size}),

@@ -73,12 +73,14 @@ def mesh_shape(cfg: ParallelConfig, world_size: int, local_world_size: int) -> t
 @dataclass
 class ParallelMesh:
     """The run's mesh: ``replicate`` x ``shard`` ranks, ``local_world_size`` ranks per node, and
-    the ``DeviceMesh`` (None when the run does not shard: one process on the CPU)."""
+    the ``DeviceMesh`` (None when the run does not shard: one process on the CPU, or DDP)."""
 
     replicate: int = 1
     shard: int = 1
     local_world_size: int = 1
     device_mesh: Optional[object] = field(default=None, repr=False)
+    ddp: bool = False
+    """The published reference execution (``parallel.reference``): DDP, every rank a whole copy."""
 
     @property
     def world_size(self) -> int:
@@ -108,7 +110,8 @@ class ParallelMesh:
 
     def describe(self) -> str:
         s = self.summary()
-        return (f"mesh {self.replicate} x {self.shard} (replicate x shard, {self.kind}) on {s['nodes']} node(s) "
+        what = "DDP, the published reference execution" if self.ddp else self.kind
+        return (f"mesh {self.replicate} x {self.shard} (replicate x shard, {what}) on {s['nodes']} node(s) "
                 f"of {self.local_world_size} process(es)")
 
 
@@ -119,6 +122,17 @@ def init_single_process_group(dist_info: DistInfo) -> None:
     store = dist.FileStore(tempfile.mktemp(prefix="reglue-pg-"), 1)
     backend = "nccl" if dist_info.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=0, world_size=1)
+
+
+def ddp_mesh(cfg: ParallelConfig, dist_info: DistInfo) -> ParallelMesh:
+    """The mesh of a ``parallel.reference`` run: DDP replicates the whole model on every rank
+    (world x 1); the degree settings do not apply, and a set one is logged as a warning."""
+    set_degrees = [f"parallel.{name}={value}" for name, value in
+                   (("replicate_degree", cfg.replicate_degree), ("shard_degree", cfg.shard_degree)) if value != "auto"]
+    if set_degrees:
+        log.warning("%s: not applied, parallel.reference runs DDP (%d x 1: every rank holds the whole model)",
+                    ", ".join(set_degrees), dist_info.world_size)
+    return ParallelMesh(dist_info.world_size, 1, dist_info.local_world_size, ddp=True)
 
 
 def build_mesh(cfg: ParallelConfig, dist_info: DistInfo, shards: bool) -> ParallelMesh:

@@ -28,7 +28,7 @@ import torch.nn as nn
 from reglue.config import Config, ParallelConfig
 from reglue.diffusion.transport import loss_inputs, loss_terms, training_losses
 from reglue.runtime import DistInfo
-from reglue.train.mesh import ParallelMesh, build_mesh
+from reglue.train.mesh import ParallelMesh, build_mesh, ddp_mesh
 from reglue.train.reference import PUBLISHED_FIND_UNUSED_PARAMETERS, autocast_forward, reference_autocast_dtype
 
 log = logging.getLogger("reglue.parallelize")
@@ -282,9 +282,11 @@ def use_fsdp(dist_info: DistInfo) -> bool:
 
 
 def run_mesh(config: Config, dist_info: DistInfo) -> ParallelMesh:
-    """The run's mesh (:mod:`reglue.train.mesh`), with a ``DeviceMesh`` when the run shards (the
-    published reference execution runs DDP on the default group)."""
-    return build_mesh(config.parallel, dist_info, shards=use_fsdp(dist_info) and not config.parallel.reference)
+    """The run's mesh (:mod:`reglue.train.mesh`), with a ``DeviceMesh`` when the run shards; the
+    published reference execution runs DDP on the default group (:func:`ddp_mesh`)."""
+    if config.parallel.reference:
+        return ddp_mesh(config.parallel, dist_info)
+    return build_mesh(config.parallel, dist_info, shards=use_fsdp(dist_info))
 
 
 def build_parallel_model(config: Config, dist_info: DistInfo, mesh: Optional[ParallelMesh] = None) -> nn.Module:
@@ -344,6 +346,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo, mesh
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
         param_dtype, reduce = compute_param_dtype(cfg, dist_info.device), reduce_dtype(cfg, dist_info.device)
+        if cfg.reduce_dtype == "bf16" and reduce != torch.bfloat16:
+            log.warning("parallel.reduce_dtype=bf16 applies on CUDA; on %s the gradient reductions run in fp32",
+                        dist_info.device.type)
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
         shard = functools.partial(fully_shard, mesh=mesh.fsdp_mesh, reshard_after_forward=cfg.reshard_after_forward)
         for block in model.blocks:

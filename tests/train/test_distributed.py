@@ -171,8 +171,13 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_reference_mode_ddp_two_processes_matches_one(tmp_path):
+    """Two DDP ranks match one; the log names what runs (DDP, 2 x 1), not an FSDP mesh."""
     one = launch(tmp_path, "ref1", 3, extra=["--reference"])
-    two = launch(tmp_path, "ref2", 3, nproc=2, extra=["--reference"])
+    proc = launch(tmp_path, "ref2", 3, nproc=2, extra=["--reference"], wait=False)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert "mesh 2 x 1 (replicate x shard, DDP, the published reference execution)" in out and "fsdp)" not in out, out[-4000:]
+    two = tmp_path / "ref2"
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
     assert read_meta(latest_checkpoint(two))["config"]["parallel"]["reference"] is True
 

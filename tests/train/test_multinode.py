@@ -24,10 +24,16 @@ CKPT = ["--set", f"train.ckpt_every={EVERY}", "--set", "train.keep_last=10"]
 pytestmark = pytest.mark.slow
 
 
-def collectives(run_dir):
-    """The counter's record of a run (the first one in its metrics.jsonl)."""
+def collective_records(run_dir):
+    """The counter's records in a run's metrics.jsonl: one per multi-process start (a resumed
+    run keeps those of the steps before it)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return next(r for r in rows if "collectives_per_rank_per_step" in r)
+    return [r for r in rows if "collectives_per_rank_per_step" in r]
+
+
+def collectives(run_dir):
+    """The counter's record of a run's first start."""
+    return collective_records(run_dir)[0]
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +127,14 @@ def test_node_failure_restarts_and_ends_as_uninterrupted(runs):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
 
 
-@pytest.mark.parametrize("nproc,mesh", [(1, ()), (2, ()), (4, ("--set", "parallel.shard_degree=1"))],
-                         ids=["one-process", "1x2", "4x1"])
-def test_2x2_checkpoint_resumes_on_other_meshes(runs, nproc, mesh):
+@pytest.mark.parametrize("nproc,mesh,used", [
+    (1, (), None),  # a world of one: no collectives, no record
+    (2, (), {"kind": "fsdp", "replicate": 1, "shard": 2, "nodes": 1, "processes_per_node": 2}),
+    (4, ("--set", "parallel.shard_degree=1"), {"kind": "replicate", "replicate": 4, "shard": 1, "nodes": 1, "processes_per_node": 4}),
+], ids=["one-process", "1x2", "4x1"])
+def test_2x2_checkpoint_resumes_on_other_meshes(runs, nproc, mesh, used):
     """The 2 x 2 checkpoint of step STEPS - EVERY, resumed on another mesh, ends where the
-    1-process run does (fp32 rounding)."""
+    1-process run does (fp32 rounding); the resumed run's counter record names the mesh it ran."""
     tmp, two, one, _ = runs
     name = f"resumed-{nproc}-{len(mesh)}"
     shutil.copytree(two, tmp / name)
@@ -135,6 +144,9 @@ def test_2x2_checkpoint_resumes_on_other_meshes(runs, nproc, mesh):
     assert read_meta(latest_checkpoint(tmp / name))["world_size"] == 4
     run = launch(tmp, name, STEPS, nproc=nproc, extra=[*CKPT, *mesh])
     assert read_meta(latest_checkpoint(run))["world_size"] == nproc
+    records = collective_records(run)
+    assert records[0]["mesh"]["kind"] == "hsdp" and records[0]["step"] == 1  # the 2 x 2 run's, before the resume
+    assert [(r["step"], r["mesh"]) for r in records[1:]] == ([] if used is None else [(STEPS - EVERY + 1, used)])
     assert losses(run) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
     assert grad_norms(run) == pytest.approx(grad_norms(one), rel=1e-5)  # each shard counted once, also on 4 x 1
     assert_weights_close(export(run, tmp / f"{name}.safetensors"), export(one, tmp / f"one-{name}.safetensors"))
