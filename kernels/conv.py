@@ -174,6 +174,13 @@ def packed_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return packed
 
 
+def uses_tf32(dtype: torch.dtype) -> bool:
+    """Do the conv's dots for ``dtype`` inputs run TF32 (10-bit mantissa operands, fp32 accumulation)?
+    fp32 inputs do where ``torch.backends.cuda.matmul.allow_tf32`` permits (the trainer sets it on
+    CUDA); bf16/fp16 operands are exact in TF32 anyway. The self-check judges fp32 by this."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
 def _channels_last_out(x: torch.Tensor) -> bool:
     """Outputs follow the input's layout: channels-last in, channels-last out; NCHW otherwise."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -200,7 +207,6 @@ def _fused_conv2d_fwd(
         return out
     grid = lambda meta: (cdiv(n * h * w, meta["BLOCK_P"]), cdiv(c_out, meta["BLOCK_CO"]))  # noqa: E731
     has_bias, has_residual = bias is not None, residual is not None
-    fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     with device_guard(x):
         _conv3x3_tuned[grid](
             x, packed, bias if has_bias else x, residual if has_residual else x, out,
@@ -208,7 +214,7 @@ def _fused_conv2d_fwd(
             *(_pixel_strides(residual) if has_residual else (0, 0, 0)), *_pixel_strides(out),
             HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, RELU=relu,
             # fp32 runs on tensor cores (TF32) where torch allows it for matmuls, else exact FMA.
-            PRECISION=fp32_precision if x.dtype == torch.float32 else "tf32",
+            PRECISION="ieee" if x.dtype == torch.float32 and not uses_tf32(x.dtype) else "tf32",
             # The interpreter multiplies bf16 operands as their raw uint16 bits: upcast there (exact).
             # interpreter_enabled() asks how the kernel was built, so compiled kernels never take this.
             UPCAST_DOT=interpreter_enabled() and x.dtype == torch.bfloat16,

@@ -100,13 +100,19 @@ def _check_sizes(config: Config):
 def _self_checked(config: Config, device: torch.device, ops: FrozenSet[str]) -> Dict[str, str]:
     """op -> error for the ops that fail the self-check on ``device`` in the dtypes the run uses,
     agreed over ranks (an op runs fused only where it passed on every rank, so all ranks run the
-    same arithmetic)."""
+    same arithmetic). The convolutions run only in the frozen encoders' dtype (the compressor
+    encodes their features), so that is the one they are checked in; the other ops in fp32 and
+    the dtypes of the parameters and the frozen encoders."""
     from reglue.kernels.selfcheck import check_fused_ops
     from reglue.models.encoders import frozen_dtype
 
-    dtypes = {torch.float32, compute_param_dtype(config.parallel, device), frozen_dtype(config.encoders.dtype, device)}
+    frozen = frozen_dtype(config.encoders.dtype, device)
+    dtypes = {torch.float32, compute_param_dtype(config.parallel, device), frozen}
     order = sorted(ops)
-    results = check_fused_ops(device, sorted(dtypes, key=str), _check_sizes(config), order)
+    results = {}
+    for group, group_dtypes in ((sorted(ops - {"fused_conv2d"}), dtypes), (sorted(ops & {"fused_conv2d"}), {frozen})):
+        if group:
+            results.update(check_fused_ops(device, sorted(group_dtypes, key=str), _check_sizes(config), group))
     passed = torch.tensor([results[op] is None for op in order], dtype=torch.int32, device=device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(passed, op=torch.distributed.ReduceOp.MIN)
