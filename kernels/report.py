@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from triton.runtime.autotuner import Autotuner
 
-from . import _utils, adaln, conv, rmsnorm
+from . import _partials, _utils, adaln, conv, rmsnorm
 from .roofline import SM_COUNT, compressor_encoder_convs, conv3x3_bytes_flops, floor_us, row_op_bytes
 
 KERNELS = {
@@ -43,9 +43,11 @@ KERNELS = {
     "rms_norm_fwd": (rmsnorm, "_rms_norm_fwd_tuned"),
     "rms_norm_bwd": (rmsnorm, "_rms_norm_bwd_kernel"),
     "conv3x3": (conv, "_conv3x3_tuned"),
+    "column_sum": (_partials, "_column_sum_kernel"),
 }
 """Every Triton kernel the launchers of reglue.kernels call: name -> (module, attribute); the
-forward kernels are autotuned (each candidate config is its own variant here)."""
+forward kernels are autotuned (each candidate config is its own variant here); ``column_sum``
+finishes every backward's (N, D) / (D,) gradients from their fp32 partial rows."""
 
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
@@ -320,6 +322,9 @@ def _bytes_flops(launch: Launch, shapes: RunShapes) -> Tuple[int, int]:
     """Minimum traffic and FLOPs of the op behind ``launch`` at the run's shape."""
     n, t, d = shapes.batch, shapes.tokens, shapes.hidden_size
     elem = shapes.dtype.itemsize
+    if launch.kernel_name == "column_sum":  # read the fp32 partial rows, write the sums
+        part, out = launch.args[0], launch.args[1]
+        return part.numel() * part.element_size() + out.numel() * out.element_size(), 0
     if launch.kernel_name.startswith("conv"):
         x, c_in, c_out = launch.args[0], launch.args[6], launch.args[7]
         return conv3x3_bytes_flops(x.shape[0], c_in, c_out, x.shape[2], x.shape[3], x.element_size(),
