@@ -21,7 +21,6 @@ what ``tests/kernels`` assert with, so tests and the runtime check hold kernels 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -29,6 +28,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from . import _utils
+from ._utils import tf32_allowed
 
 log = logging.getLogger("reglue.kernels")
 
@@ -40,18 +40,6 @@ TF32_EPS = 2.0**-10
 """Epsilon of TF32 (10 explicit mantissa bits; bf16 has 7): a TF32 tensor-core dot keeps that much
 of each fp32 operand and accumulates in fp32, so its products are off by up to about 2^-10
 relative (2^-11 if the operands are rounded to nearest, as cvt.rna does, 2^-10 if truncated)."""
-
-
-@contextlib.contextmanager
-def tf32_allowed(allowed: bool):
-    """TF32 for cuDNN convolutions and for matmuls on (``allowed``) or off within the block; the
-    previous settings come back after it."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def outputs_and_grads(fn: Callable, inputs: Sequence[Optional[torch.Tensor]], grad_outputs=None):
