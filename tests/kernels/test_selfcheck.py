@@ -61,13 +61,14 @@ def test_wrong_backward_numbers_are_caught(monkeypatch):
     """A forward that is right and a gradient that is not (dshift dropped) must fail too."""
     bwd = adaln._adaln_modulate_bwd
 
-    def no_dshift(dh, x, scale, eps):
-        dx, dshift, dscale = bwd(dh, x, scale, eps)
-        return dx, torch.zeros_like(dshift), dscale
+    def zero_dshift(dh, x, scale, eps, mod_dtype):
+        dx, dmod = bwd(dh, x, scale, eps, mod_dtype)  # dmod: (dshift, dscale) stacked
+        return dx, torch.stack([torch.zeros_like(dmod[0]), dmod[1]])
 
-    monkeypatch.setattr(adaln, "_adaln_modulate_bwd", no_dshift)
+    monkeypatch.setattr(adaln, "_adaln_modulate_bwd", zero_dshift)
     error = selfcheck.check_fused_ops(DEVICE, ops=("adaln_modulate",))["adaln_modulate"]
-    assert error is not None and "dshift" in error and "dscale" not in error
+    assert error is not None and "dshift (torch.float32)" in error and "elements break" in error
+    assert "dscale" not in error
 
 
 def test_unwritten_output_elements_are_caught(monkeypatch):
