@@ -128,7 +128,7 @@ fi
     if [ -s "$OUT/kernel-report.md" ]; then
         echo "Kernel variants, measured µs beside the roofline floor (kernel-report.md):"
         echo ""
-        grep -E "^\| (adaln|rms|conv)" "$OUT/kernel-report.md" | awk -F'|' '{printf "    %-45s floor %8s µs  measured %8s µs\n", $2, $15, $16}'
+        grep -E "^\| (adaln|rms|conv|column)" "$OUT/kernel-report.md" | awk -F'|' '{printf "    %-45s floor %8s µs  measured %8s µs\n", $2, $15, $16}'
         echo ""
     fi
     echo "Test result lines:"

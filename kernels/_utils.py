@@ -83,6 +83,18 @@ def can_run_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or interpreter_enabled()
 
 
+@contextlib.contextmanager
+def tf32_allowed(allowed: bool):
+    """TF32 for cuDNN convolutions and for matmuls on (``allowed``) or off within the block; the
+    previous settings come back after it. (fused_conv2d's fp32 dots follow the matmul setting.)"""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def device_guard(t: torch.Tensor):
     """Make t's GPU the current device for a launch.
 
@@ -135,7 +147,7 @@ def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def row_tile(row_size: int, n_rows: int, per_thread: int = 16) -> tuple:
+def row_tile(row_size: int, n_rows: int, per_thread: int = 16, interpreter: bool = None) -> tuple:
     """(BLOCK_M rows, BLOCK_D columns, num_warps) for kernels that hold whole rows in registers.
 
     A program covers at least one full row (statistics need the whole row). On a GPU the warps
@@ -144,21 +156,29 @@ def row_tile(row_size: int, n_rows: int, per_thread: int = 16) -> tuple:
     accesses stay 128-bit; rows of <= 256 columns share 4 warps. Rows are then stacked until a
     thread holds ``per_thread`` elements of each tile tensor (backward kernels, with more live
     tensors, ask for fewer). The interpreter prefers big tiles: its cost is per program and per op.
+    ``interpreter``: the tile for that build (default: how this process's kernels were built).
     """
     if row_size > MAX_ROW_SIZE:
         raise ValueError(f"row size {row_size} exceeds the supported maximum {MAX_ROW_SIZE}")
     block_d = max(next_power_of_2(row_size), 16)
-    if interpreter_enabled():
+    if interpreter_enabled() if interpreter is None else interpreter:
         return max(1, min(32768 // block_d, next_power_of_2(n_rows))), block_d, 4
     num_warps = min(block_d // 256, 16) if block_d >= 512 else 4
     block_m = max(1, min(num_warps * 32 * per_thread // block_d, next_power_of_2(n_rows)))
     return block_m, block_d, num_warps
 
 
-def row_candidates(row_size: int, n_rows: int) -> list:
+def row_candidates(row_size: int, n_rows: int, interpreter: bool = None) -> list:
     """(BLOCK_M, num_warps) tiles the autotuner of a forward row kernel times: row_tile's choice at
     16 elements per thread and the tile of half the rows (one candidate on the interpreter)."""
-    return list(dict.fromkeys(row_tile(row_size, n_rows, per_thread)[::2] for per_thread in (16, 8)))
+    return list(dict.fromkeys(row_tile(row_size, n_rows, per_thread, interpreter)[::2] for per_thread in (16, 8)))
+
+
+def row_configs(interpreter: bool) -> list:
+    """Every (BLOCK_M, num_warps) :func:`row_candidates` can return for that build, whatever the
+    row size and count: the autotuner's declared configs (pruned to a shape's candidates)."""
+    sizes = [1 << i for i in range(17)]  # row sizes and counts by power-of-two class, 1 .. MAX_ROW_SIZE
+    return sorted({tile for d in sizes for m in sizes for tile in row_candidates(d, m, interpreter)})
 
 
 def autotuned_rows(kernel):
@@ -167,7 +187,7 @@ def autotuned_rows(kernel):
     num_warps, and a grid that reads META["BLOCK_M"]."""
     import triton
 
-    configs = [triton.Config({"BLOCK_M": 1 << i}, num_warps=w) for i in range(16) for w in (1, 2, 4, 8, 16)]
+    configs = [triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in row_configs(interpreter_enabled())]
 
     def prune(configs, nargs, **kwargs):
         args = {**nargs, **kwargs}

@@ -7,7 +7,8 @@
 x, y: (N, T, D) (any (N, ..., D)); shift, scale, gate: (N, D) broadcast over the tokens, or the
 full shape of x. LayerNorm has no affine parameters; statistics are fp32 whatever the storage
 dtype. Gradients of the (N, D) tensors are summed over the tokens from fp32 partial rows (one row
-per program, added up afterwards), so they are deterministic.
+per program and gradient, all in one buffer, added up and cast by one ``column_sums`` launch), so
+they are deterministic.
 
 One forward and one backward kernel serve all three ops through two flags: HAS_RESIDUAL (read y
 and gate, write r) and HAS_NORM (normalise and modulate). The backward recomputes mean and rstd
@@ -19,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._partials import column_sums
 from ._utils import (
     autotuned_rows,
     can_run_triton,
@@ -219,47 +221,48 @@ def _launch_fwd(x, y, gate, shift, scale, eps: float):
     return r, h
 
 
-def _launch_bwd(dh, dr, xn, y, gate, scale, eps: float, x_dtype: torch.dtype):
-    """Returns (dx or None, dy or None, dshift, dscale, dgate) with the (N, D) ones in fp32."""
+def _launch_bwd(dh, dr, xn, y, gate, scale, eps: float, x_dtype: torch.dtype, mod_dtype: torch.dtype):
+    """Returns (dx or None, dy or None, dmod): dmod (k, N, D) in ``mod_dtype`` stacks the (N, D)
+    gradients in the order (dgate if y is given, then dshift, dscale if dh is given)."""
     has_residual, has_norm = y is not None, dh is not None
     ref = xn if has_norm else dr
     n, t, d = ref.shape
     dummy = ref
-    dx = dy = dshift = dscale = dgate = None
+    dx = dy = None
     block_m, block_d, num_warps = row_tile(d, t, per_thread=8)
     n_chunks = max(1, min(cdiv(reduction_programs(ref.device), max(n, 1)), cdiv(t, block_m)))
     rows_per_chunk = cdiv(cdiv(max(t, 1), n_chunks), block_m) * block_m
     n_chunks = cdiv(max(t, 1), rows_per_chunk)
-
-    def part():
-        return empty_output((n, n_chunks, d), torch.float32, ref.device)
-
+    kinds = ["gate"] * has_residual + ["shift", "scale"] * has_norm
+    partials = empty_output((len(kinds), n, n_chunks, d), torch.float32, ref.device)  # one fp32 row per program
+    part = dict(zip(kinds, partials))
     if has_norm:
         dh, xn, scale = dh.contiguous(), xn.contiguous(), _unit_stride(scale)
         dx = empty_output(ref.shape, x_dtype, ref.device)
-        dshift, dscale = part(), part()
     if has_residual:
         dr, y, gate = dr.contiguous(), y.contiguous(), _unit_stride(gate)
         dy = empty_output(ref.shape, y.dtype, ref.device)
-        dgate = part()
     if n * t:
         with device_guard(ref):
             _adaln_bwd_kernel[(n, n_chunks)](
                 dh if has_norm else dummy, dr if has_residual else dummy, xn if has_norm else dummy,
                 y if has_residual else dummy, gate if has_residual else dummy, scale if has_norm else dummy,
                 dx if has_norm else dummy, dy if has_residual else dummy,
-                dshift if has_norm else dummy, dscale if has_norm else dummy, dgate if has_residual else dummy,
+                part.get("shift", dummy), part.get("scale", dummy), part.get("gate", dummy),
                 t, d, rows_per_chunk, n_chunks,
                 gate.stride(0) if has_residual else 0, scale.stride(0) if has_norm else 0, eps,
                 HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
             )  # fmt: skip
     else:
-        for p in (dshift, dscale, dgate):
-            if p is not None:
-                p.zero_()
-    # Fixed-order sums of the per-program partial rows: deterministic.
-    sums = [p.sum(dim=1) if p is not None else None for p in (dshift, dscale, dgate)]
-    return (dx, dy, *sums)
+        partials.zero_()
+    # Fixed-order sums of the per-program partial rows (deterministic), every gradient in one launch.
+    return dx, dy, column_sums(partials.view(len(kinds) * n, n_chunks, d), mod_dtype).view(len(kinds), n, d)
+
+
+def _mod_grad_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the (N, D) gradients are summed into: theirs when they share one (the chunks of
+    one adaLN modulation tensor do), else fp32 (each then cast on its own)."""
+    return dtypes[0] if len(set(dtypes)) == 1 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,16 +282,16 @@ def _(x, shift, scale, eps):
 
 @torch.library.custom_op("reglue::adaln_modulate_bwd", mutates_args=())
 def _adaln_modulate_bwd(
-    dh: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, _, dshift, dscale, _ = _launch_bwd(dh, None, x, None, None, scale, eps, x.dtype)
-    return dx, dshift, dscale
+    dh: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float, mod_dtype: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx, (dshift, dscale) stacked as (2, N, D) in ``mod_dtype``)."""
+    dx, _, dmod = _launch_bwd(dh, None, x, None, None, scale, eps, x.dtype, mod_dtype)
+    return dx, dmod
 
 
 @_adaln_modulate_bwd.register_fake
-def _(dh, x, scale, eps):
-    f32 = x.new_empty((x.shape[0], x.shape[-1]), dtype=torch.float32)
-    return x.new_empty(x.shape), f32, torch.empty_like(f32)
+def _(dh, x, scale, eps, mod_dtype):
+    return x.new_empty(x.shape), x.new_empty((2, x.shape[0], x.shape[-1]), dtype=mod_dtype)
 
 
 def _adaln_modulate_setup(ctx, inputs, output):
@@ -300,8 +303,10 @@ def _adaln_modulate_setup(ctx, inputs, output):
 
 def _adaln_modulate_backward(ctx, dh):
     x, scale = ctx.saved_tensors
-    dx, dshift, dscale = _adaln_modulate_bwd(dh, x, scale, ctx.eps)
-    return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
+    dtypes = (ctx.shift_dtype, scale.dtype)
+    dx, dmod = _adaln_modulate_bwd(dh, x, scale, ctx.eps, _mod_grad_dtype(*dtypes))
+    dshift, dscale = (g.to(dtype) for g, dtype in zip(dmod, dtypes))
+    return dx, dshift, dscale, None
 
 
 _adaln_modulate_fwd.register_autograd(_adaln_modulate_backward, setup_context=_adaln_modulate_setup)
@@ -323,17 +328,15 @@ def _(x, y, gate, shift, scale, eps):
 @torch.library.custom_op("reglue::gated_residual_adaln_bwd", mutates_args=())
 def _gated_residual_adaln_bwd(
     dr: torch.Tensor, dh: torch.Tensor, r: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
-    eps: float,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """-> (d(r-input) in r's dtype, dy, dgate, dshift, dscale); the (N, D) ones in fp32."""
-    dx, dy, dshift, dscale, dgate = _launch_bwd(dh, dr, r, y, gate, scale, eps, r.dtype)
-    return dx, dy, dgate, dshift, dscale
+    eps: float, mod_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """-> (d(r-input) in r's dtype, dy, (dgate, dshift, dscale) stacked as (3, N, D) in ``mod_dtype``)."""
+    return _launch_bwd(dh, dr, r, y, gate, scale, eps, r.dtype, mod_dtype)
 
 
 @_gated_residual_adaln_bwd.register_fake
-def _(dr, dh, r, y, gate, scale, eps):
-    f32 = r.new_empty((r.shape[0], r.shape[-1]), dtype=torch.float32)
-    return r.new_empty(r.shape), y.new_empty(y.shape), f32, torch.empty_like(f32), torch.empty_like(f32)
+def _(dr, dh, r, y, gate, scale, eps, mod_dtype):
+    return r.new_empty(r.shape), y.new_empty(y.shape), r.new_empty((3, r.shape[0], r.shape[-1]), dtype=mod_dtype)
 
 
 def _gated_residual_adaln_setup(ctx, inputs, output):
@@ -351,8 +354,10 @@ def _gated_residual_adaln_backward(ctx, dr, dh):
         dr = torch.zeros_like(r)
     if dh is None:
         dh = torch.zeros_like(r)
-    dx, dy, dgate, dshift, dscale = _gated_residual_adaln_bwd(dr, dh, r, y, gate, scale, ctx.eps)
-    return dx.to(x_dtype), dy, dgate.to(gate.dtype), dshift.to(shift_dtype), dscale.to(scale.dtype), None
+    dtypes = (gate.dtype, shift_dtype, scale.dtype)
+    dx, dy, dmod = _gated_residual_adaln_bwd(dr, dh, r, y, gate, scale, ctx.eps, _mod_grad_dtype(*dtypes))
+    dgate, dshift, dscale = (g.to(dtype) for g, dtype in zip(dmod, dtypes))
+    return dx.to(x_dtype), dy, dgate, dshift, dscale, None
 
 
 _gated_residual_adaln_fwd.register_autograd(_gated_residual_adaln_backward, setup_context=_gated_residual_adaln_setup)
@@ -370,14 +375,14 @@ def _(x, y, gate):
 
 @torch.library.custom_op("reglue::gated_residual_bwd", mutates_args=())
 def _gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """-> (dy, dgate in fp32); dx is dout itself."""
-    _, dy, _, _, dgate = _launch_bwd(None, dout, None, y, gate, None, 0.0, dout.dtype)
-    return dy, dgate
+    """-> (dy, dgate in gate's dtype); dx is dout itself."""
+    _, dy, dmod = _launch_bwd(None, dout, None, y, gate, None, 0.0, dout.dtype, gate.dtype)
+    return dy, dmod[0]
 
 
 @_gated_residual_bwd.register_fake
 def _(dout, y, gate):
-    return y.new_empty(y.shape), y.new_empty((y.shape[0], y.shape[-1]), dtype=torch.float32)
+    return y.new_empty(y.shape), gate.new_empty((y.shape[0], y.shape[-1]))
 
 
 def _gated_residual_setup(ctx, inputs, output):
@@ -389,7 +394,7 @@ def _gated_residual_setup(ctx, inputs, output):
 def _gated_residual_backward(ctx, dout):
     y, gate = ctx.saved_tensors
     dy, dgate = _gated_residual_bwd(dout, y, gate)
-    return dout.to(ctx.x_dtype), dy, dgate.to(gate.dtype)
+    return dout.to(ctx.x_dtype), dy, dgate
 
 
 _gated_residual_fwd.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)

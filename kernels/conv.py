@@ -111,22 +111,38 @@ if triton is not None:
         tl.store(OUT + out_offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _conv_blocks(c_in: int, c_out: int, pixels: int) -> list:
+def _conv_blocks(c_in: int, c_out: int, pixels: int, interpreter: bool = None) -> list:
     """Candidate (BLOCK_P, BLOCK_CO, BLOCK_CI, num_warps, num_stages) tiles for the autotuner, the
-    default first; tl.dot needs every block >= 16.
+    default first; tl.dot needs every block >= 16. ``interpreter``: the tiles for that build
+    (default: how this process's kernels were built).
 
     On a GPU: 64-pixel tiles (a 16 x 16 x 32 batch gives 128 x ceil(C_out / 128) CTAs, >= one per
     SM of an H100 with two column tiles, and 3+ CTAs fit an SM), 128 output channels, and K steps of
-    32 channels (64-byte bf16 rows) in a 3-stage pipeline; the alternative halves the output
-    channels (twice the CTAs) with a 4-stage pipeline, or for 16 channels doubles the pixels. The interpreter gets one tile, few and big programs (it pays per program and per op)."""
-    if interpreter_enabled():
+    32 channels (64-byte bf16 rows) in a 3-stage pipeline. The alternative never has fewer CTAs:
+    it halves the output channels (twice the CTAs) with a 4-stage pipeline; at 16 output channels
+    (32-pixel tiles, 256 CTAs at 16 x 16 x 32) it keeps the grid and takes K steps of 64 channels
+    (whole 128-byte lines of bf16), or for fewer than 64 input channels a 4-stage pipeline. The
+    interpreter gets one tile, few and big programs (it pays per program and per op)."""
+    if interpreter_enabled() if interpreter is None else interpreter:
         return [(min(max(next_power_of_2(pixels), 16), 256), min(max(next_power_of_2(c_out), 16), 256),
                  min(max(next_power_of_2(c_in), 16), 128), 4, 1)]  # fmt: skip
     block_ci = min(32, max(next_power_of_2(c_in), 16))
     block_co = min(max(next_power_of_2(c_out), 16), 128)
     block_p = 64 if block_co >= 64 else 32
-    alternative = (block_p, block_co // 2, block_ci, 4, 4) if block_co > 16 else (2 * block_p, 16, block_ci, 4, 3)
+    if block_co > 16:
+        alternative = (block_p, block_co // 2, block_ci, 4, 4)
+    elif c_in >= 2 * block_ci:
+        alternative = (block_p, 16, 2 * block_ci, 4, 3)
+    else:
+        alternative = (block_p, 16, block_ci, 4, 4)
     return [(block_p, block_co, block_ci, 4, 3), alternative]
+
+
+def conv_configs(interpreter: bool) -> list:
+    """Every tile :func:`_conv_blocks` can return for that build, whatever the widths and pixel
+    count: the autotuner's declared configs (pruned to a shape's candidates)."""
+    sizes = [1 << i for i in range(4, 13)]  # channel and pixel counts by power-of-two class, 16 .. 4096
+    return sorted({tile for c_in in sizes for c_out in sizes for p in sizes for tile in _conv_blocks(c_in, c_out, p, interpreter)})
 
 
 if triton is not None:
@@ -138,8 +154,7 @@ if triton is not None:
 
     _conv3x3_tuned = triton.autotune(
         [triton.Config({"BLOCK_P": p, "BLOCK_CO": co, "BLOCK_CI": ci}, num_warps=w, num_stages=st)
-         for p in (16, 32, 64, 128, 256) for co in (16, 32, 64, 128, 256) for ci in (16, 32, 64, 128)
-         for w in (4, 8) for st in (1, 3, 4)],
+         for p, co, ci, w, st in conv_configs(interpreter_enabled())],
         key=["C_in", "C_out", "P"], prune_configs_by={"early_config_prune": _prune_conv_configs},
     )(_conv3x3_kernel)
 
@@ -174,6 +189,13 @@ def packed_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return packed
 
 
+def uses_tf32(dtype: torch.dtype) -> bool:
+    """Do the conv's dots for ``dtype`` inputs run TF32 (10-bit mantissa operands, fp32 accumulation)?
+    fp32 inputs do where ``torch.backends.cuda.matmul.allow_tf32`` permits (the trainer sets it on
+    CUDA); bf16/fp16 operands are exact in TF32 anyway. The self-check judges fp32 by this."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
 def _channels_last_out(x: torch.Tensor) -> bool:
     """Outputs follow the input's layout: channels-last in, channels-last out; NCHW otherwise."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -200,7 +222,6 @@ def _fused_conv2d_fwd(
         return out
     grid = lambda meta: (cdiv(n * h * w, meta["BLOCK_P"]), cdiv(c_out, meta["BLOCK_CO"]))  # noqa: E731
     has_bias, has_residual = bias is not None, residual is not None
-    fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     with device_guard(x):
         _conv3x3_tuned[grid](
             x, packed, bias if has_bias else x, residual if has_residual else x, out,
@@ -208,7 +229,7 @@ def _fused_conv2d_fwd(
             *(_pixel_strides(residual) if has_residual else (0, 0, 0)), *_pixel_strides(out),
             HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, RELU=relu,
             # fp32 runs on tensor cores (TF32) where torch allows it for matmuls, else exact FMA.
-            PRECISION=fp32_precision if x.dtype == torch.float32 else "tf32",
+            PRECISION="ieee" if x.dtype == torch.float32 and not uses_tf32(x.dtype) else "tf32",
             # The interpreter multiplies bf16 operands as their raw uint16 bits: upcast there (exact).
             # interpreter_enabled() asks how the kernel was built, so compiled kernels never take this.
             UPCAST_DOT=interpreter_enabled() and x.dtype == torch.bfloat16,

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from triton.runtime.autotuner import Autotuner
 
-from . import _utils, adaln, conv, rmsnorm
+from . import _partials, _utils, adaln, conv, rmsnorm
 from .roofline import SM_COUNT, compressor_encoder_convs, conv3x3_bytes_flops, floor_us, row_op_bytes
 
 KERNELS = {
@@ -43,9 +43,11 @@ KERNELS = {
     "rms_norm_fwd": (rmsnorm, "_rms_norm_fwd_tuned"),
     "rms_norm_bwd": (rmsnorm, "_rms_norm_bwd_kernel"),
     "conv3x3": (conv, "_conv3x3_tuned"),
+    "column_sum": (_partials, "_column_sum_kernel"),
 }
 """Every Triton kernel the launchers of reglue.kernels call: name -> (module, attribute); the
-forward kernels are autotuned (each candidate config is its own variant here)."""
+forward kernels are autotuned (each candidate config is its own variant here); ``column_sum``
+finishes every backward's (N, D) / (D,) gradients from their fp32 partial rows."""
 
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
@@ -76,6 +78,8 @@ class RunShapes:
     feature_grid: int
     dtype: torch.dtype = torch.bfloat16
     conv_dtype: torch.dtype = torch.bfloat16
+    tf32: bool = False
+    """fp32 convolutions run TF32 (``torch.backends.cuda.matmul.allow_tf32``, which the trainer sets on CUDA)."""
 
 
 @dataclasses.dataclass
@@ -166,7 +170,7 @@ def record_run_launches(shapes: RunShapes, arch: int, device: str = "cpu") -> Li
         torch.autograd.grad(outs, inputs, [torch.empty_like(o) for o in outs], allow_unused=True)
         _tag(record, start, op, "bwd")
 
-    with recording_launches(record, sm_count):
+    with recording_launches(record, sm_count), _utils.tf32_allowed(shapes.tf32):
         x, y = leaf(n, t, d), leaf(n, t, d)
         block_mod = leaf(n, 6 * d)  # SiTBlock: adaLN_modulation(c).chunk(6) gives strided views
         shift, scale, gate = block_mod[:, :d], block_mod[:, d:2 * d], block_mod[:, 2 * d:3 * d]
@@ -219,6 +223,34 @@ def variant_key(launch: Launch, arch: int) -> str:
     """What makes two launches the same compiled kernel: the source and its specialisation."""
     src, options = specialise(launch, arch)
     return f"{launch.kernel_name}|{src.signature}|{src.constants}|{src.attrs}|{options}"
+
+
+def specialisation(launch: Launch, arch: int) -> Dict:
+    """The launch's specialisation as the JIT computes it: ``signature``, each runtime argument's
+    type (``*bf16`` a pointer, ``i32``, ``fp32``); ``specialisation``, each argument the binder
+    specialised: ``"16"`` where it asserts divisibility by 16 (a pointer's 16-byte alignment, an
+    int's value: ``tt.divisibility``), the value where an int became a constant (1)."""
+    src, _ = specialise(launch, arch)
+    names = list(src.signature)
+    declared = {p.name for p in launch.kernel.params if p.is_constexpr}
+    special = {names[path[0]]: str(value) for path, attrs in src.attrs.items()
+               for attr, value in attrs if attr == "tt.divisibility"}
+    special.update({names[path[0]]: value for path, value in src.constants.items() if names[path[0]] not in declared})
+    return {"signature": {name: ty for name, ty in src.signature.items() if ty != "constexpr"}, "specialisation": special}
+
+
+def compact_specialisation(row: Dict) -> str:
+    """``X,Y *bf16:16; M i32; stride *i32:16; out_sc=1``: the arguments grouped by type, ``:16``
+    for divisibility by 16, ``=v`` for an int specialised to a constant."""
+    groups: List[Tuple[str, List[str]]] = []
+    special = row["specialisation"]
+    for name, ty in list(row["signature"].items()) + [(n, None) for n in special if n not in row["signature"]]:
+        kind = f"={special[name]}" if ty is None else f" {ty}" + (f":{special[name]}" if name in special else "")
+        if groups and groups[-1][0] == kind and ty is not None:
+            groups[-1][1].append(name)
+        else:
+            groups.append((kind, [name]))
+    return "; ".join(",".join(names) + kind for kind, names in groups)
 
 
 def compile_launch(launch: Launch, arch: int):
@@ -320,6 +352,9 @@ def _bytes_flops(launch: Launch, shapes: RunShapes) -> Tuple[int, int]:
     """Minimum traffic and FLOPs of the op behind ``launch`` at the run's shape."""
     n, t, d = shapes.batch, shapes.tokens, shapes.hidden_size
     elem = shapes.dtype.itemsize
+    if launch.kernel_name == "column_sum":  # read the fp32 partial rows, write the sums
+        part, out = launch.args[0], launch.args[1]
+        return part.numel() * part.element_size() + out.numel() * out.element_size(), 0
     if launch.kernel_name.startswith("conv"):
         x, c_in, c_out = launch.args[0], launch.args[6], launch.args[7]
         return conv3x3_bytes_flops(x.shape[0], c_in, c_out, x.shape[2], x.shape[3], x.element_size(),
@@ -355,6 +390,7 @@ def report_rows(shapes: RunShapes, arch: int, launches: Optional[Sequence[Launch
             continue
         row = {"kernel": launch.kernel_name, "ops": [f"{launch.op} {launch.mode}"], "arch": f"sm_{arch}",
                "constexprs": {k: v for k, v in launch.kwargs.items() if k not in _OPTIONS},
+               **specialisation(launch, arch),
                "grid": list(launch.grid), "autotune_candidate": launch.candidate}
         try:
             meta, facts = _compile_and_read(key, launch, arch)
@@ -463,7 +499,8 @@ def markdown(rows: Sequence[Dict], title: str) -> str:
             f"| {limiter(row)} |")
     lines += ["", "What limits each variant, and what the GPU should show (the targets are bars to hold a GPU run to, "
               "not measurements):", ""]
-    lines += [f"- `{row['kernel']} {_flags(row)}` ({', '.join(row['ops'])}): {limiter(row)}. GPU: {expectation(row)}."
+    lines += [f"- `{row['kernel']} {_flags(row)}` ({', '.join(row['ops'])}): {limiter(row)}. GPU: {expectation(row)}. "
+              f"Launch specialisation: `{compact_specialisation(row)}`."
               for row in rows if "error" not in row]
     return "\n".join(lines) + "\n"
 
@@ -486,6 +523,8 @@ QK RMSNorm rows apply with `model.qk_norm=true` (off in the paper presets).
 def _flags(row: Dict) -> str:
     c = row["constexprs"]
     on = [k.removeprefix("HAS_").lower() for k, v in c.items() if isinstance(v, bool) and v]
+    if row.get("signature", {}).get("X") == "*fp32" and "PRECISION" in c:  # fp32 dots: TF32 or exact
+        on.append(c["PRECISION"])
     blocks = " ".join(f"{k[6:]}{v}" for k, v in sorted(c.items()) if k.startswith("BLOCK"))
     tuned = f" autotune {row['autotune_candidate']}" if row.get("autotune_candidate") else ""
     return f"[{' '.join(on)}{' ' if on else ''}{blocks}{tuned}]"
@@ -508,6 +547,7 @@ def shapes_of_preset(name: str, batch: int) -> RunShapes:
         feature_grid=(config.data.image_size * 224 // 256) // 14,
         dtype=torch.bfloat16 if config.parallel.param_dtype == "bf16" else torch.float32,
         conv_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.encoders.dtype],
+        tf32=True,  # the trainer allows TF32 on CUDA
     )
 
 

@@ -3,7 +3,8 @@
     rms_norm(x, weight, eps)   x * rsqrt(mean(x², -1) + eps) * weight      x: (..., D), weight: (D,)
 
 Statistics in fp32; the output has x's dtype (as ``torch.nn.functional.rms_norm``). The weight
-gradient is summed over rows from fp32 partial rows, one per program, added up afterwards.
+gradient is summed over rows from fp32 partial rows, one per program, added up (and cast to the
+weight's dtype) by one ``column_sums`` launch.
 """
 
 from typing import Tuple
@@ -11,6 +12,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
+from ._partials import column_sums
 from ._utils import (
     can_run_triton,
     cdiv,
@@ -165,7 +167,7 @@ def _(x, weight, eps):
 
 @torch.library.custom_op("reglue::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """-> (dx contiguous in x's shape and dtype, dweight in fp32); x read in place."""
+    """-> (dx contiguous in x's shape and dtype, dweight in weight's dtype); x read in place."""
     dy, weight = dy.contiguous(), weight.contiguous()
     d = x.shape[-1]
     dx = empty_output(x.shape, x.dtype, x.device)
@@ -182,12 +184,12 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: 
                 dy, x, weight, dx, dw_part, m, s1, s2, t0, t1, t2, eps,
                 D=d, ROW_ALIGN=align, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
             )  # fmt: skip
-    return dx, dw_part.sum(dim=0)
+    return dx, column_sums(dw_part.view(1, n_programs, d), weight.dtype).view(d)
 
 
 @_rms_norm_bwd.register_fake
 def _(dy, x, weight, eps):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape, dtype=torch.float32)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _rms_norm_setup(ctx, inputs, output):
@@ -199,7 +201,7 @@ def _rms_norm_setup(ctx, inputs, output):
 def _rms_norm_backward(ctx, dy):
     x, weight = ctx.saved_tensors
     dx, dw = _rms_norm_bwd(dy, x, weight, ctx.eps)
-    return dx, dw.to(weight.dtype), None
+    return dx, dw, None
 
 
 _rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)

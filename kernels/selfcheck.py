@@ -3,7 +3,9 @@
 ``check_fused_ops(device, ...)`` runs every fused op once on small inputs (at the run's hidden
 size, head dim and compressor widths, so the kernel variants compiled are the run's own) and
 compares it with its ``*_ref``, output and every gradient, by the three-way rule the kernel tests
-use: fp32 tight; bf16/fp16 ``|kernel - ref32| <= 2 |eager - ref32| + atol``. Output buffers are
+use: fp32 tight; bf16/fp16 ``|kernel - ref32| <= 2 |eager - ref32| + atol``; an fp32 convolution
+that runs TF32 (the trainer allows TF32 on CUDA) by the same rule at TF32's precision. The fp32
+reference is computed with TF32 off, whatever the process allows. Output buffers are
 NaN-poisoned while it runs, so an element a kernel never writes fails. A kernel that fails to
 compile or launch, or disagrees, is reported with the error; the caller runs the reference for
 that op alone (``reglue.kernels.select_ops`` takes the passing set). One loud warning per failed
@@ -26,12 +28,18 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from . import _utils
+from ._utils import tf32_allowed
 
 log = logging.getLogger("reglue.kernels")
 
 # fp32: kernel and reference differ only by summation order.
 FP32_RTOL = 1e-4
 FP32_ATOL_REL = 1e-5  # times the largest |reference| element of that tensor
+
+TF32_EPS = 2.0**-10
+"""Epsilon of TF32 (10 explicit mantissa bits; bf16 has 7): a TF32 tensor-core dot keeps that much
+of each fp32 operand and accumulates in fp32, so its products are off by up to about 2^-10
+relative (2^-11 if the operands are rounded to nearest, as cvt.rna does, 2^-10 if truncated)."""
 
 
 def outputs_and_grads(fn: Callable, inputs: Sequence[Optional[torch.Tensor]], grad_outputs=None):
@@ -47,12 +55,14 @@ def outputs_and_grads(fn: Callable, inputs: Sequence[Optional[torch.Tensor]], gr
 
 
 def three_way_mismatch(kernel: torch.Tensor, eager: torch.Tensor, ref32: torch.Tensor, name: str,
-                       ulps: float = 1) -> Optional[str]:
+                       ulps: float = 1, tf32: bool = False) -> Optional[str]:
     """None when ``kernel`` is as close to the fp32 reference as the rule asks, else why not.
 
     fp32: ``|kernel - ref32| <= FP32_ATOL_REL·max|ref32| + FP32_RTOL·|ref32|``. bf16/fp16:
     ``|kernel - ref32| <= 2 |eager - ref32| + atol``, atol ``ulps`` units of the dtype's epsilon
-    at the tensor's largest magnitude (1 for one op; a chain of ops earns a few).
+    at the tensor's largest magnitude (1 for one op; a chain of ops earns a few). ``tf32``: an fp32
+    kernel whose dots run TF32 is held to the bf16/fp16 rule with TF32's epsilon
+    (:data:`TF32_EPS`), ``eager`` being the reference with TF32 allowed, ``ref32`` without.
     """
     if kernel is None:
         return f"{name}: the kernel gave no result (no gradient?)"
@@ -65,13 +75,14 @@ def three_way_mismatch(kernel: torch.Tensor, eager: torch.Tensor, ref32: torch.T
         return f"{name} ({kernel.dtype}): {n_nan} more NaN elements than the reference"
     scale = ref32.abs().max().item() if ref32.numel() else 0.0
     err_kernel = (kernel.float() - ref32).abs().nan_to_num(0.0)
-    if kernel.dtype == torch.float32:
+    if kernel.dtype == torch.float32 and not tf32:
         allowed = FP32_ATOL_REL * max(scale, 1.0) + FP32_RTOL * ref32.abs()
         rule = f"{FP32_ATOL_REL:g}·max(|ref|, 1) + {FP32_RTOL:g}·|ref|"
     else:
         err_eager = (eager.float() - ref32).abs().nan_to_num(0.0)
-        allowed = 2 * err_eager + ulps * torch.finfo(kernel.dtype).eps * max(scale, 1e-3)
-        rule = "2|eager-ref32| + atol"
+        eps = TF32_EPS if kernel.dtype == torch.float32 else torch.finfo(kernel.dtype).eps
+        allowed = 2 * err_eager + ulps * eps * max(scale, 1e-3)
+        rule = f"2|eager-ref32| + atol{' (TF32)' if kernel.dtype == torch.float32 else ''}"
     bad = err_kernel > allowed
     if not bad.any():
         return None
@@ -84,21 +95,29 @@ def three_way_mismatch(kernel: torch.Tensor, eager: torch.Tensor, ref32: torch.T
 
 
 def compare_op(kernel_fn: Callable, ref_fn: Callable, inputs, grad_outputs, dtype: torch.dtype,
-               input_names: Sequence[str], output_names: Sequence[str], ulps: float = 1) -> Optional[str]:
+               input_names: Sequence[str], output_names: Sequence[str], ulps: float = 1,
+               tf32: bool = False) -> Optional[str]:
     """Run ``kernel_fn``, ``ref_fn(..., upcast=False)`` and ``ref_fn(..., upcast=True)`` on
     ``inputs`` cast to ``dtype`` (the fp32 reference sees those same values upcast); None when
     every output and every input gradient passes :func:`three_way_mismatch`, else the failures.
-    ``grad_outputs`` None compares the forward only."""
+    ``grad_outputs`` None compares the forward only.
+
+    The kernel runs under the process's TF32 settings, the fp32 reference always without TF32 (it
+    is the truth), the same-dtype reference with TF32 exactly when ``tf32`` says the kernel's fp32
+    dots run TF32 (then fp32 outputs are judged at TF32's precision)."""
     low = [None if t is None else t.to(dtype) for t in inputs]
     grads_low = None if grad_outputs is None else [g.to(dtype) for g in grad_outputs]
     up = [None if t is None else t.float() for t in low]
     grads_up = None if grad_outputs is None else [g.float() for g in grads_low]
     k_out, k_grad = outputs_and_grads(kernel_fn, low, grads_low)
-    e_out, e_grad = outputs_and_grads(lambda *a: ref_fn(*a, upcast=False), low, grads_low)
-    r_out, r_grad = outputs_and_grads(lambda *a: ref_fn(*a, upcast=True), up, grads_up)
-    problems = [three_way_mismatch(k, e, r, name, ulps) for name, k, e, r in zip(output_names, k_out, e_out, r_out)]
+    with tf32_allowed(tf32):
+        e_out, e_grad = outputs_and_grads(lambda *a: ref_fn(*a, upcast=False), low, grads_low)
+    with tf32_allowed(False):
+        r_out, r_grad = outputs_and_grads(lambda *a: ref_fn(*a, upcast=True), up, grads_up)
+    problems = [three_way_mismatch(k, e, r, name, ulps, tf32)
+                for name, k, e, r in zip(output_names, k_out, e_out, r_out)]
     if grad_outputs is not None:
-        problems += [three_way_mismatch(k, e if k is None else e.to(k.dtype), r, f"d{name}", ulps)
+        problems += [three_way_mismatch(k, e if k is None else e.to(k.dtype), r, f"d{name}", ulps, tf32)
                      for name, k, e, r in zip(input_names, k_grad, e_grad, r_grad) if r is not None]
     problems = [p for p in problems if p]
     return "\n".join(problems) if problems else None
@@ -159,11 +178,14 @@ def check_op(op: str, device: torch.device, dtype: torch.dtype, sizes: CheckSize
     ``dtype``; otherwise the error (exception or mismatch) as text."""
     if not _utils.can_run_triton(torch.empty(0, device=device)):  # the "kernel" would be the reference itself
         return "Triton cannot run here (not installed, or a CPU device without TRITON_INTERPRET=1)"
+    from .conv import uses_tf32
+
     kernel_fn, ref_fn, inputs, grads, in_names, out_names = _case(op, sizes, device)
+    tf32 = op == "fused_conv2d" and uses_tf32(dtype)  # the one op with dots
     poison = _utils.poison_outputs
     _utils.poison_outputs = True
     try:
-        return compare_op(kernel_fn, ref_fn, inputs, grads, dtype, in_names, out_names)  # syncs: reads results
+        return compare_op(kernel_fn, ref_fn, inputs, grads, dtype, in_names, out_names, tf32=tf32)  # syncs: reads results
     except Exception as exc:  # a compile, launch or resource failure: the op must not run fused
         _check_device_usable(device, op, exc)
         return f"{type(exc).__name__}: {exc}".strip()
@@ -192,11 +214,12 @@ def check_fused_ops(device, dtypes: Sequence[torch.dtype] = (torch.float32,), si
                     ops: Sequence[str] = _utils.FUSED_OPS) -> Dict[str, Optional[str]]:
     """op -> None (runs fused) or the error that sends it to the eager reference, for ``device``.
 
-    Each op is checked in every dtype of ``dtypes``, once per process for the same arguments;
-    a failure is logged once as a warning naming the op, the device and the error.
+    Each op is checked in every dtype of ``dtypes``, once per process for the same arguments and
+    TF32 setting; a failure is logged once as a warning naming the op, the device and the error.
     """
     device = torch.device(device)
-    key = (str(device), tuple(dtypes), sizes, tuple(ops))
+    # TF32 changes what an fp32 conv computes (and the rule it is judged by): part of the key.
+    key = (str(device), tuple(dtypes), sizes, tuple(ops), torch.backends.cuda.matmul.allow_tf32)
     if key in _results:
         return dict(_results[key])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "the Triton interpreter"

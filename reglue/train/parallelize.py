@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, Optional
 
 import torch
+import torch._functorch.config
 import torch.nn as nn
 
 from reglue.config import Config, ParallelConfig
@@ -100,13 +101,19 @@ def _check_sizes(config: Config):
 def _self_checked(config: Config, device: torch.device, ops: FrozenSet[str]) -> Dict[str, str]:
     """op -> error for the ops that fail the self-check on ``device`` in the dtypes the run uses,
     agreed over ranks (an op runs fused only where it passed on every rank, so all ranks run the
-    same arithmetic)."""
+    same arithmetic). The convolutions run only in the frozen encoders' dtype (the compressor
+    encodes their features), so that is the one they are checked in; the other ops in fp32 and
+    the dtypes of the parameters and the frozen encoders."""
     from reglue.kernels.selfcheck import check_fused_ops
     from reglue.models.encoders import frozen_dtype
 
-    dtypes = {torch.float32, compute_param_dtype(config.parallel, device), frozen_dtype(config.encoders.dtype, device)}
+    frozen = frozen_dtype(config.encoders.dtype, device)
+    dtypes = {torch.float32, compute_param_dtype(config.parallel, device), frozen}
     order = sorted(ops)
-    results = check_fused_ops(device, sorted(dtypes, key=str), _check_sizes(config), order)
+    results = {}
+    for group, group_dtypes in ((sorted(ops - {"fused_conv2d"}), dtypes), (sorted(ops & {"fused_conv2d"}), {frozen})):
+        if group:
+            results.update(check_fused_ops(device, sorted(group_dtypes, key=str), _check_sizes(config), group))
     passed = torch.tensor([results[op] is None for op in order], dtype=torch.int32, device=device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(passed, op=torch.distributed.ReduceOp.MIN)
@@ -170,16 +177,26 @@ def _is_compile_failure(exc: BaseException) -> bool:
 class _EagerOnCompileFailure:
     """Calls ``compiled``; if it fails to compile (lazily, at a call: torch.compile compiles at the
     first call and at every recompile), warns once per region name, records it in
-    :data:`compile_fallbacks`, and from then on calls ``eager``. Other errors propagate."""
+    :data:`compile_fallbacks`, and from then on calls ``eager``. Other errors propagate.
+
+    The backward graph is compiled with the forward, inside this guard: AOTAutograd otherwise
+    compiles it lazily at the first ``.backward()`` (static shapes), where a failure (Inductor,
+    ptxas) would stop the run. Regions of one name are copies of one code (the N blocks of a
+    model): once one has failed, the others run eager without compiling it again (the same
+    failure, N times the compile time, otherwise)."""
 
     def __init__(self, compiled: Callable, eager: Callable, name: str, on_fallback: Callable = lambda: None):
         self.compiled, self.eager, self.name, self.on_fallback = compiled, eager, name, on_fallback
         self.failed = False
 
     def __call__(self, *args, **kwargs):
+        if not self.failed and self.name in compile_fallbacks:  # a copy of this region failed to compile
+            self.failed = True
+            self.on_fallback()
         if not self.failed:
             try:
-                return self.compiled(*args, **kwargs)
+                with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                    return self.compiled(*args, **kwargs)
             except Exception as exc:
                 if not _is_compile_failure(exc):
                     raise

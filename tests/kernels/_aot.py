@@ -1,7 +1,9 @@
 """Compile every Triton kernel variant we launch to GPU machine code, without a GPU, as the JIT would.
 
 The launches are recorded from the real launchers at the real shapes of SiT-B/2 and SiT-XL/2
-REGLUE runs (QK-norm on, so RMSNorm is covered) and at odd shapes in fp32 and bf16, then
+REGLUE runs (QK-norm on, so RMSNorm is covered; and SiT-XL/2's compressor convs in fp32 with TF32
+allowed, as an ``encoders.dtype=fp32`` run has them) and at odd shapes in fp32 (exact: TF32 off)
+and bf16, then
 specialised by Triton's own binder (16-byte alignment of pointers, divisibility of ints by 16)
 and compiled for ``GPUTarget("cuda", 80|90, 32)`` by the bundled ptxas (``reglue.kernels.report``).
 Constructs the CPU interpreter accepts but the real compiler rejects fail here, and the facts of
@@ -21,12 +23,17 @@ import sys
 import torch
 
 
+TF32_SET = "sit-xl-2 fp32 convs (TF32)"
+
+
 def shape_sets():
     """name -> RunShapes the variants are recorded at."""
     from reglue.kernels.report import RunShapes, shapes_of_preset
 
     sets = {name: dataclasses.replace(shapes_of_preset(f"reglue-{name}", 32), qk_norm=True)
             for name in ("sit-b-2", "sit-xl-2")}
+    # encoders.dtype=fp32: the compressor's convs in fp32 on TF32 tensor cores (the trainer allows TF32).
+    sets[TF32_SET] = dataclasses.replace(sets["sit-xl-2"], conv_dtype=torch.float32, tf32=True)
     for dtype, d, head_dim in ((torch.float32, 100, 72), (torch.bfloat16, 72, 100)):
         sets[f"odd D={d} hd={head_dim} {str(dtype)[6:]}"] = RunShapes(
             batch=2, tokens=17, hidden_size=d, head_dim=head_dim, num_heads=2, qk_norm=True,

@@ -131,8 +131,10 @@ def test_opcheck():
     torch.library.opcheck(_adaln_modulate_fwd, (leaf(x), leaf(shift), leaf(scale), 1e-6))
     torch.library.opcheck(_gated_residual_adaln_fwd, (leaf(x), leaf(y), leaf(gate), leaf(shift), leaf(scale), 1e-6))
     torch.library.opcheck(_gated_residual_fwd, (leaf(x), leaf(y), leaf(gate)))
-    torch.library.opcheck(_adaln_modulate_bwd, (torch.randn_like(x), x, scale, 1e-6))
-    torch.library.opcheck(_gated_residual_adaln_bwd, (torch.randn_like(x), torch.randn_like(x), x, y, gate, scale, 1e-6))
+    torch.library.opcheck(_adaln_modulate_bwd, (torch.randn_like(x), x, scale, 1e-6, torch.float32))
+    torch.library.opcheck(_adaln_modulate_bwd, (torch.randn_like(x), x, scale, 1e-6, torch.bfloat16))
+    torch.library.opcheck(_gated_residual_adaln_bwd,
+                          (torch.randn_like(x), torch.randn_like(x), x, y, gate, scale, 1e-6, torch.float32))
     torch.library.opcheck(_gated_residual_bwd, (torch.randn_like(x), y, gate))
 
 

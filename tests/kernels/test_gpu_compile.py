@@ -17,4 +17,4 @@ def test_kernels_compile_for_sm80_and_sm90(kernel_facts):
     assert {r["arch"] for r in results} == {80, 90}
     assert sum(len(r["rows"]) for r in results) >= 60
     kernels = {row["kernel"] for r in results for row in r["rows"]}
-    assert kernels == {"adaln_fwd", "adaln_bwd", "rms_norm_fwd", "rms_norm_bwd", "conv3x3"}
+    assert kernels == {"adaln_fwd", "adaln_bwd", "rms_norm_fwd", "rms_norm_bwd", "conv3x3", "column_sum"}

@@ -69,7 +69,8 @@ def test_report_rejects_an_unknown_preset(capsys):
 @pytest.mark.slow
 def test_bf16_conv_main_loop_on_tensor_cores_with_pipelined_loads(kernel_facts):
     """Every tap's operands arrive by cp.async (no plain global load before the last cp.async: the
-    plain loads left are the epilogue's bias and residual) and feed MMA (sm_80) / wgmma or MMA (sm_90); the 3072->256 conv's grid covers every SM."""
+    plain loads left are the epilogue's bias and residual) and feed MMA (sm_80) / wgmma or MMA (sm_90); every
+    candidate's grid of every conv (3072->256, 256->256, 256->16) covers every SM."""
     _, results = kernel_facts
     convs = _rows(results, kernels={"conv3x3"})
     assert {a for _, a, _ in convs} == {80, 90}
@@ -78,8 +79,38 @@ def test_bf16_conv_main_loop_on_tensor_cores_with_pipelined_loads(kernel_facts):
         assert row["mma"] + row["wgmma"] > 0, f"{where}: no tensor-core MMA"
         assert row["cp_async"] > 0, f"{where}: no cp.async"
         assert row["plain_loads_before_last_cp_async"] == 0, f"{where}: plain loads in the cp.async pipeline"
-        if "conv 3072->256 fwd" in row["ops"]:
-            assert row["ctas"] >= report.SM_COUNT[a], f"{where}: {row['ctas']} CTAs"
+        assert row["ctas"] >= report.SM_COUNT[a], f"{where} {report._flags(row)}: {row['ctas']} CTAs"
+
+
+@pytest.mark.slow
+def test_fp32_conv_runs_on_tensor_cores_exactly_where_tf32_is_allowed(kernel_facts):
+    """fp32 convs with TF32 allowed (an encoders.dtype=fp32 run: the trainer allows TF32) use MMA on
+    sm_80 and sm_90; with TF32 off (the odd fp32 set) the exact fp32 dots are FMAs, no MMA."""
+    from tests.kernels._aot import TF32_SET
+
+    _, results = kernel_facts
+    tf32 = _rows(results, sets=(TF32_SET,), kernels={"conv3x3"})
+    exact = _rows(results, sets=("odd D=100 hd=72 float32",), kernels={"conv3x3"})
+    assert {a for _, a, _ in tf32} == {a for _, a, _ in exact} == {80, 90}
+    for s, a, row in tf32:
+        assert row["constexprs"]["PRECISION"] == "tf32" and row["signature"]["X"] == "*fp32"
+        assert row["mma"] + row["wgmma"] > 0, f"sm{a} {s} {row['ops']}: no tensor-core MMA"
+    for s, a, row in exact:
+        assert row["constexprs"]["PRECISION"] == "ieee" and row["signature"]["X"] == "*fp32"
+        assert row["mma"] + row["wgmma"] == 0 and row["fma_fp32"] > 0, f"sm{a} {s} {row['ops']}"
+
+
+@pytest.mark.slow
+def test_rows_record_the_launch_specialisation(kernel_facts):
+    """Each row says how the JIT specialised the launch: argument types, 16-divisible pointers and
+    ints, ints specialised to constants (the NHWC output's channel stride: 1)."""
+    _, results = kernel_facts
+    for s, a, row in _rows(results):
+        pointers = [name for name, ty in row["signature"].items() if ty.startswith("*")]
+        assert pointers and all(row["specialisation"].get(name) == "16" for name in pointers), (s, a, row["kernel"])
+    conv = next(row for _, _, row in _rows(results, kernels={"conv3x3"}))
+    assert conv["signature"]["X"] == "*bf16" and conv["specialisation"]["out_sc"] == 1
+    assert "out_sc=1" in report.compact_specialisation(conv)
 
 
 @pytest.mark.slow

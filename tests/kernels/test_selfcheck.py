@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from reglue.kernels import _utils, adaln, rmsnorm, select_ops, selfcheck
+from reglue.kernels import _utils, adaln, conv, rmsnorm, select_ops, selfcheck
 from reglue.kernels.adaln import adaln_modulate, gated_residual, gated_residual_adaln_ref
 from reglue.models.sit import SiT
 
@@ -61,13 +61,14 @@ def test_wrong_backward_numbers_are_caught(monkeypatch):
     """A forward that is right and a gradient that is not (dshift dropped) must fail too."""
     bwd = adaln._adaln_modulate_bwd
 
-    def no_dshift(dh, x, scale, eps):
-        dx, dshift, dscale = bwd(dh, x, scale, eps)
-        return dx, torch.zeros_like(dshift), dscale
+    def zero_dshift(dh, x, scale, eps, mod_dtype):
+        dx, dmod = bwd(dh, x, scale, eps, mod_dtype)  # dmod: (dshift, dscale) stacked
+        return dx, torch.stack([torch.zeros_like(dmod[0]), dmod[1]])
 
-    monkeypatch.setattr(adaln, "_adaln_modulate_bwd", no_dshift)
+    monkeypatch.setattr(adaln, "_adaln_modulate_bwd", zero_dshift)
     error = selfcheck.check_fused_ops(DEVICE, ops=("adaln_modulate",))["adaln_modulate"]
-    assert error is not None and "dshift" in error and "dscale" not in error
+    assert error is not None and "dshift (torch.float32)" in error and "elements break" in error
+    assert "dscale" not in error
 
 
 def test_unwritten_output_elements_are_caught(monkeypatch):
@@ -108,6 +109,63 @@ def test_model_runs_the_reference_for_a_failed_op_and_kernels_for_the_rest(monke
     torch.testing.assert_close(cls_out, want_cls, atol=1e-4, rtol=1e-4)
 
 
+def _tf32_operands(t: torch.Tensor, rounding: str) -> torch.Tensor:
+    """fp32 -> the TF32 value a tensor core multiplies (10 mantissa bits kept, fp32 storage): rounded
+    to nearest, ties away (cvt.rna.tf32.f32), or truncated (the low 13 bits ignored)."""
+    bits = t.contiguous().view(torch.int32)
+    if rounding == "rna":
+        bits = bits + 0x1000  # half a TF32 unit on the magnitude bits; a carry moves the exponent, as rounding does
+    return (bits & ~0x1FFF).view(torch.float32)
+
+
+def _conv_as_on_tf32_tensor_cores(monkeypatch, rounding: str, bug=None, always: bool = False):
+    """fused_conv2d computes what a GPU's TF32 dot does when the kernel runs TF32 (``always``: even
+    when it should not): the interpreter multiplies exact fp32, so the operands are reduced to TF32
+    first (accumulation stays fp32). ``bug`` changes the input as a kernel bug would."""
+    launch = conv._fused_conv2d_fwd
+
+    def tf32_launch(x, weight, bias, residual, relu):
+        if always or conv.uses_tf32(x.dtype):
+            x, weight = _tf32_operands(x, rounding), _tf32_operands(weight, rounding)
+        return launch(x if bug is None else bug(x), weight, bias, residual, relu)
+
+    monkeypatch.setattr(conv, "_fused_conv2d_fwd", tf32_launch)
+
+
+RUN_CONV = selfcheck.CheckSizes(conv_channels=(3072, 256))  # the REGLUE compressor's first conv: 27648-term dots
+
+
+def _allow_tf32(allowed: bool):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed  # the autouse fixture restores them
+
+
+@pytest.mark.parametrize("rounding", ["rna", "truncate"])
+def test_fp32_conv_running_tf32_passes_at_tf32_precision(monkeypatch, rounding):
+    """The trainer allows TF32 on CUDA before the self-check: the fp32 conv then runs TF32 and is
+    judged at TF32's precision (the exact-fp32 rule fails ~2000-3500 of its 9216 outputs)."""
+    _allow_tf32(True)
+    _conv_as_on_tf32_tensor_cores(monkeypatch, rounding)
+    results = selfcheck.check_fused_ops(DEVICE, (torch.float32,), RUN_CONV, ("fused_conv2d",))
+    assert results == {"fused_conv2d": None}
+
+
+def test_tf32_rule_still_catches_a_wrong_conv(monkeypatch):
+    """The last input channel dropped (an off-by-one in the channel mask) moves each output by
+    ~2x TF32's rounding error: caught by the TF32 rule."""
+    _allow_tf32(True)
+    _conv_as_on_tf32_tensor_cores(monkeypatch, "rna", bug=lambda x: torch.cat([x[:, :-1], 0 * x[:, -1:]], 1))
+    error = selfcheck.check_op("fused_conv2d", DEVICE, torch.float32, RUN_CONV)
+    assert error is not None and "(TF32)" in error
+
+
+def test_exact_fp32_conv_is_held_to_the_fp32_rule(monkeypatch):
+    """TF32 off: the conv must compute exact fp32, so TF32-rounded results fail."""
+    _allow_tf32(False)
+    _conv_as_on_tf32_tensor_cores(monkeypatch, "rna", always=True)
+    error = selfcheck.check_op("fused_conv2d", DEVICE, torch.float32, RUN_CONV)
+    assert error is not None and "(TF32)" not in error and "elements break" in error
+
+
 def test_unknown_op_names_are_rejected():
     with pytest.raises(ValueError, match="unknown fused ops"):
         select_ops({"adaln_modulate", "layer_norm"})
@@ -116,7 +174,10 @@ def test_unknown_op_names_are_rejected():
 
 
 @pytest.mark.gpu
-def test_real_kernels_pass_at_sit_xl_sizes_gpu():
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_real_kernels_pass_at_sit_xl_sizes_gpu(allow_tf32):
+    """As a run checks them: the trainer allows TF32 first (the fp32 conv then runs TF32)."""
+    _allow_tf32(allow_tf32)
     sizes = selfcheck.CheckSizes(hidden_size=1152, head_dim=72, tokens=257, conv_channels=(3072, 256))
     results = selfcheck.check_fused_ops(DEVICE, (torch.float32, torch.bfloat16, torch.float16), sizes)
     assert results == {op: None for op in _utils.FUSED_OPS}

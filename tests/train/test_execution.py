@@ -48,6 +48,26 @@ def test_auto_is_kernels_and_compile_on_cuda(monkeypatch):
     assert redi.fused_ops == {"adaln_modulate", "gated_residual", "gated_residual_adaln", "rms_norm"}
 
 
+def test_self_check_uses_the_dtypes_each_op_runs_in(monkeypatch):
+    """The compressor's convolutions run in the frozen encoders' dtype only (bf16 by default): they
+    are checked in that one (an fp32 check would meet TF32 convs the run never launches); the
+    adaLN/RMSNorm ops in fp32 and the parameters' dtype."""
+    from reglue.models import encoders
+
+    calls = []
+    monkeypatch.setattr(selfcheck, "check_fused_ops",
+                        lambda device, dtypes, sizes, ops: calls.append((tuple(ops), set(dtypes))) or dict.fromkeys(ops))
+    monkeypatch.setattr(encoders, "frozen_dtype", lambda name, device: {"bf16": torch.bfloat16, "fp32": torch.float32}[name])
+    monkeypatch.setattr(parallelize, "compute_param_dtype", lambda cfg, device: torch.bfloat16)
+    config = apply_overrides(get_preset("reglue-sit-xl-2"), {"model.qk_norm": "true"})
+    assert parallelize._self_checked(config, CPU, parallelize.ops_used(config)) == {}
+    assert calls == [(("adaln_modulate", "gated_residual", "gated_residual_adaln", "rms_norm"), {torch.float32, torch.bfloat16}),
+                     (("fused_conv2d",), {torch.bfloat16})]
+    calls.clear()
+    parallelize._self_checked(apply_overrides(config, {"encoders.dtype": "fp32"}), CPU, frozenset({"fused_conv2d"}))
+    assert calls == [(("fused_conv2d",), {torch.float32})]
+
+
 def test_flags_opt_out_and_in():
     cfg, _ = config_from_args(["--kernels", "eager", "--no-compile"])
     assert (cfg.model.kernels, cfg.parallel.compile) == ("eager", False)
