@@ -512,9 +512,11 @@ class Config:
                      "sample.guidance_rule 'reglue-vae-cfg' needs the SDE sampler for in-training evaluation too")
         if self.method.use_align:
             grid = latent // sizes["patch_size"]
-            enc_grid = (self.data.image_size * 224 // 256) // 14
+            enc_patch = self.encoders.dinov2_overrides.get("patch_size", 14)
+            enc_grid = (self.data.image_size * 224 // 256) // enc_patch
+            fix = f"use patch size {latent // enc_grid}" if enc_grid and latent % enc_grid == 0 else "change the image size"
             _require(grid == enc_grid, "model.patch_size",
-                     f"alignment needs the SiT token grid ({grid}x{grid}) to equal the DINOv2 patch grid ({enc_grid}x{enc_grid}); use patch size 2")
+                     f"alignment needs the SiT token grid ({grid}x{grid}) to equal the DINOv2 patch grid ({enc_grid}x{enc_grid}); {fix}")
 
     @property
     def in_channels(self) -> int:

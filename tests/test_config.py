@@ -1,5 +1,7 @@
 """Config validation, presets, overrides and the train.py flags."""
 
+import json
+
 import pytest
 
 from reglue.config import Config, ConfigError, ModelConfig, SampleConfig, TrainConfig, apply_overrides
@@ -47,6 +49,19 @@ def test_method_presets(method, in_ch, cls, align, size, depth):
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         apply_overrides(get_preset("tiny"), overrides)
+
+
+def test_alignment_grid_follows_the_dinov2_patch_size():
+    """The token grid must equal DINOv2's patch grid, whose patch is 14 unless the (random) encoder's
+    overrides say otherwise: a patch-7 tiny DINOv2 has an 8x8 grid on 64 px images, so SiT patch 1
+    aligns and patch 2 is refused with the patch size that fits."""
+    patch7 = {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 7}
+    cfg = apply_overrides(get_preset("tiny"), {"encoders.dinov2_overrides": json.dumps(patch7), "model.patch_size": "1"})
+    assert cfg.model.patch_size == 1
+    with pytest.raises(ConfigError, match=r"token grid \(4x4\) to equal the DINOv2 patch grid \(8x8\); use patch size 1"):
+        apply_overrides(get_preset("tiny"), {"encoders.dinov2_overrides": json.dumps(patch7)})
+    with pytest.raises(ConfigError, match=r"\(8x8\) to equal the DINOv2 patch grid \(4x4\); use patch size 2"):
+        apply_overrides(get_preset("tiny"), {"model.patch_size": "1"})
 
 
 def test_custom_arch_requires_sizes():
