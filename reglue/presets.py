@@ -287,8 +287,8 @@ def tiny() -> Config:
         data=DataConfig(image_size=64, synthetic_size=2048, synthetic_classes=8, num_workers=0),
         optim=OptimConfig(lr=5e-3),
         train=TrainConfig(
-            name="tiny", max_steps=400, global_batch_size=64, ema_decay=0.99, log_every=10,
-            ckpt_every=200, keep_last=2, num_sample_images=64,
+            name="tiny", max_steps=1000, global_batch_size=64, ema_decay=0.99, log_every=10,
+            ckpt_every=500, keep_last=2, num_sample_images=64,
         ),
         sample=SampleConfig(sampler="sde", steps=50, cfg_scale=2.0, guidance_interval=(0.0, 1.0)),
     )

@@ -4,7 +4,13 @@ and a fixed classifier of its classes that scores what a demo run samples.
 Class k draws one shape (circle, square, triangle, cross, ring, diamond, bars, dots, cycling)
 in a class hue (k / num_classes of the colour wheel, ±0.03) on a darker, desaturated, noisy
 background of roughly the opposite hue; position, size, rotation and brightness vary per image.
-Every image is a pure function of (seed, index): no files, no downloads, exact resume.
+Shapes have a radius of 25-38% of the side (16-24 px at 64 px): the demo's latent grid has one
+cell per 8x8 pixels, and at this size its autoencoder's reconstructions keep the shape (95% of
+them are classified right, against 82% at the 18-32% this set drew before); much larger, a
+shape covers half the image and its colour is no longer the background's (the median's).
+Every image is a pure function of (seed, index): no files, no downloads, exact resume. Drawn
+images are kept in memory (up to ``CACHE_BYTES``), so epochs after the first cost an index, not
+a drawing: the demo trains on every image many times.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ HUE_NAMES = ("red", "orange", "lime", "green", "cyan", "blue", "violet", "magent
 """Colour names of the hues 0°, 45°, ..., 315° (HSV), for class names."""
 
 
+CACHE_BYTES = 256 * 2**20
+"""Datasets up to this size (uint8 pixels) keep every image once drawn: 2048 demo images are 25 MB."""
+
+
 class SyntheticShapes(torch.utils.data.Dataset):
     """``dataset[i] -> (image uint8 (3, H, W), label int)``."""
 
@@ -33,6 +43,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
         self.num_classes = num_classes
         self.image_size = image_size
         self.seed = seed
+        cacheable = size * 3 * image_size**2 <= CACHE_BYTES
+        self._cache = torch.empty((size, 3, image_size, image_size), dtype=torch.uint8) if cacheable else None
+        self._drawn = torch.zeros(size, dtype=torch.bool) if cacheable else None
 
     def __len__(self) -> int:
         return self.size
@@ -57,6 +70,15 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} images")
+        if self._cache is None:
+            return self._draw_image(index), self.label(index)
+        if not self._drawn[index]:
+            self._cache[index] = self._draw_image(index)
+            self._drawn[index] = True
+        return self._cache[index].clone(), self.label(index)
+
+    def _draw_image(self, index: int) -> torch.Tensor:
+        """Image ``index``: uint8 (3, H, W), a pure function of (seed, index)."""
         label = self.label(index)
         rng = np.random.default_rng((self.seed, index))
         s = self.image_size
@@ -67,11 +89,11 @@ class SyntheticShapes(torch.utils.data.Dataset):
         base = np.clip(bg + rng.normal(0, 12, (s, s, 3)), 0, 255).astype(np.uint8)
         img = Image.fromarray(base)
         draw = ImageDraw.Draw(img)
-        radius = rng.uniform(0.18, 0.32) * s
+        radius = rng.uniform(0.25, 0.38) * s
         cx, cy = rng.uniform(radius, s - radius, size=2)
         angle = rng.uniform(0, 2 * math.pi)
         self._draw(draw, SHAPES[label % len(SHAPES)], cx, cy, radius, angle, fg, s)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous(), label
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
     @staticmethod
     def _polygon(cx, cy, r, angle, k):

@@ -38,7 +38,7 @@ def block_blur(images, factor):
 
 def test_classifier_accuracy_on_real_blurred_and_noise_images(classifier, held_out):
     images, labels = held_out
-    # measured (seed 0): 99.6% real, 96% at 8x blur, 12.5% noise (chance: 8 classes, labels cycling)
+    # measured (seed 0): 100% real, 99% at 8x blur, 12.5% noise (chance: 8 classes, labels cycling)
     assert classifier.accuracy(images, labels) >= 0.97
     assert classifier.accuracy(block_blur(images, 8), labels) >= 0.9
     noise = torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -50,15 +50,16 @@ def test_classifier_accuracy_on_real_blurred_and_noise_images(classifier, held_o
 def test_shape_classifier_on_real_recoloured_blurred_and_noise_images(classifiers, held_out):
     shape = classifiers["shape"]
     images, labels = held_out
-    # measured (seed 0): 99.0% real, 99.0% with R, G, B rotated (the hue classifier: 4.5%), 90.6% grey,
-    # 92.6% at 4x blur, 49.2% at 8x (the old demo's latent cells), 11.1% noise (chance 12.5%)
+    # measured (seed 0): 99.0% real, 99.0% with R, G, B rotated (the hue classifier: 4.3%), 92.2% grey,
+    # 97.1% at 4x blur, 73.0% at 8x (the demo's latent cells; 49% for the 18-32% radii drawn before),
+    # 11.5% noise (chance 12.5%)
     assert shape.accuracy(images, labels) >= 0.97
     recoloured = images[:, [1, 2, 0]]
     assert shape.accuracy(recoloured, labels) >= 0.97 and classifiers["hue"].accuracy(recoloured, labels) <= 0.2
     grey = images.float().mean(1, keepdim=True).expand_as(images).to(torch.uint8)
     assert shape.accuracy(grey, labels) >= 0.85, "the classes are told apart by shape, not colour"
     assert shape.accuracy(block_blur(images, 4), labels) >= 0.85
-    assert shape.accuracy(block_blur(images, 8), labels) <= 0.65, "8x8 blocks lose most shapes"
+    assert 0.65 <= shape.accuracy(block_blur(images, 8), labels) <= 0.85, "8x8 blocks keep most shapes, not all"
     noise = torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert shape.accuracy(noise, labels) <= 0.2
 
@@ -98,3 +99,19 @@ def test_class_names(dataset):
     assert dataset.class_names == ["red circle", "orange square", "lime triangle", "green cross", "cyan ring",
                                    "blue diamond", "violet bars", "magenta dots"]
     assert len(set(SyntheticShapes(64, 16, 64).class_names)) == 16
+
+
+def test_drawn_images_are_kept_and_equal_a_fresh_drawing():
+    """The in-memory cache returns what a fresh dataset draws, survives a caller writing into the
+    image it was given, and is skipped above CACHE_BYTES (a large set draws every time)."""
+    from reglue.data import synthetic
+
+    cached = SyntheticShapes(64, 8, 64, seed=3)
+    first, label = cached[5]
+    first.zero_()  # the caller's copy, not the cache
+    again, again_label = cached[5]
+    fresh, _ = SyntheticShapes(64, 8, 64, seed=3)[5]
+    assert torch.equal(again, fresh) and again.any() and label == again_label == 5
+    assert cached._drawn.sum() == 1
+    big = SyntheticShapes(synthetic.CACHE_BYTES // (3 * 64 * 64) + 1, 8, 64, seed=3)
+    assert big._cache is None and torch.equal(big[5][0], fresh)

@@ -28,16 +28,16 @@ def test_reconstructs_unseen_synthetic_images(fitted):
     latents = fitted.sample_latents(fitted.encode_moments(images))
     decoded = fitted.decode(latents)
     assert decoded.dtype == torch.uint8 and decoded.shape == images.shape
-    # measured 21.3 dB; each 8x8 patch replaced by its mean colour gives 19.6 dB
+    # measured 20.8 dB; each 8x8 patch replaced by its mean colour gives 18.8 dB
     assert psnr(decoded, images) > 20.5
-    # the 3x3 decoder beats decoding each patch from its own code alone (the PCA projection: 20.3 dB)
+    # the 3x3 decoder beats decoding each patch from its own code alone (the PCA projection: 19.6 dB)
     patches = torch.nn.functional.pixel_unshuffle(images.float() / 127.5 - 1, 8)
     projected = fitted.pca.decode(fitted.pca.encode(patches))
     blocky = ((torch.nn.functional.pixel_shuffle(projected, 8) + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
     assert psnr(decoded, images) > psnr(blocky, images) + 0.5
-    # the decoded images keep the shapes: the demo's shape classifier gets 86% of these right (real images: 99%)
+    # the decoded images keep the shapes: the demo's shape classifier gets 91% of these right (real images: 99%)
     shape = SyntheticShapes(4096, 8, 64).classifiers()["shape"]
-    assert shape.accuracy(decoded, torch.arange(2048, 2048 + 128) % 8) >= 0.7
+    assert shape.accuracy(decoded, torch.arange(2048, 2048 + 128) % 8) >= 0.85
 
 
 def test_vae_conventions(fitted):

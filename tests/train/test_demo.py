@@ -1,16 +1,14 @@
 """The demo learns visibly: a shorter `python train.py` (the tiny preset) samples class-conditional
-images, scored by the synthetic set's fixed classifier; its pictures are written and `reglue plot`
-compares it with another run.
+images, scored by the synthetic set's fixed hue and shape classifiers; its pictures are written
+and `reglue plot` compares it with another run.
 
-The threshold: the tiny preset's EMA samples (64, cfg 2) are assigned to their conditioning class
-at 44%, 45% and 38% after 200 steps with seeds 0, 1 and 2, and at 84-88% after the default 400;
-the same 200-step demo with the random VAE it used before (`encoders.vae=tiny-random`) stays at
-12.5% (every sample decodes to noise the classifier puts in one class; 100, 200 and 300 steps
-alike). 25% is twice chance, 13 points under the worst seed and 12 over the random-VAE figure.
-
-The shape classifier's line is checked for being printed and recorded, not for a share: after
-200 steps the samples' shapes are at chance (12.5% at seed 0; 22% after the default 400 steps),
-which is what that line exists to show (README, "What the demo shows").
+The thresholds, for the 500-step run here (the default runs 1000): its 64 EMA samples (cfg 2,
+seed 0) are assigned to their conditioning class by hue at 100% and by shape at 31% (20/64);
+after 200 steps 75% and 16%, after the default 1000 steps 100% and 39-50% (seeds 0, 1, 2). The
+same demo with the random VAE it used before (`encoders.vae=tiny-random`) stays at 12.5% by hue
+(every sample decodes to noise the classifier puts in one class), and noise is at chance by shape
+(11.5%, tests/data/test_synthetic.py). Hue >= 50% and shape >= 20% (13/64, chance 8/64) leave
+room for other machines' rounding while failing a run that learns no shapes.
 """
 
 import json
@@ -24,8 +22,9 @@ from reglue.config import apply_overrides
 from reglue.presets import get_preset
 from reglue.train.trainer import Trainer
 
-SHORT_DEMO_STEPS = 200
-CLASS_MATCH_THRESHOLD = 0.25
+SHORT_DEMO_STEPS = 500
+CLASS_MATCH_THRESHOLD = 0.5
+SHAPE_MATCH_THRESHOLD = 0.2
 
 
 def records(run_dir):
@@ -58,7 +57,7 @@ def test_short_demo_samples_are_class_conditional(short_demo):
     class_match = records(run_dir)[-1]
     assert set(class_match) == {"step", "eval/class_match", "eval/shape_match"} and class_match["step"] == SHORT_DEMO_STEPS
     assert class_match["eval/class_match"] >= CLASS_MATCH_THRESHOLD, class_match
-    assert 0 <= class_match["eval/shape_match"] <= 1, class_match
+    assert class_match["eval/shape_match"] >= SHAPE_MATCH_THRESHOLD, class_match
     assert log_lines[-2].startswith("class match: ") and f"({class_match['eval/class_match']:.0%})" in log_lines[-2]
     assert log_lines[-1].startswith("shape match: ") and f"({class_match['eval/shape_match']:.0%})" in log_lines[-1]
     for name in ("metrics.png", "samples-final.png", "autoencoder.safetensors", "config.json"):
