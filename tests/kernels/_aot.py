@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
+import os
 import sys
 
 import torch
@@ -41,15 +43,26 @@ def shape_sets():
     return sets
 
 
-def compile_all(archs):
-    """[{"set", "arch", "rows"}] for every shape set and arch; a variant is compiled once."""
+def _compile_set(item):
+    """One (shape set name, arch): {"set", "arch", "rows"}."""
     from reglue.kernels.report import record_run_launches, report_rows
 
-    out = []
-    for name, shapes in shape_sets().items():
-        for arch in archs:
-            out.append({"set": name, "arch": arch, "rows": report_rows(shapes, arch, record_run_launches(shapes, arch))})
-    return out
+    name, arch = item
+    shapes = shape_sets()[name]
+    return {"set": name, "arch": arch, "rows": report_rows(shapes, arch, record_run_launches(shapes, arch))}
+
+
+def compile_all(archs, workers=None):
+    """[{"set", "arch", "rows"}] for every shape set and arch, in that order. The (set, arch) pairs
+    compile in ``workers`` processes (default: the CPUs this process may use): ptxas is
+    single-threaded and the pairs are independent. A variant shared by several sets is compiled
+    once per TRITON_CACHE_DIR (its cubin is cached) unless two workers reach it at once."""
+    items = [(name, arch) for name in shape_sets() for arch in archs]
+    workers = min(workers or len(os.sched_getaffinity(0)), len(items))
+    if workers <= 1:
+        return [_compile_set(item) for item in items]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:  # spawn: no forked torch thread pools
+        return pool.map(_compile_set, items, chunksize=1)
 
 
 def main(argv) -> int:
