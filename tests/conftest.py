@@ -17,6 +17,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    from tests.kernels import _facts
+
+    _facts.start_if_needed(config, items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

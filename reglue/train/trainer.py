@@ -369,8 +369,10 @@ class Trainer:
             self.metrics.write(record)
 
     def on_checkpoint(self, path: Path) -> None:
-        """All ranks, after each checkpoint is complete: rank 0 redraws the run's plot."""
-        if self.dist.is_main:
+        """All ranks, after each checkpoint is complete: rank 0 redraws the run's plot, except at the
+        last step, where :meth:`at_end` draws it a moment later with the run's results in it (a
+        plot costs about a second here: twice per short run)."""
+        if self.dist.is_main and self.step != self.config.train.max_steps:
             write_run_plot(self.run_dir)
 
     def at_end(self) -> None:

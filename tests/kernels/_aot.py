@@ -71,11 +71,12 @@ def main(argv) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="80,90")
     parser.add_argument("--json")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: the CPUs this process may use)")
     args = parser.parse_args(argv)
     if _utils.interpreter_enabled():
         print("TRITON_INTERPRET is set: the kernels are interpreted functions; unset it", file=sys.stderr)
         return 2
-    results = compile_all(tuple(int(a) for a in args.arch.split(",")))
+    results = compile_all(tuple(int(a) for a in args.arch.split(",")), args.workers)
     failures = 0
     for result in results:
         for row in result["rows"]:

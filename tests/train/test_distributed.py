@@ -52,6 +52,13 @@ def launch(tmp_path, name, steps, nproc=1, extra=(), wait=True):
     return tmp_path / name
 
 
+def finish(proc, tmp_path, name):
+    """Wait for a ``launch(..., wait=False)``; it must succeed. Returns the run dir."""
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return tmp_path / name
+
+
 def free_port() -> int:
     import socket
 
@@ -111,9 +118,12 @@ def stop_with_sigterm(tmp_path, name, steps, nproc, after_step):
 
 
 def export(run_dir, out):
-    subprocess.run([sys.executable, "-m", "reglue.cli", "export", "--run", str(run_dir), "--out", str(out), "--weights", "both"],
-                   check=True, cwd=ROOT, capture_output=True)
+    """``reglue export --weights both`` of a run's newest checkpoint (in this process: the command
+    is one process without a process group either way), read back."""
+    from reglue.cli import main as reglue_main
     from safetensors.torch import load_file
+
+    assert reglue_main(["export", "--run", str(run_dir), "--out", str(out), "--weights", "both"]) == 0
 
     return load_file(out)
 
@@ -124,20 +134,22 @@ def test_two_processes_stop_on_sigterm_resume_exactly_and_match_one(tmp_path):
     and the run resumed with --resume auto exports bit-identical weights to an uninterrupted one.
     The 2-rank checkpoint also resumes on one rank, where it continues like a 1-rank run."""
     steps = 10
+    one_proc = launch(tmp_path, "one", steps, wait=False)  # beside the 2-rank run (one thread per process)
     two = launch(tmp_path, "two", steps, nproc=2)
+    one = finish(one_proc, tmp_path, "one")
     out, _ = stop_with_sigterm(tmp_path, "stopped", steps, nproc=2, after_step=2)
     stop = read_meta(latest_checkpoint(tmp_path / "stopped"))
     assert stop["world_size"] == 2 and 2 < stop["step"] < steps, out[-3000:]
     assert out.count(f"stopped at step {stop['step']} on SIGTERM") == 1, out[-3000:]
     shutil.copytree(tmp_path / "stopped", tmp_path / "on_one")
+    on_one_proc = launch(tmp_path, "on_one", steps, wait=False)
     resumed = launch(tmp_path, "stopped", steps, nproc=2)
+    on_one = finish(on_one_proc, tmp_path, "on_one")
     a, b = export(two, tmp_path / "a.safetensors"), export(resumed, tmp_path / "b.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
 
-    one = launch(tmp_path, "one", steps)
     # same global batch and seed: the same losses up to fp32 reduction order
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
-    on_one = launch(tmp_path, "on_one", steps)
     assert losses(on_one) == pytest.approx(losses(one), rel=1e-4, abs=1e-5)
     a, b = weights(one), weights(on_one)
     for k in a:
@@ -147,7 +159,8 @@ def test_two_processes_stop_on_sigterm_resume_exactly_and_match_one(tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     steps, every = 40, 10
-    straight = launch(tmp_path, "straight", steps, extra=["--set", f"train.ckpt_every={every}"])
+    # the uninterrupted run beside the one to kill: one thread each (OMP_NUM_THREADS=1), two CPUs
+    straight_proc = launch(tmp_path, "straight", steps, extra=["--set", f"train.ckpt_every={every}"], wait=False)
     proc = launch(tmp_path, "killed", steps, extra=["--set", f"train.ckpt_every={every}"], wait=False)
     first = tmp_path / "killed" / "checkpoints" / f"step-{every:08d}"
     deadline = time.time() + 300
@@ -157,14 +170,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "killed" / "checkpoints" / f"step-{steps:08d}").exists()
+    straight = finish(straight_proc, tmp_path, "straight")
     resumed = launch(tmp_path, "killed", steps, extra=["--set", f"train.ckpt_every={every}"])
-    out_a, out_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    for run, out in ((straight, out_a), (resumed, out_b)):
-        subprocess.run([sys.executable, "-m", "reglue.cli", "export", "--run", str(run), "--out", str(out), "--weights", "both"],
-                       check=True, cwd=ROOT, capture_output=True)
-    from safetensors.torch import load_file
-
-    a, b = load_file(out_a), load_file(out_b)
+    a, b = export(straight, tmp_path / "a.safetensors"), export(resumed, tmp_path / "b.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
 
@@ -172,10 +180,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_reference_mode_ddp_two_processes_matches_one(tmp_path):
     """Two DDP ranks match one; the log names what runs (DDP, 2 x 1), not an FSDP mesh."""
-    one = launch(tmp_path, "ref1", 3, extra=["--reference"])
+    one_proc = launch(tmp_path, "ref1", 3, extra=["--reference"], wait=False)  # beside the 2-rank run
     proc = launch(tmp_path, "ref2", 3, nproc=2, extra=["--reference"], wait=False)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
+    one = finish(one_proc, tmp_path, "ref1")
     assert "mesh 2 x 1 (replicate x shard, DDP, the published reference execution)" in out and "fsdp)" not in out, out[-4000:]
     two = tmp_path / "ref2"
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
