@@ -52,10 +52,11 @@ def test_regions_compile_once_and_train_like_eager(tmp_path, monkeypatch):
 def test_compiled_regions_under_fsdp2_two_processes(tmp_path):
     """The default GPU path's structure (FSDP2 root and blocks around the compiled regions) on
     gloo: two compiled ranks train like one eager process."""
-    from tests.train.test_distributed import launch, losses
+    from tests.train.test_distributed import finish, launch, losses
 
-    eager = launch(tmp_path, "eager", 3, extra=["--no-compile"])
+    eager_proc = launch(tmp_path, "eager", 3, extra=["--no-compile"], wait=False)  # beside the compiled ranks
     fsdp = launch(tmp_path, "fsdp", 3, nproc=2, extra=["--compile"])
+    eager = finish(eager_proc, tmp_path, "eager")
     records = [r for r in read_metrics(fsdp / "metrics.jsonl") if "loss/total" in r]
     assert len({r["compiled_graphs"] for r in records}) == 1
     assert losses(fsdp) == pytest.approx(losses(eager), rel=1e-4, abs=1e-5)
