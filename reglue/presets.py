@@ -262,13 +262,17 @@ def reglue(size: str) -> Config:
 
 
 def tiny() -> Config:
-    """The CPU demo (about a minute on 2 cores): REGLUE on a 4-block, 64-wide SiT with tiny random
-    DINOv2 and compressor, a patch autoencoder fitted to the synthetic set at start
+    """The CPU demo (45 s on 2 cores): REGLUE on a 4-block, 64-wide SiT with tiny random DINOv2
+    and compressor, a patch autoencoder fitted to the synthetic set at start
     (``reglue.models.autoencoder``), 64 px images (8x8 latents, 16 tokens).
 
     Batch 64 and lr 5e-3: a step of this model costs about as much at batch 64 as at 32 (fixed
     per-step overhead), and class conditioning appears after ~200 steps at lr 5e-3 against ~500 at
-    2e-3 (measured share of samples in their class at 400 steps, cfg 2, seeds 0/1/2: 84/86/88%).
+    2e-3. 1000 steps because shapes come after hues: the share of 64 EMA samples (cfg 2) the
+    synthetic set's shape classifier puts in their class is 16% at 200 steps, 31% at 500, 39/50/45%
+    at 1000 (seeds 0/1/2; chance 12.5%; hue 100% from 500 on). Tried at 1000 steps and no better
+    by shape (256 samples, within ~4 points): width 96 or 128 at equal wall time, log-normal t,
+    lr 1e-2, batch 128, Adam beta2 0.99, a cosine schedule, whitened latents, SiT patch 1.
     ``--reference`` runs it as REGLUE's recipe (``reference_precision`` fp16 on CUDA).
     """
     return Config(
