@@ -270,9 +270,10 @@ def tiny() -> Config:
     per-step overhead), and class conditioning appears after ~200 steps at lr 5e-3 against ~500 at
     2e-3. 1000 steps because shapes come after hues: the share of 64 EMA samples (cfg 2) the
     synthetic set's shape classifier puts in their class is 16% at 200 steps, 31% at 500, 39/50/45%
-    at 1000 (seeds 0/1/2; chance 12.5%; hue 100% from 500 on). Tried at 1000 steps and no better
-    by shape (256 samples, within ~4 points): width 96 or 128 at equal wall time, log-normal t,
-    lr 1e-2, batch 128, Adam beta2 0.99, a cosine schedule, whitened latents, SiT patch 1.
+    at 1000 (seeds 0/1/2; chance 12.5%; hue 100% from 500 on). Tried and no better by shape in the
+    same wall time: width 96 or 128 (fewer steps), log-normal t, lr 1e-2, batch 128, Adam beta2
+    0.99, a cosine schedule, per-channel whitened latents, thicker strokes; SiT patch 1 (64 tokens)
+    learns shapes faster per step but costs 2.2x per step.
     ``--reference`` runs it as REGLUE's recipe (``reference_precision`` fp16 on CUDA).
     """
     return Config(
