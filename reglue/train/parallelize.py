@@ -179,9 +179,10 @@ class _EagerOnCompileFailure:
     first call and at every recompile), warns once per region name, records it in
     :data:`compile_fallbacks`, and from then on calls ``eager``. Other errors propagate.
 
-    The backward graph is compiled with the forward, inside this guard: AOTAutograd otherwise
-    compiles it lazily at the first ``.backward()`` (static shapes), where a failure (Inductor,
-    ptxas) would stop the run. Regions of one name are copies of one code (the N blocks of a
+    The backward graph is compiled with the forward, inside this guard (:func:`compile_region`
+    sets AOTAutograd's ``force_non_lazy_backward_lowering``): otherwise it compiles lazily at the
+    first ``.backward()`` (static shapes), where a failure (Inductor, ptxas) would stop the run.
+    Regions of one name are copies of one code (the N blocks of a
     model): once one has failed, the others run eager without compiling it again (the same
     failure, N times the compile time, otherwise)."""
 
@@ -195,8 +196,7 @@ class _EagerOnCompileFailure:
             self.on_fallback()
         if not self.failed:
             try:
-                with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
-                    return self.compiled(*args, **kwargs)
+                return self.compiled(*args, **kwargs)
             except Exception as exc:
                 if not _is_compile_failure(exc):
                     raise
@@ -218,8 +218,13 @@ def compile_region(fn: Callable, name: str = "", fallback: bool = False) -> Call
     naming it (``name``) and an entry in the metrics. Without it (``parallel.compile=true``) the
     failure propagates. Ranks decide on their own: the collectives (FSDP2's hooks) sit outside
     the compiled regions, so a rank whose region fell back still runs the same collectives, and
-    computes the same math eagerly (rounding may differ from the compiled ranks)."""
+    computes the same math eagerly (rounding may differ from the compiled ranks). With ``fallback``
+    every backward graph of this process compiles with its forward (a process-wide AOTAutograd
+    setting, set once: a config patch around each call would cost ~13 us per region per step),
+    at the first call and at any recompile alike, so its failure falls back too."""
     name = name or getattr(fn, "__name__", type(fn).__name__)
+    if fallback:
+        torch._functorch.config.force_non_lazy_backward_lowering = True
     if isinstance(fn, nn.Module):
         fn.compile(**COMPILE_OPTIONS)
         if fallback:
