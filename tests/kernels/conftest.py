@@ -16,10 +16,8 @@ def _poison_kernel_outputs(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    with _utils.tf32_allowed(False):
+        yield
 
 
 @pytest.fixture(scope="session")
