@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = "kernel_facts"
 
@@ -63,9 +65,4 @@ def start_if_needed(config, items) -> None:
     config.add_cleanup(facts.close)
 
 
-try:
-    import pytest
-
-    STASH = pytest.StashKey[KernelFacts]()
-except ImportError:  # imported by _aot's own process, which has no pytest
-    STASH = None
+STASH = pytest.StashKey[KernelFacts]()

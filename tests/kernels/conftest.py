@@ -26,8 +26,4 @@ def kernel_facts(request):
     session (``tests/kernels/_aot.py``, in a process without TRITON_INTERPRET, started in the
     background at collection: ``tests/kernels/_facts.py``): (process, results)."""
     pytest.importorskip("triton")
-    facts = request.config.stash.get(_facts.STASH, None)
-    if facts is None:  # not started at collection (e.g. run through another root)
-        facts = _facts.KernelFacts()
-        request.config.add_cleanup(facts.close)
-    return facts.wait()
+    return request.config.stash[_facts.STASH].wait()
