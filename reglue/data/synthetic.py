@@ -29,7 +29,7 @@ HUE_NAMES = ("red", "orange", "lime", "green", "cyan", "blue", "violet", "magent
 """Colour names of the hues 0°, 45°, ..., 315° (HSV), for class names."""
 
 
-CACHE_BYTES = 256 * 2**20
+CACHE_BYTES = 64 * 2**20
 """Datasets up to this size (uint8 pixels) keep every image once drawn: 2048 demo images are 25 MB."""
 
 
