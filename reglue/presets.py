@@ -262,29 +262,32 @@ def reglue(size: str) -> Config:
 
 
 def tiny() -> Config:
-    """The CPU demo (45 s on 2 cores): REGLUE on a 4-block, 64-wide SiT with tiny random DINOv2
-    and compressor, a patch autoencoder fitted to the synthetic set at start
-    (``reglue.models.autoencoder``), 64 px images (8x8 latents, 16 tokens).
+    """The CPU demo (about a minute on 2 cores): REGLUE on a 4-block, 64-wide SiT with tiny random
+    DINOv2 and compressor, a patch autoencoder fitted to the synthetic set at start
+    (``reglue.models.autoencoder``), 64 px images: 8x8 latents, SiT patch 1, so 64 tokens (DINOv2
+    patch 7 on its 56 px input gives the 8x8 grid the alignment loss needs).
 
-    Batch 64 and lr 5e-3: a step of this model costs about as much at batch 64 as at 32 (fixed
-    per-step overhead), and class conditioning appears after ~200 steps at lr 5e-3 against ~500 at
-    2e-3. 1000 steps because shapes come after hues: the share of 64 EMA samples (cfg 2) the
-    synthetic set's shape classifier puts in their class is 16% at 200 steps, 31% at 500, 39/50/45%
-    at 1000 (seeds 0/1/2; chance 12.5%; hue 100% from 500 on). Tried and no better by shape in the
-    same wall time: width 96 or 128 (fewer steps), log-normal t, lr 1e-2, batch 128, Adam beta2
-    0.99, a cosine schedule, per-channel whitened latents, thicker strokes; SiT patch 1 (64 tokens)
-    learns shapes faster per step but costs 2.2x per step.
+    Patch 1 over patch 2 (16 tokens of 2x2 latent cells, batch 64, 1000 steps, the demo until
+    2026-12): at about the same wall time it draws closed circles and rings where patch 2 drew
+    blocky blobs, and its shape match (256 EMA samples, cfg 2, seed 0) is 54% against 48%. Batch 32
+    because a 64-token step is compute-bound (49 ms at batch 32, 2.7x the cost of patch 2 at 64):
+    batch 64 for 1000 steps reaches 60% but takes 107 s. Measured on the 2-core VM: lr 3e-3 48%,
+    8e-3 55% (5e-3: 55%, 1000 steps); 128 px images with patch 2 (64 tokens of 2x2 cells) 36% in
+    99 s. 900 steps keep the demo near 53 s of wall time; shape match 44/52/47% (64 samples, seeds
+    0/1/2), 39% at 500 steps, 22% at 200; hue 98-100% from 500 steps on. Earlier, at patch 2, also
+    tried and no better by shape: width 96 or 128, log-normal t, lr 1e-2, batch 128, Adam beta2
+    0.99, a cosine schedule, whitened latents, thicker strokes.
     ``--reference`` runs it as REGLUE's recipe (``reference_precision`` fp16 on CUDA).
     """
     return Config(
         model=ModelConfig(
-            arch="custom", depth=4, hidden_size=64, num_heads=4, patch_size=2,
+            arch="custom", depth=4, hidden_size=64, num_heads=4, patch_size=1,
             num_classes=8, encoder_depth=2, projector_dim=128,
         ),
         method=MethodConfig(name="reglue", semantic_channels=8),
         encoders=EncoderConfig(
             dinov2_weights=None,
-            dinov2_overrides={"embed_dim": 32, "depth": 4, "num_heads": 2},
+            dinov2_overrides={"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 7},
             feature_layers=(0, 1, 2, 3),
             compressor_channels=(128, 32, 8),
             vae="patch-pca",
@@ -292,7 +295,7 @@ def tiny() -> Config:
         data=DataConfig(image_size=64, synthetic_size=2048, synthetic_classes=8, num_workers=0),
         optim=OptimConfig(lr=5e-3),
         train=TrainConfig(
-            name="tiny", max_steps=1000, global_batch_size=64, ema_decay=0.99, log_every=10,
+            name="tiny", max_steps=900, global_batch_size=32, ema_decay=0.99, log_every=10,
             ckpt_every=500, keep_last=2, num_sample_images=64,
         ),
         sample=SampleConfig(sampler="sde", steps=50, cfg_scale=2.0, guidance_interval=(0.0, 1.0)),

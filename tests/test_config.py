@@ -38,7 +38,7 @@ def test_method_presets(method, in_ch, cls, align, size, depth):
     ({"train.ema_decay": "1.5"}, "train.ema_decay"),
     ({"method.name": "dit"}, "method.name"),
     ({"optim.lr": "-1"}, "optim.lr"),
-    ({"model.patch_size": "4"}, "model.patch_size"),  # alignment needs the 2x2 patch grid
+    ({"model.patch_size": "4"}, "model.patch_size"),  # alignment needs the 8x8 token grid (patch 1)
     ({"sample.guidance_interval": "(0.8, 0.2)"}, "sample.guidance_interval"),
     ({"sample.cfg_scale": "0.5"}, "sample.cfg_scale"),
     ({"sample.sampler": "ddim"}, "sample.sampler"),
@@ -53,15 +53,17 @@ def test_bad_values_name_the_field(overrides, field):
 
 def test_alignment_grid_follows_the_dinov2_patch_size():
     """The token grid must equal DINOv2's patch grid, whose patch is 14 unless the (random) encoder's
-    overrides say otherwise: a patch-7 tiny DINOv2 has an 8x8 grid on 64 px images, so SiT patch 1
-    aligns and patch 2 is refused with the patch size that fits."""
-    patch7 = {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 7}
-    cfg = apply_overrides(get_preset("tiny"), {"encoders.dinov2_overrides": json.dumps(patch7), "model.patch_size": "1"})
-    assert cfg.model.patch_size == 1
+    overrides say otherwise: the tiny preset's patch-7 DINOv2 has an 8x8 grid on 64 px images, so
+    SiT patch 1 aligns and patch 2 is refused with the patch size that fits; a patch-14 DINOv2
+    (4x4) needs patch 2."""
+    cfg = get_preset("tiny")
+    assert (cfg.model.patch_size, cfg.encoders.dinov2_overrides["patch_size"]) == (1, 7)
     with pytest.raises(ConfigError, match=r"token grid \(4x4\) to equal the DINOv2 patch grid \(8x8\); use patch size 1"):
-        apply_overrides(get_preset("tiny"), {"encoders.dinov2_overrides": json.dumps(patch7)})
+        apply_overrides(cfg, {"model.patch_size": "2"})
+    patch14 = {**cfg.encoders.dinov2_overrides, "patch_size": 14}
     with pytest.raises(ConfigError, match=r"\(8x8\) to equal the DINOv2 patch grid \(4x4\); use patch size 2"):
-        apply_overrides(get_preset("tiny"), {"model.patch_size": "1"})
+        apply_overrides(cfg, {"encoders.dinov2_overrides": json.dumps(patch14)})
+    assert apply_overrides(cfg, {"encoders.dinov2_overrides": json.dumps(patch14), "model.patch_size": "2"}).model.patch_size == 2
 
 
 def test_custom_arch_requires_sizes():
