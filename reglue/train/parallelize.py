@@ -372,7 +372,13 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist_info: DistInfo, mesh
             log.warning("parallel.reduce_dtype=bf16 applies on CUDA; on %s the gradient reductions run in fp32",
                         dist_info.device.type)
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
-        shard = functools.partial(fully_shard, mesh=mesh.fsdp_mesh, reshard_after_forward=cfg.reshard_after_forward)
+        # Frozen parameters (the fixed sin-cos position embedding) need no gradient reduction and
+        # no optimizer state: every rank keeps its own full copy instead of all-gathering it twice
+        # a step. Sharded, a (1, T, D) embedding would also be padded to one row per rank (dim 0),
+        # 4x its size over 4 ranks.
+        frozen = {p for p in model.parameters() if not p.requires_grad}
+        shard = functools.partial(fully_shard, mesh=mesh.fsdp_mesh, reshard_after_forward=cfg.reshard_after_forward,
+                                  ignored_params=frozen or None)
         for block in model.blocks:
             shard(block, mp_policy=mp)
         # The root keeps its inputs as given: t must reach the timestep embedding in fp32 (bf16
