@@ -298,11 +298,12 @@ def tiny() -> Config:
             feature_layers=(0, 1, 2, 3),
             compressor_channels=(128, 32, 8),
             vae="patch-pca",
+            precompute_targets=True,
         ),
         data=DataConfig(image_size=64, synthetic_size=2048, synthetic_classes=8, num_workers=0),
         optim=OptimConfig(lr=5e-3),
         train=TrainConfig(
-            name="tiny", max_steps=900, global_batch_size=32, ema_decay=0.99, log_every=10,
+            name="tiny", max_steps=1000, global_batch_size=32, ema_decay=0.99, log_every=10,
             ckpt_every=500, keep_last=2, num_sample_images=64,
         ),
         sample=SampleConfig(sampler="sde", steps=50, cfg_scale=4.0, guidance_interval=(0.0, 1.0)),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -45,6 +45,9 @@ from reglue.models.encoders import (
 )
 
 log = logging.getLogger("reglue.targets")
+
+PRECOMPUTE_LIMIT_BYTES = 2 * 2**30
+"""``encoders.precompute_targets`` keeps every image's targets in device memory: at most this much."""
 
 CALIBRATION_IMAGES = 256
 """Images (a seeded sample across the dataset) used to compute feature statistics / fit the PCA at
@@ -197,21 +200,63 @@ class FrozenEncoders:
 
     @torch.no_grad()
     def targets(self, batch: Dict[str, torch.Tensor], latent_eps: torch.Tensor) -> Dict[str, object]:
-        """latents (N, 4, h, w) fp32; semantic (N, k, h, w) or None; cls (N, C) or None; align: list."""
+        """latents (N, 4, h, w) fp32; semantic (N, k, h, w) or None; cls (N, C) or None; align: list.
+
+        A batch with an ``index`` (dataset indices) after :meth:`precompute` gathers the stored
+        encoder outputs instead of running the encoders; the latents are still drawn from the
+        VAE moments with this step's ``latent_eps``."""
+        if self.table is not None and "index" in batch:
+            index = batch["index"].to(self.device)
+            stored = {k: (v.index_select(0, index) if v is not None else None) for k, v in self.table.items()}
+        else:
+            stored = self._encode(batch)
+        latents = self.vae.sample_latents(stored["moments"], eps=latent_eps)
+        return {"latents": latents, "semantic": stored["semantic"], "cls": stored["cls"],
+                "align": [stored["align"]] if stored["align"] is not None else []}
+
+    table = None
+    """dataset index -> encoder outputs (``precompute``), or None."""
+
+    def _encode(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
+        """What the frozen encoders make of a batch: VAE moments, semantic target, [CLS], alignment tokens."""
         method = self.config.method
         images = batch["image"].to(self.device, non_blocking=True)
         moments = batch.get("moments")
         moments = self.vae.encode_moments(images) if moments is None else moments.to(self.device, non_blocking=True)
-        latents = self.vae.sample_latents(moments.float(), eps=latent_eps)
-        out: Dict[str, object] = {"latents": latents, "semantic": None, "cls": None, "align": []}
+        out: Dict[str, Optional[torch.Tensor]] = {"moments": moments.float(), "semantic": None, "cls": None, "align": None}
         if self.dinov2 is not None:
             enc = self.dinov2(images)
             if self.reducer is not None:
                 features = enc.features.float() if isinstance(self.reducer, PCA) else enc.features.to(self.dtype)
                 with self._published_autocast():
-                    out["semantic"] = self.semantic_target(features, self.stats, self.reducer, latents.shape[-1]).float()
+                    grid = moments.shape[-1]
+                    out["semantic"] = self.semantic_target(features, self.stats, self.reducer, grid).float()
             if method.use_cls:
                 out["cls"] = enc.cls.float()
             if method.use_align:
-                out["align"] = [enc.tokens.float() if method.use_cls else enc.tokens[:, 1:].float()]
+                out["align"] = enc.tokens.float() if method.use_cls else enc.tokens[:, 1:].float()
         return out
+
+    @torch.no_grad()
+    def precompute(self, dataset, batch_size: int = 256) -> None:
+        """Run the encoders over every image of ``dataset`` (``dataset[i] -> (image, label[,
+        moments])``) in fixed batches of ``batch_size`` in index order, and keep the outputs on the
+        device for :meth:`targets`. The same numbers on every rank and every resume. Raises
+        ValueError (naming ``encoders.precompute_targets``) when they would exceed
+        ``PRECOMPUTE_LIMIT_BYTES``."""
+        from reglue.data.loader import collate
+
+        n = len(dataset)
+        chunks = []
+        for lo in range(0, n, batch_size):
+            chunks.append(self._encode(collate([dataset[i] for i in range(lo, min(n, lo + batch_size))])))
+            if lo == 0:
+                per_image = sum(v[:1].nelement() * v.element_size() for v in chunks[0].values() if v is not None)
+                if per_image * n > PRECOMPUTE_LIMIT_BYTES:
+                    raise ValueError(f"encoders.precompute_targets: the targets of {n} images would take "
+                                     f"{per_image * n / 2**30:.1f} GiB (limit {PRECOMPUTE_LIMIT_BYTES / 2**30:.0f} GiB); "
+                                     "set it false for this dataset")
+        self.table = {k: (torch.cat([c[k] for c in chunks]) if chunks[0][k] is not None else None) for k in chunks[0]}
+        log.info("encoders: targets of %d images precomputed (%.1f MiB on %s)", n,
+                 sum(v.nelement() * v.element_size() for v in self.table.values() if v is not None) / 2**20,
+                 self.device.type)

@@ -123,6 +123,8 @@ class Trainer:
 
         self.frozen = FrozenEncoders(self.config, self.dist.device, self.run_dir, calibration_images, is_main=self.dist.is_main)
         check_dataset_vae(self.dataset, self.config.encoders.vae, self.frozen.vae_sha256)
+        if self.config.encoders.precompute_targets:
+            self.frozen.precompute(self.dataset)
 
     def _build_model(self) -> None:
         cfg, d = self.config, self.dist
@@ -221,6 +223,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = _lr_at(self.config, step)
         noise, latent_eps = self._step_randomness(step)
+        if self.frozen.table is not None:  # the loaders' contract: step s's batch is order.rank_batch(s) in order
+            batch = {**batch, "index": torch.tensor(self.order.rank_batch(step, self.dist.rank, self.dist.world_size))}
         with CollectiveCounter(self.mesh) if not self.comm_counted else contextlib.nullcontext() as counter:
             metrics, stop_votes = self.train_one(step, to_device(batch, self.dist.device), noise, latent_eps,
                                                  self.dist.rank * self.per_rank, self.micro, self.accum)

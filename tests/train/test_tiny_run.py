@@ -180,3 +180,24 @@ def test_train_cli_reports_bad_input_without_traceback(tmp_path, capsys):
             main(["--config", str(tmp_path / "config.json")])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_precomputed_targets_train_exactly_like_encoders_run_every_step(tmp_path):
+    """encoders.precompute_targets (the demo's default) gathers each step's targets from outputs
+    computed once at start; the run must be the run whose encoders run on every batch: the same
+    losses and the same final weights, bit for bit. A dataset whose targets exceed the limit is
+    refused in one line naming the field."""
+    on = Trainer(tiny(tmp_path, "on", **{"train.max_steps": 10})).fit()
+    off = Trainer(tiny(tmp_path, "off", **{"train.max_steps": 10, "encoders.precompute_targets": "false"})).fit()
+    assert [r["loss/total"] for r in metrics(on)] == [r["loss/total"] for r in metrics(off)]
+    assert len(metrics(on)) == 2
+    a, b = weights(on, "model"), weights(off, "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_precomputed_targets_beyond_the_limit_are_refused(tmp_path, monkeypatch):
+    import reglue.train.targets as targets
+
+    monkeypatch.setattr(targets, "PRECOMPUTE_LIMIT_BYTES", 2**20)  # 512 demo images need ~6 MiB
+    with pytest.raises(ValueError, match=r"encoders\.precompute_targets: the targets of 512 images would take"):
+        Trainer(tiny(tmp_path, "big", **{"train.max_steps": 1}))
