@@ -270,20 +270,22 @@ def tiny() -> Config:
     Shape match below: the share of 256 EMA samples (sample seed 0; cfg 2 unless said) the synthetic
     set's shape classifier puts in their class, measured on the 2-core VM. Patch 1 over patch 2 (16
     tokens of 2x2 latent cells at batch 64, 1000 steps, the demo until 2026-12): closed circles and
-    rings where patch 2 drew blocky blobs, 54% against 48% (900 steps: 53 s of wall time against 44
-    s). Batch 32 because a 64-token step is compute-bound (49 ms at batch 32; per image 2.7x a
-    patch-2 step): batch 64 for 1000 steps reaches 60% but takes 107 s. Log-normal t (REPA's sigmoid
-    of N(0,1)) over uniform: 60/57/55% against 54/53/46% (training seeds 0/1/2), and the bars lose
-    the checkerboard seam uniform t leaves; mean +0.5 57%, -0.5 52%. No better (seed 0, uniform t):
-    lambda_semantic 0.5 54%; EMA 0.995 47%; 6 blocks of width 48 51% in 67 s; at 1000 steps, lr 3e-3
-    48%, 8e-3 55% (5e-3: 55%) and 128 px images with patch 2 (64 tokens of 2x2 cells) 36% in 99 s.
-    900 steps: 53-58 s of wall time; 800 steps (51-52 s) lose about 6 points (cfg 4: 60/56/59%
-    against 66/62/64%). Earlier, at patch 2, also no better: width 96 or 128, lr 1e-2, batch 128,
-    Adam beta2 0.99, a cosine schedule, whitened latents, thicker strokes. The published REGLUE
-    recipe samples t uniformly (the ``reglue-*`` presets do). CFG 4 over 2 when sampling (the same
-    three log-normal models): 66/62/64% against 60/57/55%; rings closed, 19-50% of rings classified
-    right against 0-12%. CFG 5: 67/59/68%, 6: 69/52/63% (diamonds and circles lose); 100 sampling
-    steps instead of 50 and an interval [0, 0.8] no better.
+    rings where patch 2 drew blocky blobs, 54% against 48% (900 steps, 53 s of wall time, against
+    1000 steps, 44 s). Batch 32 because a 64-token step is compute-bound (49 ms at batch 32; per
+    image 2.7x a patch-2 step): batch 64 for 1000 steps reaches 60% but takes 107 s. Log-normal t
+    (REPA's sigmoid of N(0,1)) over uniform: 60/57/55% against 54/53/46% (training seeds 0/1/2), and
+    the bars lose the checkerboard seam uniform t leaves; mean +0.5 57%, -0.5 52%. No better (seed
+    0, uniform t): lambda_semantic 0.5 54%; EMA 0.995 47%; 6 blocks of width 48 51% in 67 s; at 1000
+    steps, lr 3e-3 48%, 8e-3 55% (5e-3: 55%) and 128 px images with patch 2 (64 tokens of 2x2 cells)
+    36% in 99 s. Steps (cfg 4, seeds 0/1/2): 800 60/56/59%, 900 66/62/64%, 1000 69/63/72%. The
+    encoders' targets are precomputed (``encoders.precompute_targets``, bit-identical): a step takes
+    about 43 ms instead of 49-56, and 1000 steps run in 50-54 s of wall time (900 steps took 53-58 s
+    without). Earlier, at patch 2, also no better: width 96 or 128, lr 1e-2, batch 128, Adam beta2
+    0.99, a cosine schedule, whitened latents, thicker strokes. The published REGLUE recipe samples
+    t uniformly (the ``reglue-*`` presets do). CFG 4 over 2 when sampling (the same three log-normal
+    models): 66/62/64% against 60/57/55%; rings closed, 19-50% of rings classified right against
+    0-12%. CFG 5: 67/59/68%, 6: 69/52/63% (diamonds and circles lose); 100 sampling steps instead of
+    50 and an interval [0, 0.8] no better.
     ``--reference`` runs it as REGLUE's recipe (``reference_precision`` fp16 on CUDA).
     """
     return Config(
