@@ -219,7 +219,8 @@ class EncoderConfig:
     precompute_targets: bool = False
     """Run the frozen encoders over every training image once at start (in fixed batches, so a
     resumed run gets the same numbers) and keep their outputs on the device; each step then
-    gathers its batch's targets instead of running DINOv2, the compressor and the VAE encoder.
+    gathers its batch's targets (by the dataset ``index`` the torch loader's batches carry; DALI
+    batches run the encoders as usual) instead of running DINOv2, the compressor and the VAE encoder.
     For small datasets without augmentation (the CPU demo: about a fifth of its step time);
     refused when the targets would take more than ``PRECOMPUTE_LIMIT_BYTES``."""
 

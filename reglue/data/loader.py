@@ -38,14 +38,34 @@ class StepBatches:
             yield self.order.rank_batch(step, self.rank, self.world_size)
 
 
+class _Indexed(torch.utils.data.Dataset):
+    """``dataset[i] -> (i, item)``: the loader's batches say which images they hold."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return index, self.dataset[index]
+
+
+def collate_indexed(items: List[tuple]) -> Dict[str, torch.Tensor]:
+    """[(index, item)] -> :func:`collate` of the items plus ``index`` int64 (B,), the dataset
+    indices (what ``encoders.precompute_targets`` gathers by)."""
+    return {**collate([item for _, item in items]), "index": torch.tensor([i for i, _ in items], dtype=torch.long)}
+
+
 class TorchLoader:
-    """DataLoader over a map-style dataset, batch sampler = the rank's share of each step's global batch."""
+    """DataLoader over a map-style dataset, batch sampler = the rank's share of each step's global
+    batch; each batch also carries its dataset ``index``."""
 
     def __init__(self, dataset, order: GlobalBatchOrder, rank: int, world_size: int, start_step: int, end_step: int,
                  num_workers: int = 2):
         self.steps = StepBatches(order, rank, world_size, start_step, end_step)
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.steps, num_workers=num_workers, collate_fn=collate,
+            _Indexed(dataset), batch_sampler=self.steps, num_workers=num_workers, collate_fn=collate_indexed,
             prefetch_factor=4 if num_workers else None, pin_memory=torch.cuda.is_available(),
         )
 

@@ -223,8 +223,6 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = _lr_at(self.config, step)
         noise, latent_eps = self._step_randomness(step)
-        if self.frozen.table is not None:  # the loaders' contract: step s's batch is order.rank_batch(s) in order
-            batch = {**batch, "index": torch.tensor(self.order.rank_batch(step, self.dist.rank, self.dist.world_size))}
         with CollectiveCounter(self.mesh) if not self.comm_counted else contextlib.nullcontext() as counter:
             metrics, stop_votes = self.train_one(step, to_device(batch, self.dist.device), noise, latent_eps,
                                                  self.dist.rank * self.per_rank, self.micro, self.accum)
@@ -248,7 +246,7 @@ class Trainer:
 
         The SiT part is counted on a meta-device copy (shapes only), so compiled, sharded or
         wrapped training models are never touched by the counter."""
-        one = {k: v[:1] for k, v in batch.items()}
+        one = {k: v[:1] for k, v in batch.items() if k != "index"}  # run the encoders, precomputed or not
         return float(count_flops(lambda: self.frozen.targets(one, latent_eps[:1])) + sit_flops_per_image(self.config))
 
     # ------------------------------------------------------------------------------ the loop
