@@ -222,7 +222,8 @@ class EncoderConfig:
     gathers its batch's targets (by the dataset ``index`` the torch loader's batches carry; DALI
     batches run the encoders as usual) instead of running DINOv2, the compressor and the VAE encoder.
     For small datasets without augmentation (the CPU demo: about a fifth of its step time);
-    refused when the targets would take more than ``PRECOMPUTE_LIMIT_BYTES``."""
+    refused when the targets would take more than ``PRECOMPUTE_LIMIT_BYTES``; off under
+    ``--reference`` (the published loops run their encoders on every batch)."""
 
     @property
     def embed_dim(self) -> int:

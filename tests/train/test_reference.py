@@ -195,11 +195,13 @@ def test_reference_encoders_are_fp32_and_the_compressor_is_unfolded_and_eager(tm
 
 
 def test_the_recipes_autocast_reaches_dinov2_and_the_compressor(tmp_path, monkeypatch):
-    """The frozen encoders take the recipe's autocast, not DINOv2's own bf16 (encoders.dtype): here
-    bf16 on the CPU stands for the fp16 of CUDA, which only a GPU runs (test_reference_numerics_on_cuda)."""
+    """The frozen encoders take the recipe's autocast, not DINOv2's own bf16 (encoders.dtype), on
+    every batch (the demo's precomputed targets are off under --reference): here bf16 on the CPU
+    stands for the fp16 of CUDA, which only a GPU runs (test_reference_numerics_on_cuda)."""
     monkeypatch.setattr(targets, "reference_autocast_dtype", lambda config, device: torch.bfloat16)
     trainer = Trainer(tiny(tmp_path, **{"encoders.dtype": "fp32"}))
     frozen, seen = trainer.frozen, []
+    assert trainer.config.encoders.precompute_targets and frozen.table is None  # the recipe runs its encoders every batch
     assert frozen.dinov2.autocast_dtype == torch.bfloat16 and frozen.dtype == torch.float32
     conv = next(m for m in frozen.reducer.modules() if isinstance(m, nn.Conv2d))
     conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
