@@ -79,6 +79,8 @@ class FrozenEncoders:
         self.config = config
         self.device = device
         self.is_main = is_main
+        self.table: Optional[Dict[str, Optional[torch.Tensor]]] = None
+        """dataset index -> encoder outputs (:meth:`precompute`), or None."""
         enc, method = config.encoders, config.method
         self.execution = resolve_execution(config, device)
         self.reference = self.execution.reference
@@ -214,9 +216,6 @@ class FrozenEncoders:
         return {"latents": latents, "semantic": stored["semantic"], "cls": stored["cls"],
                 "align": [stored["align"]] if stored["align"] is not None else []}
 
-    table = None
-    """dataset index -> encoder outputs (``precompute``), or None."""
-
     def _encode(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
         """What the frozen encoders make of a batch: VAE moments, semantic target, [CLS], alignment tokens."""
         method = self.config.method
@@ -243,20 +242,26 @@ class FrozenEncoders:
         moments])``) in fixed batches of ``batch_size`` in index order, and keep the outputs on the
         device for :meth:`targets`. The same numbers on every rank and every resume. Raises
         ValueError (naming ``encoders.precompute_targets``) when they would exceed
-        ``PRECOMPUTE_LIMIT_BYTES``."""
+        ``PRECOMPUTE_LIMIT_BYTES``. Nothing under ``--reference``: the published loops run their
+        encoders on every batch."""
         from reglue.data.loader import collate
 
+        if self.reference:
+            log.info("encoders.precompute_targets is off under --reference: the encoders run on every batch")
+            return
         n = len(dataset)
         chunks = []
         for lo in range(0, n, batch_size):
-            chunks.append(self._encode(collate([dataset[i] for i in range(lo, min(n, lo + batch_size))])))
-            if lo == 0:
-                per_image = sum(v[:1].nelement() * v.element_size() for v in chunks[0].values() if v is not None)
-                if per_image * n > PRECOMPUTE_LIMIT_BYTES:
-                    raise ValueError(f"encoders.precompute_targets: the targets of {n} images would take "
-                                     f"{per_image * n / 2**30:.1f} GiB (limit {PRECOMPUTE_LIMIT_BYTES / 2**30:.0f} GiB); "
-                                     "set it false for this dataset")
+            chunk = self._encode(collate([dataset[i] for i in range(lo, min(n, lo + batch_size))]))
+            need = _nbytes(chunk) * n // len(chunk["moments"]) if not chunks else 0  # from the first batch
+            if need > PRECOMPUTE_LIMIT_BYTES:
+                raise ValueError(f"encoders.precompute_targets: the targets of {n} images would take {need / 2**30:.1f} "
+                                 f"GiB (limit {PRECOMPUTE_LIMIT_BYTES / 2**30:.0f} GiB); set it false for this dataset")
+            chunks.append(chunk)
         self.table = {k: (torch.cat([c[k] for c in chunks]) if chunks[0][k] is not None else None) for k in chunks[0]}
-        log.info("encoders: targets of %d images precomputed (%.1f MiB on %s)", n,
-                 sum(v.nelement() * v.element_size() for v in self.table.values() if v is not None) / 2**20,
+        log.info("encoders: targets of %d images precomputed (%.1f MiB on %s)", n, _nbytes(self.table) / 2**20,
                  self.device.type)
+
+
+def _nbytes(tensors: Dict[str, Optional[torch.Tensor]]) -> int:
+    return sum(t.nelement() * t.element_size() for t in tensors.values() if t is not None)

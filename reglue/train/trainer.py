@@ -124,10 +124,7 @@ class Trainer:
         self.frozen = FrozenEncoders(self.config, self.dist.device, self.run_dir, calibration_images, is_main=self.dist.is_main)
         check_dataset_vae(self.dataset, self.config.encoders.vae, self.frozen.vae_sha256)
         if self.config.encoders.precompute_targets:
-            if self.config.parallel.reference:  # the published loops run their encoders on every batch
-                log.info("encoders.precompute_targets is off under --reference: the encoders run on every batch")
-            else:
-                self.frozen.precompute(self.dataset)
+            self.frozen.precompute(self.dataset)
 
     def _build_model(self) -> None:
         cfg, d = self.config, self.dist
