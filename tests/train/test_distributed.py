@@ -227,3 +227,20 @@ def test_fsdp_bf16_params_keep_fp32_timesteps(monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from /proc")
+def test_no_communication_thread_outlives_run(tmp_path):
+    """After ``run()`` returns, on both executions (FSDP2, then the DDP reference in the same two
+    processes), no gloo thread is left: a group first freed at interpreter exit can abort a
+    worker after a complete run (``reglue.runtime.shutdown``). Before the fix, the FSDP2 mesh
+    (held by DTensor's caches) and the finished trainer's DDP model (in a reference cycle) kept
+    ``pt_gloo_runloop`` / ``gloo_tcp_loop`` threads alive."""
+    cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", "tests/train/shutdown_worker.py", str(tmp_path),
+           "fsdp", "reference"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    rows = [json.loads(line.split("THREADS ", 1)[1]) for line in proc.stdout.splitlines() if "THREADS {" in line]
+    assert sorted((r["rank"], r["execution"]) for r in rows) == [(0, "fsdp"), (0, "reference"), (1, "fsdp"), (1, "reference")]
+    for row in rows:
+        assert not [t for t in row["threads"] if "gloo" in t], row
