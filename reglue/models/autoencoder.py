@@ -12,7 +12,7 @@ second at the start of a run, in closed form, and decodes to recognisable pictur
 Why not a small convolutional autoencoder trained briefly: on 2 CPU cores one trained for 8 s
 reconstructs the synthetic set no better (20.5 dB PSNR) than this fit (21.3 dB in 0.2 s) and
 needs 20 s to pass it (22.7 dB), while the closed form is also exactly reproducible (measured on
-the set's earlier, smaller shapes; on today's, this fit gives 20.8 dB and keeps the shape of 91%
+the set's earlier, smaller shapes; on today's, this fit gives 20.8 dB and keeps the shape of 92%
 of unseen images, ``tests/models/test_autoencoder.py``).
 
 It has the interface of :class:`~reglue.models.encoders.VAE` (``encode_moments``,
