@@ -45,7 +45,10 @@ class Preempted(RuntimeError):
 
 
 class StopSignals:
-    """Signal handlers installed for the duration of a ``with`` block (main thread only)."""
+    """Signal handlers installed for the duration of a ``with`` block (main thread only). A signal
+    the process was started with ignored stays ignored, as Python leaves SIGINT then: a script's
+    ``python train.py &`` runs with SIGINT ignored, so that a Ctrl-C meant for the script's
+    foreground command does not stop the background run."""
 
     def __init__(self):
         self.received: Optional[signal.Signals] = None
@@ -73,6 +76,8 @@ class StopSignals:
         self.received = None
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # ignored by whoever started us (SIGINT for `cmd &` in a script): it stays ignored
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

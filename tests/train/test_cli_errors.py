@@ -188,7 +188,10 @@ def _interrupted(argv, tmp_path, after_line=None, delay=1.0):
 
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, *argv], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: SIGINT with its default action, even where this test runs with it ignored
+    # (started by a script's `cmd &`), which the child would inherit and keep (StopSignals)
+    proc = subprocess.Popen([sys.executable, *argv], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     if after_line is None:
         time.sleep(delay)

@@ -79,3 +79,17 @@ def test_a_second_signal_exits_at_once_but_not_its_echo():
     assert "exiting now without saving" in twice.stderr
     echo = run("60")  # torchrun forwards the terminal's Ctrl-C: the copy is not a second signal
     assert echo.returncode == 0 and "still running" in echo.stdout, echo.stderr
+
+
+def test_a_signal_ignored_at_start_stays_ignored():
+    """``cmd &`` in a script starts cmd with SIGINT ignored (so that Ctrl-C reaches only the
+    foreground job): the run must not take it over, and the other stop signals still work."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals() as signals:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == signals._handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
