@@ -212,10 +212,12 @@ def shutdown() -> None:
     Python has gone, pytorch PR 179291), which torchrun reports as a failed worker."""
     if not dist.is_initialized():
         return
+    from torch.distributed.device_mesh import DeviceMesh
+
     gc.collect()
     dist.destroy_process_group()
     for obj in gc.get_objects():
-        if type(obj).__name__ == "DeviceMesh" and isinstance(getattr(obj, "_pg_registry", None), dict):
+        if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
             obj._pg_registry.clear()  # the groups of a mesh whose groups are destroyed: kept only by caches
     gc.collect()
 

@@ -208,7 +208,7 @@ class FrozenEncoders:
         encoder outputs instead of running the encoders; the latents are still drawn from the
         VAE moments with this step's ``latent_eps``."""
         if self.table is not None and "index" in batch:
-            index = batch["index"].to(self.device)
+            index = batch["index"].to(self.device, non_blocking=True)  # pinned by the loader on CUDA, like the images
             stored = {k: (v.index_select(0, index) if v is not None else None) for k, v in self.table.items()}
         else:
             stored = self._encode(batch)
