@@ -109,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """The console script. Exit status: 0 done; 2 bad input (one line); 130 interrupted (Ctrl-C)
     before the command's own handling (start-up: imports, loading)."""
+    from reglue.interrupts import import_native_modules
+
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        import_native_modules()  # a Ctrl-C in there would abort the process (reglue.interrupts)
         return _main(argv)
     except KeyboardInterrupt:
         command = f"reglue {argv[0]}" if argv and not argv[0].startswith("-") else "reglue"
