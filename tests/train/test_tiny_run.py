@@ -16,7 +16,7 @@ from reglue.train.trainer import NonFiniteError, Trainer
 
 def tiny(tmp_path, name="run", **overrides):
     base = {"train.out_dir": str(tmp_path), "train.name": name, "sample.steps": "4", "train.num_sample_images": "4",
-            "train.log_every": "5", "data.synthetic_size": "512"}
+            "train.log_every": "5", "data.synthetic_size": "64"}
     base.update({k: str(v) for k, v in overrides.items()})
     return apply_overrides(get_preset("tiny"), base)
 
@@ -141,7 +141,8 @@ def test_export_loads_into_sit_strict(tmp_path):
 def test_triton_kernels_train_like_eager(tmp_path):
     """The fused path (adaLN kernels in the SiT, fused compressor convs for the targets) trains the
     same as eager (Triton interpreter on CPU)."""
-    runs = {k: Trainer(tiny(tmp_path, k, **{"train.max_steps": 2, "train.log_every": 1, "model.kernels": k})).fit()
+    small = {"train.max_steps": 2, "train.log_every": 1, "train.global_batch_size": 8, "data.synthetic_size": 16}
+    runs = {k: Trainer(tiny(tmp_path, k, **small, **{"model.kernels": k})).fit()
             for k in ("eager", "triton")}
     eager, triton_ = metrics(runs["eager"]), metrics(runs["triton"])
     for a, b in zip(eager, triton_):
@@ -200,4 +201,4 @@ def test_precomputed_targets_beyond_the_limit_are_refused(tmp_path, monkeypatch)
 
     monkeypatch.setattr(targets, "PRECOMPUTE_LIMIT_BYTES", 2**20)  # 512 demo images need ~6 MiB
     with pytest.raises(ValueError, match=r"encoders\.precompute_targets: the targets of 512 images would take"):
-        Trainer(tiny(tmp_path, "big", **{"train.max_steps": 1}))
+        Trainer(tiny(tmp_path, "big", **{"train.max_steps": 1, "data.synthetic_size": 512}))
