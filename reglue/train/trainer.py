@@ -47,6 +47,10 @@ from reglue.train.targets import FrozenEncoders
 
 log = logging.getLogger("reglue.train")
 
+PLOT_INTERVAL_S = 60.0
+"""``metrics.png`` is redrawn at a checkpoint only when its last drawing (or the run's start) is at
+least this old: a run that checkpoints every few seconds (a test, the demo) draws it once, at the end."""
+
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
@@ -182,6 +186,7 @@ class Trainer:
         self.evaluation = TrainingEvaluation(cfg, self.dist)
         self.window: Dict[str, torch.Tensor] = {}
         self.window_steps, self.window_start = 0, time.perf_counter()
+        self.plotted_at = time.monotonic()
         self.bar: Optional[tqdm] = None
         if self.dist.is_main:
             tmp = self.run_dir / "config.json.tmp"
@@ -371,11 +376,14 @@ class Trainer:
             self.metrics.write(record)
 
     def on_checkpoint(self, path: Path) -> None:
-        """All ranks, after each checkpoint is complete: rank 0 redraws the run's plot, except at the
-        last step, where :meth:`at_end` draws it a moment later with the run's results in it (a
-        plot costs about a second here: twice per short run)."""
-        if self.dist.is_main and self.step != self.config.train.max_steps:
+        """All ranks, after each checkpoint is complete: rank 0 redraws the run's plot when the last
+        drawing (or the start) is :data:`PLOT_INTERVAL_S` old, except at the last step, where
+        :meth:`at_end` draws it a moment later with the run's results in it. A plot costs about a
+        second of rank 0's time on a CPU, which the other ranks wait for at the next step."""
+        if (self.dist.is_main and self.step != self.config.train.max_steps
+                and time.monotonic() - self.plotted_at >= PLOT_INTERVAL_S):
             write_run_plot(self.run_dir)
+            self.plotted_at = time.monotonic()
 
     def at_end(self) -> None:
         """All ranks, after the last step (and its checkpoint): final samples, the class-match lines

@@ -158,7 +158,7 @@ def test_two_processes_stop_on_sigterm_resume_exactly_and_match_one(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
-    steps, every = 40, 10
+    steps, every = 20, 5
     # the uninterrupted run beside the one to kill: one thread each (OMP_NUM_THREADS=1), two CPUs
     straight_proc = launch(tmp_path, "straight", steps, extra=["--set", f"train.ckpt_every={every}"], wait=False)
     proc = launch(tmp_path, "killed", steps, extra=["--set", f"train.ckpt_every={every}"], wait=False)

@@ -202,3 +202,17 @@ def test_precomputed_targets_beyond_the_limit_are_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(targets, "PRECOMPUTE_LIMIT_BYTES", 2**20)  # 512 demo images need ~6 MiB
     with pytest.raises(ValueError, match=r"encoders\.precompute_targets: the targets of 512 images would take"):
         Trainer(tiny(tmp_path, "big", **{"train.max_steps": 1, "data.synthetic_size": 512}))
+
+
+def test_metrics_plot_is_redrawn_at_a_checkpoint_only_when_a_minute_old(tmp_path, monkeypatch):
+    """A run checkpointing every step draws metrics.png once, at the end; with the interval reached
+    (here: set to 0) every checkpoint before the last redraws it too."""
+    import reglue.train.trainer as trainer_module
+
+    for interval, expected in ((trainer_module.PLOT_INTERVAL_S, [3]), (0.0, [1, 2, 3])):
+        monkeypatch.setattr(trainer_module, "PLOT_INTERVAL_S", interval)
+        trainer = Trainer(tiny(tmp_path, f"plots-{interval}", **{"train.max_steps": 3, "train.ckpt_every": 1}))
+        drawn = []
+        monkeypatch.setattr(trainer_module, "write_run_plot", lambda run_dir: drawn.append(trainer.step))
+        trainer.fit()
+        assert drawn == expected
