@@ -9,13 +9,18 @@ import pytest
 
 from reglue.kernels import report
 
-REAL = ("sit-b-2", "sit-xl-2")
+from tests.kernels._aot import EXACT_FP32_SET, REAL_SETS as REAL
 
 
 def _rows(results, sets=REAL, kernels=None):
+    """The rows of ``kernels`` (default all) in ``sets``; each must carry its instruction mix
+    (``_aot.reads_instructions`` decides which are disassembled; a None would pass a check for 0)."""
     rows = [(r["set"], r["arch"], row) for r in results if r["set"] in sets for row in r["rows"]]
     assert rows, "no compiled variants"
-    return [(s, a, row) for s, a, row in rows if kernels is None or row["kernel"] in kernels]
+    rows = [(s, a, row) for s, a, row in rows if kernels is None or row["kernel"] in kernels]
+    missing = [f"sm{a} {s} {row['kernel']}" for s, a, row in rows if row.get("spill_instructions") is None]
+    assert not missing, f"not disassembled: {missing}"
+    return rows
 
 
 @pytest.mark.slow
@@ -90,7 +95,7 @@ def test_fp32_conv_runs_on_tensor_cores_exactly_where_tf32_is_allowed(kernel_fac
 
     _, results = kernel_facts
     tf32 = _rows(results, sets=(TF32_SET,), kernels={"conv3x3"})
-    exact = _rows(results, sets=("odd D=100 hd=72 float32",), kernels={"conv3x3"})
+    exact = _rows(results, sets=(EXACT_FP32_SET,), kernels={"conv3x3"})
     assert {a for _, a, _ in tf32} == {a for _, a, _ in exact} == {80, 90}
     for s, a, row in tf32:
         assert row["constexprs"]["PRECISION"] == "tf32" and row["signature"]["X"] == "*fp32"
