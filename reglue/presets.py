@@ -301,12 +301,17 @@ def tiny() -> Config:
     (random angles), not adopted: a schedule tied to ``train.max_steps`` would change under a
     longer ``--max-steps``. For comparison, the same budget with ``method.name=sit`` 67%, ``repa``
     80% (random angles, seed 0).
+    The MLP's GELU is the exact (erf) one, ``model.mlp_gelu=exact``, where SiT uses the tanh
+    approximation: on this CPU tanh GELU takes ~3x as long (595 against 212 us forward, 656
+    against 395 us backward at 2080 x 256) and the whole step 75-78 against 64-66 ms (measured in
+    a slow hour of the VM). The demo, seeds 0/1/2: 72/72/69% shape match (64 samples) in 74/73/70 s
+    of wall time and 130-136 s of CPU, against tanh 75/70/66% (seed 0 in the same hour: 79 s, 146 s of CPU).
     ``--reference`` runs it as REGLUE's recipe (``reference_precision`` fp16 on CUDA).
     """
     return Config(
         model=ModelConfig(
             arch="custom", depth=4, hidden_size=64, num_heads=4, patch_size=1,
-            num_classes=8, encoder_depth=2, projector_dim=128,
+            num_classes=8, encoder_depth=2, projector_dim=128, mlp_gelu="exact",
         ),
         method=MethodConfig(name="reglue", semantic_channels=8, t_sampling="lognormal"),
         encoders=EncoderConfig(

@@ -44,6 +44,7 @@ def test_method_presets(method, in_ch, cls, align, size, depth):
     ({"sample.sampler": "ddim"}, "sample.sampler"),
     ({"train.eval_sampler": "ddim"}, "train.eval_sampler"),
     ({"model.nonexistent": "1"}, "model.nonexistent"),
+    ({"model.mlp_gelu": "erf"}, "model.mlp_gelu"),
     ({"train.max_steps": "ten"}, "train.max_steps"),
 ])
 def test_bad_values_name_the_field(overrides, field):

@@ -29,6 +29,7 @@ def build_model(config, kernels=None, attention: str | None = None):
         projector_dim=config.model.projector_dim,
         cls_token_dim=enc_dim if method.use_cls else 0,
         qk_norm=config.model.qk_norm,
+        mlp_gelu=config.model.mlp_gelu,
         kernels=kernels,
         attention=attention or config.model.attention,
         **sizes,

@@ -103,12 +103,15 @@ class LabelEmbedder(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2 (names as timm's Mlp, which the checkpoints use)."""
+    """fc1 -> GELU -> fc2 (names as timm's Mlp, which the checkpoints use). ``gelu``: ``tanh``
+    (the approximation SiT and the published checkpoints use) or ``exact`` (erf)."""
 
-    def __init__(self, hidden_size: int, mlp_hidden: int):
+    def __init__(self, hidden_size: int, mlp_hidden: int, gelu: str = "tanh"):
         super().__init__()
+        if gelu not in ("tanh", "exact"):
+            raise ValueError(f"gelu must be 'tanh' or 'exact', got {gelu!r}")
         self.fc1 = nn.Linear(hidden_size, mlp_hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.fc2 = nn.Linear(mlp_hidden, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,11 +131,12 @@ class SiTBlock(nn.Module):
         qk_norm: bool = False,
         kernels="eager",
         attention_backend: str = "auto",
+        mlp_gelu: str = "tanh",
     ):
         super().__init__()
         self.ops = select_ops(kernels)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, kernels=kernels, backend=attention_backend)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), mlp_gelu)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -241,6 +245,7 @@ class SiT(nn.Module):
         qk_norm: bool = False,
         kernels="eager",
         attention: str = "auto",
+        mlp_gelu: str = "tanh",
     ):
         super().__init__()
         z_dims = tuple(z_dims or ())
@@ -264,7 +269,8 @@ class SiT(nn.Module):
         )
         self.blocks = nn.ModuleList(
             [
-                SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, kernels=kernels, attention_backend=attention)
+                SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, kernels=kernels, attention_backend=attention,
+                         mlp_gelu=mlp_gelu)
                 for _ in range(depth)
             ]
         )

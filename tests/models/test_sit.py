@@ -224,3 +224,38 @@ def test_pos_embed_matches_the_mae_formula():
             rows.append(torch.cat([torch.sin(j * w), torch.cos(j * w), torch.sin(i * w), torch.cos(i * w)]))
     want = torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.stack(rows)])
     torch.testing.assert_close(model.pos_embed[0].double(), want, rtol=0, atol=1e-6)
+
+
+def test_mlp_gelu_is_tanh_for_the_published_models_and_exact_when_asked():
+    """``model.mlp_gelu``: the published presets keep SiT's tanh GELU; ``exact`` is erf GELU (the
+    tiny demo's: on the CPU about 3x cheaper), with the same parameters; a run's config.json from
+    before the field reads as tanh, as it was trained."""
+    import json
+
+    from reglue.config import Config, apply_overrides
+    from reglue.models import build_model
+    from reglue.presets import get_preset
+
+    x = torch.randn(2, 5, 16)
+    tanh = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, z_dims=(),
+               cls_token_dim=0).blocks[0].mlp
+    exact = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, z_dims=(),
+                cls_token_dim=0, mlp_gelu="exact").blocks[0].mlp
+    exact.load_state_dict(tanh.state_dict())
+    h = tanh.fc1(x)
+    assert_close(tanh(x), tanh.fc2(F.gelu(h, approximate="tanh")))
+    assert_close(exact(x), exact.fc2(F.gelu(h)))
+    assert not torch.allclose(tanh(x), exact(x), atol=1e-6)
+    with pytest.raises(ValueError, match="gelu must be 'tanh' or 'exact'"):
+        SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, z_dims=(),
+            cls_token_dim=0, mlp_gelu="erf")
+
+    from reglue.presets import PRESETS
+
+    assert all(get_preset(name).model.mlp_gelu == "tanh" for name in PRESETS if name != "tiny")
+    tiny = get_preset("tiny")
+    assert tiny.model.mlp_gelu == "exact" and build_model(tiny).blocks[0].mlp.act.approximate == "none"
+    old = json.loads(tiny.to_json())
+    del old["model"]["mlp_gelu"]
+    assert Config.from_dict(old).model.mlp_gelu == "tanh"
+    assert build_model(apply_overrides(tiny, {"model.mlp_gelu": "tanh"})).blocks[0].mlp.act.approximate == "tanh"
