@@ -72,7 +72,8 @@ def test_reglue_plot_overlays_two_runs(short_demo, tmp_path, capsys):
     demo_dir, _ = short_demo
     repa = apply_overrides(get_preset("tiny"), {"train.out_dir": str(tmp_path), "train.name": "repa", "method.name": "repa",
                                                 "train.max_steps": 4, "train.log_every": 2, "sample.steps": 2,
-                                                "train.num_sample_images": 8, "train.tensorboard": False})
+                                                "train.num_sample_images": 8, "train.tensorboard": False,
+                                                "data.synthetic_size": 64})
     repa_dir = Trainer(repa).fit()
     out = tmp_path / "compare" / "plot.png"
     assert reglue_main(["plot", str(demo_dir), str(repa_dir / "metrics.jsonl"), "--out", str(out)]) == 0
