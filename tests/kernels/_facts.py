@@ -69,8 +69,8 @@ def start_if_needed(config, items) -> None:
 def _readers_last(items) -> None:
     """The modules that read the facts run after every other test (their order kept), so that the
     compile has the whole session to finish instead of being waited for mid-way (28 s on 2 cores)."""
-    reading = {item.module for item in items if FIXTURE in getattr(item, "fixturenames", ())}
-    items.sort(key=lambda item: item.module in reading)  # stable: False (the others) first
+    reading = {getattr(item, "module", None) for item in items if FIXTURE in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: getattr(item, "module", None) in reading)  # stable: False (the others) first
 
 
 STASH = pytest.StashKey[KernelFacts]()
