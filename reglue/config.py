@@ -56,7 +56,6 @@ def _choice(value, name: str, choices) -> None:
 METHODS = ("sit", "repa", "redi", "reg", "reglue")
 KERNEL_SETTINGS = ("auto",) + KERNEL_CHOICES
 ATTENTION = ("auto", "fa3", "fa2", "xformers", "sdpa", "math")
-MLP_GELU = ("tanh", "exact")
 REFERENCE_PRECISIONS = ("fp16", "fp32")
 
 
@@ -89,7 +88,7 @@ class ModelConfig:
     the tiny demo's)."""
 
     def __post_init__(self):
-        from reglue.models.sit import SiT_models
+        from reglue.models.sit import GELU_APPROXIMATIONS, SiT_models
 
         _require(self.arch == "custom" or self.arch in SiT_models, "model.arch",
                  f"unknown architecture {self.arch!r}; known: custom, {', '.join(SiT_models)}")
@@ -105,7 +104,7 @@ class ModelConfig:
         _require(self.projector_dim > 0, "model.projector_dim", "must be positive")
         _choice(self.kernels, "model.kernels", KERNEL_SETTINGS)
         _choice(self.attention, "model.attention", ATTENTION)
-        _choice(self.mlp_gelu, "model.mlp_gelu", MLP_GELU)
+        _choice(self.mlp_gelu, "model.mlp_gelu", GELU_APPROXIMATIONS)
         sizes = self.sizes()
         _require(sizes["hidden_size"] % sizes["num_heads"] == 0, "model.num_heads",
                  f"hidden_size {sizes['hidden_size']} is not divisible by num_heads {sizes['num_heads']}")

@@ -102,16 +102,21 @@ class LabelEmbedder(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+GELU_APPROXIMATIONS = {"tanh": "tanh", "exact": "none"}
+"""``model.mlp_gelu`` -> ``nn.GELU(approximate=...)``: ``tanh`` (the approximation SiT and the
+published checkpoints use) or ``exact`` (erf)."""
+
+
 class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2 (names as timm's Mlp, which the checkpoints use). ``gelu``: ``tanh``
-    (the approximation SiT and the published checkpoints use) or ``exact`` (erf)."""
+    """fc1 -> GELU -> fc2 (names as timm's Mlp, which the checkpoints use); ``gelu``: a key of
+    :data:`GELU_APPROXIMATIONS`."""
 
     def __init__(self, hidden_size: int, mlp_hidden: int, gelu: str = "tanh"):
         super().__init__()
-        if gelu not in ("tanh", "exact"):
-            raise ValueError(f"gelu must be 'tanh' or 'exact', got {gelu!r}")
+        if gelu not in GELU_APPROXIMATIONS:
+            raise ValueError(f"gelu must be one of {list(GELU_APPROXIMATIONS)}, got {gelu!r}")
         self.fc1 = nn.Linear(hidden_size, mlp_hidden)
-        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
+        self.act = nn.GELU(approximate=GELU_APPROXIMATIONS[gelu])
         self.fc2 = nn.Linear(mlp_hidden, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -236,19 +236,19 @@ def test_mlp_gelu_is_tanh_for_the_published_models_and_exact_when_asked():
     from reglue.models import build_model
     from reglue.presets import get_preset
 
+    import functools
+
+    small = functools.partial(SiT, input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2,
+                              z_dims=(), cls_token_dim=0)
     x = torch.randn(2, 5, 16)
-    tanh = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, z_dims=(),
-               cls_token_dim=0).blocks[0].mlp
-    exact = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, z_dims=(),
-                cls_token_dim=0, mlp_gelu="exact").blocks[0].mlp
+    tanh, exact = small().blocks[0].mlp, small(mlp_gelu="exact").blocks[0].mlp
     exact.load_state_dict(tanh.state_dict())
     h = tanh.fc1(x)
     assert_close(tanh(x), tanh.fc2(F.gelu(h, approximate="tanh")))
     assert_close(exact(x), exact.fc2(F.gelu(h)))
     assert not torch.allclose(tanh(x), exact(x), atol=1e-6)
-    with pytest.raises(ValueError, match="gelu must be 'tanh' or 'exact'"):
-        SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, z_dims=(),
-            cls_token_dim=0, mlp_gelu="erf")
+    with pytest.raises(ValueError, match=r"gelu must be one of \['tanh', 'exact'\], got 'erf'"):
+        small(mlp_gelu="erf")
 
     from reglue.presets import PRESETS
 
