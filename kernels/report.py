@@ -303,8 +303,8 @@ def sass_facts(cubin: bytes, instructions: bool = True) -> Dict:
         f.write(cubin)
         f.flush()
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout if instructions else ""
+        if instructions:
+            sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
     resources = {"registers": int(usage.get("REG", 0)), "local_bytes": int(usage.get("LOCAL", 0)),
                  "stack_bytes": int(usage.get("STACK", 0))}
