@@ -231,7 +231,9 @@ class ShapeClassifier(NearestClassMean):
         """uint8 (N, 3, H, W) -> (N, DIM) harmonic magnitudes of the foreground mask per ring."""
         x = images.float() / 255
         n, _, h, w = x.shape
-        distance = (x - x.flatten(2).median(2).values[:, :, None, None]).norm(dim=1)  # (N, H, W)
+        # (N, H, W); the sum of squares, not .norm(dim=1): on the CPU that reduction over the channel
+        # dimension took 400 ms for 512 images (the classifiers' fit), this takes 12-18 ms
+        distance = (x - x.flatten(2).median(2).values[:, :, None, None]).square().sum(1).sqrt()
         scale = torch.quantile(distance.flatten(1), 0.99, dim=1).clamp_min(1e-6)[:, None, None]
         mask = ((distance / scale - 0.3) / 0.4).clamp(0, 1)
         ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
