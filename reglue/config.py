@@ -457,6 +457,11 @@ class TrainConfig:
     """auto (latest checkpoint in the run dir if any), none, or a checkpoint path."""
     tensorboard: bool = True
     """Also log to TensorBoard (``<run>/tb``) when the tensorboard package is installed."""
+    metrics_plot: bool = True
+    """Draw ``<run>/metrics.png`` (the curves of metrics.jsonl) at checkpoints a minute apart and at
+    the end (about a second of rank 0's time each on a CPU, most of it matplotlib's); false: none
+    (``reglue plot RUN`` draws it from metrics.jsonl later; the tests switch it off where they do
+    not read the plot)."""
     wandb_project: Optional[str] = None
     """Also log to Weights & Biases under this project (needs the wandb package)."""
     max_nonfinite_steps: int = 10

@@ -380,7 +380,7 @@ class Trainer:
         drawing (or the start) is :data:`PLOT_INTERVAL_S` old, except at the last step, where
         :meth:`at_end` draws it a moment later with the run's results in it. A plot costs about a
         second of rank 0's time on a CPU, which the other ranks wait for at the next step."""
-        if (self.dist.is_main and self.step != self.config.train.max_steps
+        if (self.dist.is_main and self.config.train.metrics_plot and self.step != self.config.train.max_steps
                 and time.monotonic() - self.plotted_at >= PLOT_INTERVAL_S):
             write_run_plot(self.run_dir)
             self.plotted_at = time.monotonic()
@@ -391,7 +391,8 @@ class Trainer:
         final = self._write_samples("final")
         if self.dist.is_main:
             class_match = report_class_match(self.dataset, *final, self.metrics, self.step)
-            write_run_plot(self.run_dir)
+            if self.config.train.metrics_plot:
+                write_run_plot(self.run_dir)
             log.info("done: %s", self.run_dir)
             for line in class_match:
                 log.info(line)

@@ -46,7 +46,7 @@ def run_dir(tmp_path_factory):
     config = apply_overrides(get_preset("tiny"), {
         "train.out_dir": str(tmp_path_factory.mktemp("runs")), "train.name": "tiny", "train.max_steps": "1",
         "train.global_batch_size": "4", "train.num_sample_images": "1", "sample.steps": "2",
-        "data.synthetic_size": "64", "train.tensorboard": "false", "train.log_every": "1",
+        "data.synthetic_size": "64", "train.tensorboard": "false", "train.metrics_plot": "false", "train.log_every": "1",
         # a VAE every source can build (the demo's patch autoencoder lives in its run directory)
         "encoders.vae": "tiny-random"})
     return Trainer(config).fit()

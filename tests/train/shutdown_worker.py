@@ -20,7 +20,7 @@ out_dir = sys.argv[1]
 for execution in sys.argv[2:]:
     config = apply_overrides(get_preset("tiny"), {
         "train.out_dir": out_dir, "train.name": execution, "train.max_steps": "2", "sample.steps": "2",
-        "train.num_sample_images": "2", "data.synthetic_size": "64", "train.tensorboard": "false",
+        "train.num_sample_images": "2", "data.synthetic_size": "64", "train.tensorboard": "false", "train.metrics_plot": "false",
         "parallel.reference": str(execution == "reference").lower()})
     run(config)
     print("THREADS", json.dumps({"rank": int(os.environ["RANK"]), "execution": execution, "threads": thread_names()}), flush=True)

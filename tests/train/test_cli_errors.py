@@ -79,7 +79,8 @@ def test_a_disk_filling_up_mid_run_is_one_line_and_the_run_resumes_from_the_last
         raise OSError(errno.ENOSPC, "No space left on device")
 
     argv = ["--out", str(tmp_path), "--max-steps", "4", "--set", "train.ckpt_every=2", "--set", "sample.steps=2",
-            "--set", "train.num_sample_images=2", "--set", "data.synthetic_size=64", "--set", "train.tensorboard=false"]
+            "--set", "train.num_sample_images=2", "--set", "data.synthetic_size=64", "--set", "train.tensorboard=false",
+            "--set", "train.metrics_plot=false"]
     monkeypatch.setattr(dcp, "save", fills_the_disk_on_the_second_save)
     assert main(argv) == 2
     monkeypatch.undo()
@@ -115,7 +116,8 @@ def test_rerunning_a_finished_run_repeats_its_result_and_a_shorter_one_is_refuse
     from reglue.train.cli import main
 
     argv = ["--out", str(tmp_path), "--max-steps", "2", "--set", "sample.steps=2", "--set", "train.num_sample_images=8",
-            "--set", "data.synthetic_size=64", "--set", "train.tensorboard=false"]
+            "--set", "data.synthetic_size=64", "--set", "train.tensorboard=false",
+            "--set", "train.metrics_plot=false"]
     with caplog.at_level(logging.INFO, logger="reglue.train"):
         assert main(argv) == 0
         first = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("class match: ", "shape match: "))]
@@ -164,7 +166,7 @@ def test_log_lines_go_above_the_progress_bar_and_one_time_lines_print_once(tmp_p
     try:
         config = apply_overrides(get_preset("tiny"), {
             "train.out_dir": str(tmp_path), "train.max_steps": "3", "train.log_every": "1", "sample.steps": "2",
-            "train.num_sample_images": "2", "data.synthetic_size": "64", "train.tensorboard": "false",
+            "train.num_sample_images": "2", "data.synthetic_size": "64", "train.tensorboard": "false", "train.metrics_plot": "false",
             "train.inject_nonfinite_steps": "(1,)"})  # a warning in mid-bar: "steps 2-2: 1 skipped ..."
         Trainer(config).fit()
     finally:

@@ -21,7 +21,7 @@ REGIONS = 8
 def _config(tmp_path, name, compile_):
     return apply_overrides(get_preset("tiny"), {
         "train.out_dir": str(tmp_path), "train.name": name, "train.max_steps": "4", "train.log_every": "1",
-        "sample.steps": "2", "train.num_sample_images": "2", "data.synthetic_size": "64", "train.tensorboard": "false",
+        "sample.steps": "2", "train.num_sample_images": "2", "data.synthetic_size": "64", "train.tensorboard": "false", "train.metrics_plot": "false",
         "parallel.compile": compile_})
 
 

@@ -21,7 +21,8 @@ from reglue.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--set", "sample.steps=3", "--set", "train.num_sample_images=4", "--set", "train.log_every=1",
-          "--set", "data.synthetic_size=64", "--set", "train.tensorboard=false"]
+          "--set", "data.synthetic_size=64", "--set", "train.tensorboard=false",
+          "--set", "train.metrics_plot=false"]
 
 
 def _env():
@@ -195,7 +196,7 @@ def _tiny_losses(tmp_path, name, **overrides):
     cfg = apply_overrides(get_preset("tiny"), {
         "train.out_dir": str(tmp_path), "train.name": name, "train.max_steps": "3", "train.log_every": "1",
         "sample.steps": "2", "train.num_sample_images": "2", "data.synthetic_size": "64",
-        "train.tensorboard": "false", **overrides})
+        "train.tensorboard": "false", "train.metrics_plot": "false", **overrides})
     return losses(Trainer(cfg).fit())
 
 

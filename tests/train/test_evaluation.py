@@ -18,7 +18,8 @@ from reglue.train.trainer import Trainer
 def tiny(tmp_path, name, **overrides):
     base = {"train.out_dir": str(tmp_path), "train.name": name, "train.max_steps": "4", "train.log_every": "2",
             "train.ckpt_every": "4", "sample.steps": "2", "train.num_sample_images": "2", "data.synthetic_size": "64",
-            "train.global_batch_size": "8", "train.tensorboard": "false"}
+            "train.global_batch_size": "8", "train.tensorboard": "false",
+            "train.metrics_plot": "false"}
     base.update({k: str(v) for k, v in overrides.items()})
     return apply_overrides(get_preset("tiny"), base)
 

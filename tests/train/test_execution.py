@@ -98,7 +98,8 @@ def test_failed_self_check_runs_eager_and_is_logged_and_recorded(tmp_path, monke
     monkeypatch.setattr(parallelize, "_needs_self_check", lambda device: True)  # as on CUDA
     fail_gated_residual_adaln(monkeypatch)
     base = {"train.out_dir": str(tmp_path), "train.max_steps": "2", "train.log_every": "1", "sample.steps": "2",
-            "train.num_sample_images": "2", "data.synthetic_size": "16", "train.global_batch_size": "8", "train.tensorboard": "false"}
+            "train.num_sample_images": "2", "data.synthetic_size": "16", "train.global_batch_size": "8", "train.tensorboard": "false",
+            "train.metrics_plot": "false"}
     with caplog.at_level(logging.WARNING, logger="reglue.kernels"):
         trainer = Trainer(apply_overrides(get_preset("tiny"), {**base, "train.name": "fallback", "model.kernels": "triton"}))
     assert any("FUSED KERNEL DISABLED: reglue.kernels.gated_residual_adaln" in r.getMessage() for r in caplog.records)

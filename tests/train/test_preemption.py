@@ -17,7 +17,8 @@ from reglue.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--max-steps", "8", "--set", "train.log_every=1", "--set", "train.ckpt_every=100", "--set", "sample.steps=2",
-          "--set", "train.num_sample_images=2", "--set", "data.synthetic_size=64", "--set", "train.tensorboard=false"]
+          "--set", "train.num_sample_images=2", "--set", "data.synthetic_size=64", "--set", "train.tensorboard=false",
+          "--set", "train.metrics_plot=false"]
 
 
 def test_sigterm_saves_at_the_stop_step_and_exits_75(tmp_path, monkeypatch, capsys):

@@ -40,7 +40,7 @@ PUBLISHED_PRECISION = {
 
 def tiny(tmp_path, name="run", **overrides):
     base = {"train.out_dir": str(tmp_path), "train.name": name, "sample.steps": "2", "train.num_sample_images": "2",
-            "data.synthetic_size": "64", "train.tensorboard": "false", "parallel.reference": "true",
+            "data.synthetic_size": "64", "train.tensorboard": "false", "train.metrics_plot": "false", "parallel.reference": "true",
             "train.max_steps": "10", "train.log_every": "10", "train.ckpt_every": "10"}
     return apply_overrides(get_preset("tiny"), {**base, **{k: str(v) for k, v in overrides.items()}})
 

@@ -19,7 +19,7 @@ HOST_CONVERSIONS = ("__bool__", "item", "tolist", "__float__", "__int__", "__ind
 
 def tiny(tmp_path, name="run", **overrides):
     base = {"train.out_dir": str(tmp_path), "train.name": name, "sample.steps": "2", "train.num_sample_images": "2",
-            "data.synthetic_size": "256", "train.tensorboard": "false"}
+            "data.synthetic_size": "256", "train.tensorboard": "false", "train.metrics_plot": "false"}
     return apply_overrides(get_preset("tiny"), {**base, **{k: str(v) for k, v in overrides.items()}})
 
 

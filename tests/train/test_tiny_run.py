@@ -15,8 +15,9 @@ from reglue.train.trainer import NonFiniteError, Trainer
 
 
 def tiny(tmp_path, name="run", **overrides):
+    """The demo's config, small; no metrics.png (a second of matplotlib per run) unless asked for."""
     base = {"train.out_dir": str(tmp_path), "train.name": name, "sample.steps": "4", "train.num_sample_images": "4",
-            "train.log_every": "5", "data.synthetic_size": "64"}
+            "train.log_every": "5", "data.synthetic_size": "64", "train.metrics_plot": "false"}
     base.update({k: str(v) for k, v in overrides.items()})
     return apply_overrides(get_preset("tiny"), base)
 
@@ -38,7 +39,7 @@ def weights(run_dir, which="ema"):
 
 
 def test_tiny_run_loss_falls_and_writes_outputs(tmp_path):
-    run_dir = Trainer(tiny(tmp_path, **{"train.max_steps": 30})).fit()
+    run_dir = Trainer(tiny(tmp_path, **{"train.max_steps": 30, "train.metrics_plot": "true"})).fit()
     records = metrics(run_dir)
     assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
     first, last = records[0], records[-1]
@@ -206,12 +207,13 @@ def test_precomputed_targets_beyond_the_limit_are_refused(tmp_path, monkeypatch)
 
 def test_metrics_plot_is_redrawn_at_a_checkpoint_only_when_a_minute_old(tmp_path, monkeypatch):
     """A run checkpointing every step draws metrics.png once, at the end; with the interval reached
-    (here: set to 0) every checkpoint before the last redraws it too."""
+    (here: set to 0) every checkpoint before the last redraws it too; train.metrics_plot=false: never."""
     import reglue.train.trainer as trainer_module
 
-    for interval, expected in ((trainer_module.PLOT_INTERVAL_S, [3]), (0.0, [1, 2, 3])):
+    for interval, plot, expected in ((trainer_module.PLOT_INTERVAL_S, True, [3]), (0.0, True, [1, 2, 3]), (0.0, False, [])):
         monkeypatch.setattr(trainer_module, "PLOT_INTERVAL_S", interval)
-        trainer = Trainer(tiny(tmp_path, f"plots-{interval}", **{"train.max_steps": 3, "train.ckpt_every": 1}))
+        trainer = Trainer(tiny(tmp_path, f"plots-{interval}-{plot}",
+                               **{"train.max_steps": 3, "train.ckpt_every": 1, "train.metrics_plot": str(plot).lower()}))
         drawn = []
         monkeypatch.setattr(trainer_module, "write_run_plot", lambda run_dir: drawn.append(trainer.step))
         trainer.fit()
