@@ -582,7 +582,7 @@ def build_vae(name_or_path: str | os.PathLike = "stabilityai/sd-vae-ft-ema", see
               fit_images=None, is_main: bool = True):
     """`AutoencoderKL.from_pretrained` for a hub name or local folder, or "tiny-random": a small
     random AutoencoderKL (4 latent channels, downsample 8, width 16) for tests, deterministic in
-    `seed`; or a linear patch autoencoder (:mod:`reglue.models.autoencoder`, the CPU demo's):
+    `seed`; or a patch autoencoder (:mod:`reglue.models.autoencoder`, the CPU demo's):
     "patch-pca" is the one of the run in `run_dir`, fitted now from `fit_images(n)` (uint8 images)
     if given and not saved there yet, and a `.safetensors` path is one saved before."""
     if os.fspath(name_or_path) == "patch-pca" or os.fspath(name_or_path).endswith(".safetensors"):

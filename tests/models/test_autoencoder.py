@@ -1,5 +1,6 @@
-"""The demo's linear patch autoencoder: reconstruction of the synthetic set, VAE interface, the
-run-directory cache (re-used, never silently refitted) and the errors for files that do not fit."""
+"""The demo's patch autoencoder: reconstruction of the synthetic set by both decoders (nearest
+exemplar, linear), VAE interface, the run-directory cache (re-used, never silently refitted) and
+the errors for files that do not fit."""
 
 import pytest
 import torch
@@ -23,10 +24,10 @@ def psnr(a, b):
     return float(10 * torch.log10(255.0**2 / (a.float() - b.float()).square().mean()))
 
 
-def test_reconstructs_unseen_synthetic_images(fitted):
+def test_linear_decoder_reconstructs_unseen_synthetic_images(fitted):
     images = synthetic_images(2048, 128)
     latents = fitted.sample_latents(fitted.encode_moments(images))
-    decoded = fitted.decode(latents)
+    decoded = fitted.decode_linear(latents)
     assert decoded.dtype == torch.uint8 and decoded.shape == images.shape
     # measured 20.8 dB; each 8x8 patch replaced by its mean colour gives 18.8 dB
     assert psnr(decoded, images) > 20.5
@@ -38,6 +39,56 @@ def test_reconstructs_unseen_synthetic_images(fitted):
     # the decoded images keep the shapes: the demo's shape classifier gets 92% of these right (real images: 99%)
     shape = SyntheticShapes(4096, 8, 64).classifiers()["shape"]
     assert shape.accuracy(decoded, torch.arange(2048, 2048 + 128) % 8) >= 0.85
+
+
+def test_exemplar_decoder_keeps_the_shapes_of_unseen_images_and_draws_none_from_noise(fitted):
+    """decode: every cell the pixels of the fit patch with the nearest code neighbourhood. Unseen
+    images keep their shape better than decoded linearly (measured 97.7% against 92.2%); their
+    PSNR is lower (19.2 against 20.8 dB), since a background cell brings another image's sensor
+    noise. Random latents decode to chance (12.5%): the lookup draws no shape the codes lack."""
+    images, labels = synthetic_images(2048, 128), torch.arange(2048, 2048 + 128) % 8
+    latents = fitted.sample_latents(fitted.encode_moments(images))
+    decoded = fitted.decode(latents)
+    assert decoded.dtype == torch.uint8 and decoded.shape == images.shape
+    classifiers = SyntheticShapes(4096, 8, 64).classifiers()
+    shape = classifiers["shape"]
+    assert shape.accuracy(decoded, labels) >= 0.95
+    assert shape.accuracy(decoded, labels) > shape.accuracy(fitted.decode_linear(latents), labels)
+    assert classifiers["hue"].accuracy(decoded, labels) >= 0.99
+    assert 18.5 < psnr(decoded, images) < psnr(fitted.decode_linear(latents), images)
+    noise = torch.randn(128, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert shape.accuracy(fitted.decode(noise), labels) <= 0.25
+
+
+def test_exemplar_decoder_returns_the_fit_images_and_decodes_each_image_alone():
+    """The fit images' own codes find their own patches (distance 0): decoded exactly. An image
+    decodes to the same bits alone as in a batch."""
+    images = synthetic_images(0, 32)
+    autoencoder = PatchAutoencoder.fit(images)
+    assert autoencoder.exemplar_keys.shape == (32 * 64, 36) and autoencoder.exemplar_patches.shape == (32 * 64, 192)
+    latents = autoencoder.sample_latents(autoencoder.encode_moments(images))
+    assert torch.equal(autoencoder.decode(latents), images)
+    others = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    batch = autoencoder.decode(others)
+    assert all(torch.equal(autoencoder.decode(others[i : i + 1])[0], batch[i]) for i in range(6))
+    assert autoencoder.decode(others[:0]).shape == (0, 3, 64, 64)
+
+
+def test_a_file_without_exemplars_decodes_linearly_and_half_a_table_is_refused(fitted, tmp_path):
+    """Runs fitted before the exemplar decoder keep their autoencoder.safetensors: it loads and
+    decodes with the linear decoder, as when it was written."""
+    from reglue.integrity import save_safetensors
+
+    tensors = {k: v.contiguous() for k, v in fitted.state_dict().items()}
+    old = {k: v for k, v in tensors.items() if not k.startswith("exemplar_")}
+    save_safetensors(old, tmp_path / "old.safetensors", metadata={"format": "reglue-patch-autoencoder", "patch_size": "8"})
+    loaded = PatchAutoencoder.load(tmp_path / "old.safetensors")
+    latents = torch.randn(2, 4, 8, 8)
+    assert loaded.exemplar_keys is None and torch.equal(loaded.decode(latents), fitted.decode_linear(latents))
+    half = dict(old, exemplar_keys=tensors["exemplar_keys"])
+    save_safetensors(half, tmp_path / "half.safetensors", metadata={"format": "reglue-patch-autoencoder", "patch_size": "8"})
+    with pytest.raises(ValueError, match="half.safetensors: patch autoencoder: exemplar keys and patches come together"):
+        PatchAutoencoder.load(tmp_path / "half.safetensors")
 
 
 def test_vae_conventions(fitted):
