@@ -2,6 +2,8 @@
 exemplar, linear), VAE interface, the run-directory cache (re-used, never silently refitted) and
 the errors for files that do not fit."""
 
+import copy
+
 import pytest
 import torch
 
@@ -72,6 +74,10 @@ def test_exemplar_decoder_returns_the_fit_images_and_decodes_each_image_alone():
     batch = autoencoder.decode(others)
     assert all(torch.equal(autoencoder.decode(others[i : i + 1])[0], batch[i]) for i in range(6))
     assert autoencoder.decode(others[:0]).shape == (0, 3, 64, 64)
+    # the trainer casts frozen encoders to bf16 on CUDA: the lookup still runs (in fp32), nearly as exact
+    half = copy.deepcopy(autoencoder).to(torch.bfloat16)
+    assert half.exemplar_keys.dtype == torch.bfloat16 and half.exemplar_patches.dtype == torch.uint8
+    assert (half.decode(latents) == images).float().mean() > 0.9
 
 
 def test_a_file_without_exemplars_decodes_linearly_and_half_a_table_is_refused(fitted, tmp_path):

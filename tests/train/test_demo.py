@@ -3,9 +3,9 @@ images, scored by the synthetic set's fixed hue and shape classifiers; its pictu
 and `reglue plot` compares it with another run.
 
 The thresholds, for the 400-step run here (the default runs 1000): its 64 EMA samples (cfg 4,
-seed 0) are assigned to their conditioning class by hue at 100% and by shape at 64% (41/64);
-after 500 steps 100% and 67%, after 200 steps 94% and 19%, after the default 1000 steps 100%
-and 73-88% (seeds 0, 1, 2: 88, 73, 84%). Those are decoded by nearest exemplar; decoded
+seed 0, 25 sampling steps) are assigned to their conditioning class by hue at 100% and by shape
+at 64% (41/64); after 500 steps 100% and 59%, after 200 steps 92% and 17%, after the default
+1000 steps 100% and 80-86% (seeds 0, 1, 2: 83, 80, 86%). Those are decoded by nearest exemplar; decoded
 linearly, as the demo did before 2026-12-07, the 400-step run scored 38% by shape, 500 steps
 45%, 1000 steps 69-72%. The
 same demo with a random VAE (`encoders.vae=tiny-random`) stays at chance after 500 steps (tanh GELU): 12% by
