@@ -152,11 +152,11 @@ class PatchAutoencoder(nn.Module):
         if self.exemplar_keys is None:
             return self.decode_linear(latents)
         codes = latents.float() / LATENT_SCALE
-        n, k, h, w = codes.shape
+        n, _, h, w = codes.shape
         if n == 0:
             return torch.zeros(0, 3, self.patch_size * h, self.patch_size * w, dtype=torch.uint8, device=codes.device)
         keys = self.exemplar_keys.to(codes.device, torch.float32)  # also after a .to(bf16) of the module
-        queries = F.unfold(codes, 3, padding=1).transpose(1, 2)  # (N, h·w, 9k): the fit's neighbourhoods
+        queries = F.unfold(codes, 3, padding=1).transpose(1, 2)  # (N, h·w, 9k), laid out as the fit's keys
         # one image at a time: the same distance computation for an image whatever else is in the
         # batch (bit-identical decoding in any batch), and an (h·w, M) matrix, 8 MB at the demo's size
         nearest = torch.cat([torch.cdist(query, keys).argmin(1) for query in queries])
