@@ -217,8 +217,9 @@ class EncoderConfig:
     """Stored PCA (redi). None fits it on the first images at start."""
     vae: str = "stabilityai/sd-vae-ft-ema"
     """diffusers hub name, a local folder, ``tiny-random`` (tests), or ``patch-pca``: a patch
-    autoencoder (PCA encoder, nearest-exemplar decoder) fitted to the run's images at start and kept in the run directory (the CPU demo;
-    ``reglue.models.autoencoder``), or the ``.safetensors`` file of one."""
+    autoencoder (PCA encoder, nearest-exemplar decoder) fitted to the run's images at start and
+    kept in the run directory (the CPU demo; ``reglue.models.autoencoder``), or the
+    ``.safetensors`` file of one."""
     dtype: str = "bf16"
     """Compute dtype of the frozen encoders on CUDA (fp32 on CPU)."""
     precompute_targets: bool = False

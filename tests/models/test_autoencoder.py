@@ -86,13 +86,14 @@ def test_a_file_without_exemplars_decodes_linearly_and_half_a_table_is_refused(f
     from reglue.integrity import save_safetensors
 
     tensors = {k: v.contiguous() for k, v in fitted.state_dict().items()}
+    metadata = {"format": "reglue-patch-autoencoder", "patch_size": "8"}  # what PatchAutoencoder.save writes
     old = {k: v for k, v in tensors.items() if not k.startswith("exemplar_")}
-    save_safetensors(old, tmp_path / "old.safetensors", metadata={"format": "reglue-patch-autoencoder", "patch_size": "8"})
+    save_safetensors(old, tmp_path / "old.safetensors", metadata=metadata)
     loaded = PatchAutoencoder.load(tmp_path / "old.safetensors")
     latents = torch.randn(2, 4, 8, 8)
     assert loaded.exemplar_keys is None and torch.equal(loaded.decode(latents), fitted.decode_linear(latents))
     half = dict(old, exemplar_keys=tensors["exemplar_keys"])
-    save_safetensors(half, tmp_path / "half.safetensors", metadata={"format": "reglue-patch-autoencoder", "patch_size": "8"})
+    save_safetensors(half, tmp_path / "half.safetensors", metadata=metadata)
     with pytest.raises(ValueError, match="half.safetensors: patch autoencoder: exemplar keys and patches come together"):
         PatchAutoencoder.load(tmp_path / "half.safetensors")
 

@@ -230,13 +230,12 @@ def test_mlp_gelu_is_tanh_for_the_published_models_and_exact_when_asked():
     """``model.mlp_gelu``: the published presets keep SiT's tanh GELU; ``exact`` is erf GELU (the
     tiny demo's: on the CPU about 3x cheaper), with the same parameters; a run's config.json from
     before the field reads as tanh, as it was trained."""
+    import functools
     import json
 
     from reglue.config import Config, apply_overrides
     from reglue.models import build_model
-    from reglue.presets import get_preset
-
-    import functools
+    from reglue.presets import PRESETS, get_preset
 
     small = functools.partial(SiT, input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2,
                               z_dims=(), cls_token_dim=0)
@@ -249,8 +248,6 @@ def test_mlp_gelu_is_tanh_for_the_published_models_and_exact_when_asked():
     assert not torch.allclose(tanh(x), exact(x), atol=1e-6)
     with pytest.raises(ValueError, match=r"gelu must be one of \['tanh', 'exact'\], got 'erf'"):
         small(mlp_gelu="erf")
-
-    from reglue.presets import PRESETS
 
     assert all(get_preset(name).model.mlp_gelu == "tanh" for name in PRESETS if name != "tiny")
     tiny = get_preset("tiny")
